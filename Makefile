@@ -1,0 +1,42 @@
+# The two commands a fresh machine needs: `make demo` and `make test` (README).
+PYTHON    ?= python3
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed-requirements
+DEMO_DIR  := model_paths/SmolLM2-135M-Instruct-Q4_1
+MODEL_DIR ?= model_paths/meta-llama_Llama-3.2-1B-Instruct
+# Step 3 needs only the attention projections (and their biases, when a model has them).
+ATTN_FILTER := '\.self_attn\.(q|k|v|o)_proj\.'
+
+.PHONY: venv demo pipeline steps test bench clean-outputs
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Offline: build the demo model, then run steps 1 -> 2 -> 3 on it and print the verification table.
+demo: $(STAMP)
+	$(PY) 0_download_models.py --demo
+	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR)
+
+# Llama-3.2 from the Hub (needs HF_TOKEN with access): make pipeline [MODEL_DIR=model_paths/<org>_<name>]
+pipeline: $(STAMP)
+	$(PY) 0_download_models.py
+	$(MAKE) --no-print-directory steps MODEL_DIR=$(MODEL_DIR)
+
+steps: $(STAMP)
+	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR) --filter $(ATTN_FILTER)
+	$(PY) 2_get_x.py --model-dir $(MODEL_DIR)
+	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-outputs:
+	rm -rf outputs/*/

@@ -1,0 +1,128 @@
+"""Shard and index reading: which tensors a model folder holds, where, and one tensor at a time.
+
+Headers are parsed by hand (8-byte little-endian length, then JSON) so that a truncated or
+malformed file is caught with a clear message before any data is read; tensors are then read
+one by one through safetensors' memory map, so peak memory follows one tensor, never a shard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from common.cli import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: Path
+    dtype: str  # safetensors spelling: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one .safetensors header; raise InputError naming the file if it is broken."""
+    redo = f"download or export {path.name} again"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: truncated safetensors file ({size} bytes): {redo}")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputError(f"{path}: malformed or truncated safetensors header: {redo}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{path}: malformed safetensors header (not JSON): {redo}") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: malformed safetensors header: {redo}")
+    data_size = size - 8 - n
+    infos = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            expected = math.prod(shape) * ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: malformed entry for tensor {name!r}: {redo}") from None
+        if end - begin != expected or begin < 0:
+            raise InputError(f"{path}: tensor {name!r} has inconsistent offsets: {redo}")
+        if end > data_size:
+            raise InputError(
+                f"{path}: truncated (tensor {name!r} needs bytes up to {end}, file holds {data_size}): {redo}"
+            )
+        infos[name] = TensorInfo(name, path, dtype, shape, expected)
+    return infos
+
+
+def shard_files(model_dir: str | Path) -> list[Path]:
+    """The shard files a model folder uses: those the index names, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"model folder {model_dir} does not exist: run 0_download_models.py first")
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{index}: malformed index (no weight_map): download the model again") from None
+        shards = [model_dir / s for s in dict.fromkeys(weight_map.values())]
+        for s in shards:
+            if not s.is_file():
+                raise InputError(f"{index} names {s.name}, which is missing: download the model again")
+        return shards
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise InputError(f"no .safetensors files in {model_dir}: download the model (0_download_models.py) "
+                         "or convert it (convert_to_safetensors.py)")
+    return shards
+
+
+def list_tensors(model_dir: str | Path, names: set[str] | None = None) -> dict[str, TensorInfo]:
+    """Every tensor of a model folder, name -> TensorInfo, in file order.
+
+    With an index and `names`, only the shards that hold those names are opened.
+    """
+    model_dir = Path(model_dir)
+    shards = shard_files(model_dir)
+    index = model_dir / INDEX_NAME
+    if names is not None and index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        wanted = {model_dir / weight_map[n] for n in names if n in weight_map}
+        shards = [s for s in shards if s in wanted]
+    infos: dict[str, TensorInfo] = {}
+    for shard in shards:
+        infos.update(read_header(shard))
+    return infos
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor (memory-mapped; only its bytes are touched), in its stored dtype."""
+    with safe_open(str(info.shard), framework="pt") as f:
+        return f.get_tensor(info.name)
+
+
+def head_is_tied(infos: dict[str, TensorInfo]) -> bool:
+    """True when the files hold no lm_head.weight: the head reuses model.embed_tokens.weight."""
+    return "lm_head.weight" not in infos and "model.embed_tokens.weight" in infos

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Llama models (built once per session) and the demo model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import model_factory  # noqa: E402
+
+DEMO_DIR = ROOT / "model_paths" / "SmolLM2-135M-Instruct-Q4_1"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Every variant of model_factory.VARIANTS, keyed by name."""
+    base = tmp_path_factory.mktemp("models")
+    return {v: model_factory.build_model(base / v, v) for v in model_factory.VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def llama32(tiny_models) -> Path:
+    """The Llama-3.2-shaped tiny model: bf16 shards + index, tied, GQA, llama3 RoPE."""
+    return tiny_models["llama32"]
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The real offline demo model (SmolLM2-135M-Instruct), built by 0_download_models.py --demo."""
+    if not (DEMO_DIR / ".complete").is_file():
+        subprocess.run([sys.executable, str(ROOT / "0_download_models.py"), "--demo"], check=True, cwd=ROOT)
+    return DEMO_DIR
+
+
+def run_script(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a numbered script as a user would; returns the completed process (never raises)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, env=full_env, cwd=cwd)
