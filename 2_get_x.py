@@ -1,0 +1,165 @@
+"""Step 2: run prompts once; save every layer's input, its RMSNorm output, meta and the model's own Q/K/V.
+
+    python 2_get_x.py                                       # MODEL_DIR, TEST_PROMPT
+    python 2_get_x.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1 --prompt "Hi" --prompt "Hello there"
+    python 2_get_x.py --chat --layers 0,5-7 --dtype bfloat16
+    python 2_get_x.py --streaming                           # one decoder layer in memory at a time
+
+Reads a model folder (config.json, safetensors, tokenizer). Writes to OUT_DIR
+(default outputs/<model folder>/x_all_layers), for every decoder layer N, with B prompts padded to
+T tokens and rows batch-major (row = b*T + t):
+    x_layerN.csv [B*T, d]      the hidden state entering layer N
+    xnorm_layerN.csv [B*T, d]  input_layernorm(x), weight included: what q/k/v_proj see
+    meta_layerN.json           sizes, RoPE (normalised), eps, dtype, padding side, provenance
+    ref_q_layerN.csv [B*T, H*Dh], ref_k_/ref_v_layerN.csv [B*T, Hkv*Dh]
+                               the model's own Q, K after RoPE and V; columns head-major (h*Dh + d)
+    ref_attn_layerN.csv [B*T, d]  the attention block's output (after o_proj)
+    attention_mask.csv, position_ids.csv [B, T], tokens.json
+Everything is captured by hooks on the running model (eager attention), never recomputed.
+Positions count each prompt's real tokens from 0, as generate() does, so a padded batch matches
+each prompt run alone. Files left by an earlier run with other settings are removed.
+"""
+import argparse
+import time
+from pathlib import Path
+
+from common import paths
+from common.cli import InputError, print_settings, run
+
+MODEL_DIR = paths.MODEL_DIR
+TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch
+OUT_DIR = None  # None: outputs/<model folder>/x_all_layers
+SAVE_X_NORM = True  # xnorm_layerN.csv
+SAVE_MASKS = True  # attention_mask.csv, position_ids.csv
+SAVE_REFERENCE = True  # ref_q/ref_k/ref_v/ref_attn_layerN.csv
+DTYPE = "float32"  # compute dtype: float32 (exact references; bf16/fp16 files are widened), bfloat16, float16
+LAYERS = None  # None: every layer; or "0,3-5"
+DEVICE = "auto"  # cpu, cuda, auto (cuda when available)
+CHAT = False  # wrap each prompt in the tokenizer's chat template (user turn + assistant header)
+STREAMING = False  # load, run and free one decoder layer at a time (common/layer_loader.py)
+PADDING_SIDE = "left"  # left (as generate() pads) or right
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list[int]:
+    """"0,3-5" -> [0, 3, 4, 5]; None or "all" -> every layer."""
+    if spec is None or str(spec).strip().lower() == "all":
+        return list(range(num_layers))
+    out: set[int] = set()
+    try:
+        for part in str(spec).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise InputError(f"--layers {spec!r}: write layer numbers like 0,3-5") from None
+    bad = sorted(n for n in out if not 0 <= n < num_layers)
+    if bad or not out:
+        raise InputError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
+    return sorted(out)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    # append would add to a default list, so the default (TEST_PROMPT) is applied after parsing.
+    p.add_argument("--test-prompt", "--prompt", dest="test_prompt", action="append", default=None,
+                   metavar="TEXT", help="a prompt; repeat for a batch (default: TEST_PROMPT)")
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="default: outputs/<model folder>/x_all_layers")
+    p.add_argument("--save-x-norm", action=argparse.BooleanOptionalAction, default=SAVE_X_NORM)
+    p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=SAVE_MASKS)
+    p.add_argument("--save-reference", action=argparse.BooleanOptionalAction, default=SAVE_REFERENCE)
+    p.add_argument("--dtype", choices=DTYPES, default=DTYPE, help="compute dtype")
+    p.add_argument("--layers", default=LAYERS, help="e.g. 0,3-5 (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=DEVICE)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=CHAT)
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=STREAMING)
+    p.add_argument("--padding-side", choices=("left", "right"), default=PADDING_SIDE)
+    args = p.parse_args(argv)
+
+    from common.model_config import load_config
+
+    from common.safetensors_io import shard_files
+
+    cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
+    shard_files(args.model_dir)  # InputError: no weights
+    prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
+    layers = parse_layers(args.layers, cfg.num_layers)
+    device = resolve_device(args.device)
+    out_dir = args.out_dir or paths.output_dir(args.model_dir, "x_all_layers")
+
+    import torch
+
+    from common import capture
+    from common.prompts import encode_prompts, load_tokenizer
+
+    dtype = getattr(torch, args.dtype)
+    batch = encode_prompts(load_tokenizer(args.model_dir), prompts, chat=args.chat,
+                           padding_side=args.padding_side, max_positions=cfg.max_position_embeddings)
+    B, T = batch.input_ids.shape
+    print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,
+                    "layers": f"{len(layers)} of {cfg.num_layers}", "dtype": args.dtype, "device": device,
+                    "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
+                    "out dir": out_dir})
+
+    meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
+    written: set[str] = set()
+    nbytes = 0
+
+    def sink(n: int, tensors: dict) -> None:
+        nonlocal nbytes
+        nbytes += capture.write_layer(out_dir, n, tensors, meta)
+        written.update(f"{stem}_layer{n}.csv" for stem in tensors)
+        written.add(f"meta_layer{n}.json")
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if args.streaming:
+            from common.layer_loader import stream_capture
+
+            stream_capture(args.model_dir, batch, layers, sink, dtype=dtype, device=device,
+                           save_x_norm=args.save_x_norm, save_reference=args.save_reference)
+        else:
+            full_model_capture(args.model_dir, batch, layers, sink, dtype, device,
+                               args.save_x_norm, args.save_reference)
+    capture.write_batch(out_dir, batch, args.save_masks)
+    written.update(["tokens.json"] + (["attention_mask.csv", "position_ids.csv"] if args.save_masks else []))
+    for stale in capture.stale_files(out_dir, written):
+        stale.unlink()
+        print(f"removed {stale.name} (left by an earlier run)")
+    print(f"wrote {len(written)} files ({nbytes / 1e6:.1f} MB of layer CSVs) to {out_dir} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def full_model_capture(model_dir: Path, batch, layers: list[int], sink, dtype, device,
+                       save_x_norm: bool, save_reference: bool) -> None:
+    """Load the whole model (eager attention, `dtype`), run the batch once through the decoder with hooks."""
+    from transformers import LlamaForCausalLM
+
+    from common.capture import ATTN_IMPLEMENTATION, capture_layers
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                             attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
+    hooked = {n: model.model.layers[n] for n in layers}
+    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference):
+        # The decoder only: the head's logits are not part of step 2's files.
+        model.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    position_ids=batch.position_ids.to(device), use_cache=False)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,196 @@
+"""Capture what a running Llama model computes, layer by layer, and write it as step 2's files.
+
+Everything is taken from the running model, never recomputed:
+  x      forward pre-hook on decoder layer N: the hidden state entering it
+         (not hidden_states[N] of the model output, whose last entry is the final norm's output)
+  xnorm  forward hook on input_layernorm: what q_proj/k_proj/v_proj see (weight included)
+  ref_q, ref_k, ref_v
+         Q and K after RoPE, and V, as the attention function receives them (before the GQA
+         repeat). transformers applies RoPE inside LlamaAttention.forward with no module to hook,
+         so the attention runs through CAPTURE_ATTENTION: transformers' own eager attention,
+         registered under another name, that first hands (q, k, v) to the capture.
+  ref_attn
+         forward hook on o_proj: the attention block's output.
+
+Files (SPEC, "2_get_x.py"): rows batch-major (row = b*T + t), Q/K/V columns head-major (h*Dh + d).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from common.atomic import write_json
+from common.csv_io import write_csv
+
+# Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
+# for the duration of a capture, so a model outside a capture is untouched.
+CAPTURE_ATTENTION = "eager_xray_capture"
+ATTN_IMPLEMENTATION = "eager"
+
+# attention module -> callback(q, k, v); only modules inside an active capture are here.
+_RECORDERS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+LAYER_FILES = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn")
+LAYER_FILE_RE = re.compile(r"^(x|xnorm|ref_q|ref_k|ref_v|ref_attn)_layer\d+\.csv$|^meta_layer\d+\.json$")
+BATCH_FILES = ("attention_mask.csv", "position_ids.csv", "tokens.json")
+
+
+def _capture_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    record = _RECORDERS.get(module)
+    if record is not None:
+        record(query, key, value)
+    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_capture_attention() -> str:
+    """Register CAPTURE_ATTENTION (and eager's mask for it) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(CAPTURE_ATTENTION, _capture_eager_attention)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, eager_mask)
+    return CAPTURE_ATTENTION
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> (B*T, C), batch-major, as a CPU copy."""
+    return x.detach().reshape(-1, x.shape[-1]).to("cpu", copy=True)
+
+
+def head_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, Dh) -> (B*T, H*Dh), head-major columns (h*Dh + d), as a CPU copy."""
+    B, H, T, Dh = x.shape
+    return x.detach().transpose(1, 2).reshape(B * T, H * Dh).to("cpu", copy=True)
+
+
+@contextmanager
+def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, dict[str, torch.Tensor]], None],
+                   save_x_norm: bool = True, save_reference: bool = True) -> Iterator[None]:
+    """Hook decoder layers {N: module}; when layer N finishes, call sink(N, {file stem: (B*T, C) tensor}).
+
+    `config` is the (transformers) config the layers were built with; its attention
+    implementation must be "eager" and is switched to CAPTURE_ATTENTION only inside the block.
+    """
+    if config._attn_implementation not in ("eager", CAPTURE_ATTENTION):
+        raise ValueError(f"capture needs eager attention, the model uses {config._attn_implementation!r}")
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def add(n: int, name: str, t: torch.Tensor) -> None:
+        found.setdefault(n, {})[name] = t
+
+    for n, layer in layers.items():
+        def pre(mod, args, kwargs, n=n):
+            add(n, "x", rows(args[0] if args else kwargs["hidden_states"]))
+
+        def done(mod, args, output, n=n):
+            sink(n, found.pop(n, {}))
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        if save_x_norm:
+            handles.append(layer.input_layernorm.register_forward_hook(
+                lambda m, a, out, n=n: add(n, "xnorm", rows(out))))
+        if save_reference:
+            handles.append(layer.self_attn.o_proj.register_forward_hook(
+                lambda m, a, out, n=n: add(n, "ref_attn", rows(out))))
+            def qkv(q, k, v, n=n):  # (B, H, T, Dh) after RoPE; (B, Hkv, T, Dh) before repeat_kv
+                add(n, "ref_q", head_rows(q))
+                add(n, "ref_k", head_rows(k))
+                add(n, "ref_v", head_rows(v))
+
+            _RECORDERS[layer.self_attn] = qkv
+        handles.append(layer.register_forward_hook(done))  # registered last: runs after the others
+
+    previous = config._attn_implementation
+    if save_reference:
+        config._attn_implementation = register_capture_attention()
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        for h in handles:
+            h.remove()
+        for layer in layers.values():
+            _RECORDERS.pop(layer.self_attn, None)
+
+
+def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+    """Write layer n's captured tensors and meta_layerN.json; return the bytes written."""
+    size = 0
+    for stem in LAYER_FILES:
+        if stem in tensors:
+            size += write_csv(out_dir / f"{stem}_layer{n}.csv", tensors[stem])
+    write_json(out_dir / f"meta_layer{n}.json", {"layer": n, **meta})
+    return size
+
+
+def write_batch(out_dir: Path, batch, save_masks: bool) -> None:
+    """tokens.json, and (with save_masks) attention_mask.csv and position_ids.csv: exactly what was fed."""
+    write_json(out_dir / "tokens.json", {
+        "prompts": batch.prompts,
+        "padding_side": batch.padding_side,
+        "input_ids": batch.input_ids.tolist(),
+        "tokens": batch.tokens,
+    })
+    if save_masks:
+        write_csv(out_dir / "attention_mask.csv", batch.attention_mask)
+        write_csv(out_dir / "position_ids.csv", batch.position_ids)
+
+
+def stale_files(out_dir: Path, written: set[str]) -> list[Path]:
+    """Step-2 files in out_dir that this run did not write (left by an earlier run with other settings)."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir()
+                  if p.name not in written and (LAYER_FILE_RE.match(p.name) or p.name in BATCH_FILES))
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def layer_meta(cfg, batch, model_dir: Path, dtype: torch.dtype, device: torch.device | str,
+               streaming: bool, chat: bool) -> dict:
+    """meta_layerN.json without `layer`: sizes from config.json (normalised RoPE) plus provenance."""
+    import transformers
+
+    B, T = batch.input_ids.shape
+    return {
+        "batch_size": B,
+        "seq_len": T,
+        "d_model": cfg.d_model,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta,
+        "rope_type": cfg.rope_type,
+        "rope_scaling": cfg.rope_scaling,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "padding_side": batch.padding_side,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model_dir": str(model_dir),
+        "provenance": {
+            "model_dir": str(Path(model_dir).resolve()),
+            "config_sha256": sha256_file(Path(model_dir) / "config.json"),
+            "source_dtype": cfg.torch_dtype,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "attn_implementation": ATTN_IMPLEMENTATION,
+            "streaming": streaming,
+            "chat": chat,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+        },
+    }

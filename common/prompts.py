@@ -1,0 +1,81 @@
+"""Prompts -> a padded batch: input ids, attention mask and the position ids the model would use.
+
+Positions follow transformers' generate(): each row counts its own real tokens from 0
+(cumsum of the mask - 1), so a left- or right-padded prompt gets the same positions as the
+prompt alone; padding slots get position 1, a value that nothing real ever attends to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.cli import InputError
+
+
+@dataclass
+class PromptBatch:
+    prompts: list[str]
+    input_ids: torch.Tensor  # (B, T) int64, padded
+    attention_mask: torch.Tensor  # (B, T) int64: 1 real token, 0 padding
+    position_ids: torch.Tensor  # (B, T) int64
+    tokens: list[list[str]]  # (B, T) token strings, padding included
+    padding_side: str
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions as generate() builds them: 0.. over real tokens, 1 on padding."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]}): "
+                         "download the model again (tokenizer.json / tokenizer_config.json)") from None
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_side: str = "left",
+                   max_positions: int | None = None) -> PromptBatch:
+    """Tokenize prompts (through the chat template with `chat`) into one padded batch."""
+    if not prompts:
+        raise InputError("no prompt given: pass --prompt TEXT (repeat it for a batch)")
+    for i, p in enumerate(prompts):
+        if not p or not p.strip():
+            raise InputError(f"prompt {i} is empty: give --prompt some text")
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding side {padding_side!r} is not left or right")
+    if chat:
+        if not tokenizer.chat_template:
+            raise InputError("--chat: this tokenizer has no chat template (tokenizer_config.json); drop --chat")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        add_special = False  # the template writes the BOS itself
+    else:
+        texts, add_special = list(prompts), True
+    ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    for i, row in enumerate(ids):
+        if not row:
+            raise InputError(f"prompt {i} tokenizes to nothing: give it some text")
+        if max_positions is not None and len(row) > max_positions:
+            raise InputError(f"prompt {i} is {len(row)} tokens, longer than max_position_embeddings "
+                             f"({max_positions}): shorten it")
+    # Llama-3 tokenizers have no pad token; any id works (the mask hides it), EOS is the convention.
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    B, T = len(ids), max(len(r) for r in ids)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, row in enumerate(ids):
+        s = T - len(row) if padding_side == "left" else 0
+        input_ids[b, s:s + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, s:s + len(row)] = 1
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist()]
+    return PromptBatch(list(prompts), input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                       tokens, padding_side)
