@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x transport: its connection errors surface as these
@@ -45,7 +46,9 @@ def download(repo_id: str, dest: Path, token: str | None = None, include_origina
     (dest / COMPLETE_MARKER).unlink(missing_ok=True)
     patterns = ALLOW_PATTERNS + (ORIGINAL_PATTERNS if include_original else [])
     try:
-        snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns, token=token or None)
+        with warnings.catch_warnings():  # its low-disk warning is said once, below, as an error
+            warnings.filterwarnings("ignore", message="Not enough free disk space")
+            snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns, token=token or None)
     except GatedRepoError:
         raise InputError(
             f"{repo_id} is gated and this account has no access yet: request it on "
