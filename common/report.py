@@ -1,0 +1,159 @@
+"""Step 3's verification report: the console table, report.json, report.md and the PNG plots.
+
+`results` everywhere is {layer: {quantity: common.verify.compare(...) dict}}.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import atomic_path, write_json, write_text
+from common.verify import QUANTITIES
+
+
+def worst(results: dict[int, dict[str, dict]]) -> tuple[int, str, dict]:
+    """(layer, quantity, metrics) with the largest max_rel (NaN counts as the worst)."""
+    def key(item):
+        rel = item[2]["max_rel"]
+        return math.inf if math.isnan(rel) else rel
+    return max(((layer, qn, m) for layer, per in results.items() for qn, m in per.items()), key=key)
+
+
+def all_pass(results: dict[int, dict[str, dict]]) -> bool:
+    return all(m["pass"] for per in results.values() for m in per.values())
+
+
+def _cell(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    return f"{m['max_rel']:.1e}" + ("" if m["pass"] else " FAIL")
+
+
+def table_rows(results: dict[int, dict[str, dict]]) -> list[list[str]]:
+    """One row per layer: layer, max_rel of each quantity, the layer's max_abs, PASS/FAIL."""
+    rows = []
+    for layer in sorted(results):
+        per = results[layer]
+        max_abs = max((m["max_abs"] for m in per.values()), key=lambda e: math.inf if math.isnan(e) else e)
+        rows.append([str(layer), *(_cell(per.get(qn)) for qn in QUANTITIES), f"{max_abs:.1e}",
+                     "PASS" if all(m["pass"] for m in per.values()) else "FAIL"])
+    return rows
+
+
+HEADER = ["layer", *(f"{qn} max_rel" for qn in QUANTITIES), "max_abs", "result"]
+
+
+def summary_line(results: dict[int, dict[str, dict]], atol: float, rtol: float) -> str:
+    layer, qn, m = worst(results)
+    n_fail = sum(not m["pass"] for per in results.values() for m in per.values())
+    n = sum(len(per) for per in results.values())
+    verdict = "PASS" if n_fail == 0 else f"FAIL ({n_fail} of {n} checks)"
+    return (f"{verdict}: {len(results)} layers x {len(QUANTITIES)} quantities; worst max_rel {m['max_rel']:.2e} "
+            f"(layer {layer} {qn}, max_abs {m['max_abs']:.2e}); PASS when max_abs <= ATOL {atol:g} + RTOL {rtol:g} * max|ref|")
+
+
+def console_table(results: dict[int, dict[str, dict]], atol: float, rtol: float) -> str:
+    rows = [HEADER, *table_rows(results)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + [summary_line(results, atol, rtol)])
+
+
+def markdown(results: dict[int, dict[str, dict]], settings: dict, definition: str, plots: list[str],
+             atol: float, rtol: float) -> str:
+    lines = ["# Step 3: offline recomputation vs the model", "",
+             f"**{summary_line(results, atol, rtol)}**", "", "## Error definition", "", definition.strip(), "",
+             "## Per layer (max_rel per quantity)", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+    lines += ["", "## Settings", ""] + [f"- `{k}`: `{v}`" for k, v in settings.items()]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(x):
+    """NaN/inf are not JSON: write them as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_reports(out_dir: Path, results: dict[int, dict[str, dict]], settings: dict, definition: str,
+                  plots: list[str], timing: dict, atol: float, rtol: float) -> None:
+    layer, qn, m = worst(results)
+    write_json(out_dir / "report.json", _json_safe({
+        "pass": all_pass(results),
+        "atol": atol, "rtol": rtol,
+        "definition": definition.strip(),
+        "worst": {"layer": layer, "quantity": qn, **m},
+        "layers": {str(k): v for k, v in sorted(results.items())},
+        "settings": settings,
+        "timing_s": timing,
+        "plots": plots,
+    }))
+    write_text(out_dir / "report.md", markdown(results, settings, definition, plots, atol, rtol))
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def plot_errors(path: Path, results: dict[int, dict[str, dict]], rtol: float) -> None:
+    """max_rel per layer, one line per quantity, log scale, with the RTOL line."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    layers = sorted(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for qn, marker in zip(QUANTITIES, "os^D"):
+        rel = [results[layer][qn]["max_rel"] if qn in results[layer] else np.nan for layer in layers]
+        rel = [max(r, 1e-12) if math.isfinite(r) else np.nan for r in rel]  # log scale: exact zeros at the floor
+        ax.plot(layers, rel, marker=marker, label=qn, linewidth=1, markersize=4)
+    ax.axhline(rtol, color="red", linestyle="--", linewidth=1, label=f"RTOL {rtol:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |a - ref| / max |ref|")
+    ax.set_title("Offline recomputation vs the model, real tokens only")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(ncol=5, fontsize=8, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _label(token: str) -> str:
+    """A token string as a readable axis label: byte-level BPE marks shown plainly, no mathtext."""
+    return token.replace("Ġ", "␣").replace("Ċ", "\\n").replace("\n", "\\n").replace("$", r"\$")
+
+
+def plot_attention(path: Path, probs: np.ndarray, tokens: list[str], layer: int, head: int, prompt: int) -> None:
+    """One head's attention pattern over one prompt's real tokens: probs (T, T), query rows x key columns."""
+    plt = _pyplot()
+    n = len(tokens)
+    labels = [_label(t) for t in tokens]
+    size = min(4 + 0.22 * n, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(probs, cmap="viridis", vmin=0, vmax=max(float(probs.max()), 1e-12))
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("key token")
+    ax.set_ylabel("query token")
+    ax.set_title(f"Attention, layer {layer} head {head}, prompt {prompt} (recomputed offline)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    _save(fig, path)
+    plt.close(fig)
