@@ -348,7 +348,7 @@ def copy_side_files(checkpoint: Path, folder: Path) -> list[str]:
 def model_card(checkpoint: Path, output_dir: Path, kind: str, command: str, settings: dict, facts: dict | None,
                extras: dict) -> str:
     """README.md of the converted folder: where it came from and how it was converted."""
-    lines = [f"# {checkpoint.stem} (converted)", "",
+    lines = [f"# {output_dir.name}", "",
              f"Converted from `{checkpoint}` ({kind}) by llama-xray's convert_to_safetensors.py:", "",
              f"    {command}", ""]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
