@@ -1,20 +1,41 @@
 """The exact CSV reader/writer: plain numbers, no header, one line per row, comma-separated.
 
-Values are written as the shortest decimal that parses back to the same float32 (polars
-formats float32 with ryu), so every value reads back bit-exact with numpy, pandas or Python's
-float. bf16/fp16 tensors are widened to float32 first, which is exact.
+Values are written as the shortest decimal that parses back to the same float32 (orjson formats
+numpy float32 with ryu's shortest round-trip algorithm), so every value reads back bit-exact with
+numpy, pandas or Python's float. bf16/fp16 tensors are widened to float32 first, which is exact.
+A 1-D tensor is one line. NaN is written `NaN` and infinities `inf` / `-inf` (what polars and
+pandas write, and what numpy, pandas and Python read back); a NaN's sign and payload are not kept.
+
+Speed: formatting is the cost (~14 bytes per value), so a large tensor is cut into row chunks that
+all available cores format at once. The workers are forked (they share the array copy-on-write)
+and pass each other the next file offset around a ring of pipes, so each writes its own chunks with
+pwritev straight into the temporary file: no chunk text is ever copied or sent between processes.
+The file appears under its final name only once complete (common.atomic).
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import io
 import os
+import signal
+import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import polars as pl
+import orjson
+import pandas as pd
 import torch
 
 from common.atomic import atomic_path
 from common.cli import InputError
+
+CHUNK_VALUES = 1 << 20        # values formatted at once: ~14 MB of text held per worker
+PARALLEL_MIN_VALUES = 1 << 21  # below this, forking workers costs more than it saves
+NAN, POS_INF, NEG_INF = b"NaN", b"inf", b"-inf"
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 def to_float32_numpy(x) -> np.ndarray:
@@ -23,16 +44,223 @@ def to_float32_numpy(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def write_csv(path: str | os.PathLike, x) -> int:
-    """Write a 1-D (one line) or 2-D (one line per row) tensor atomically; return bytes written."""
+def cpu_workers() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def _row_text(row: np.ndarray) -> bytes:
+    """One row's values, comma-separated; orjson writes NaN and inf as null, so respell those."""
+    text = orjson.dumps(row, option=_NUMPY)[1:-1]
+    if np.isfinite(row).all():
+        return text
+    tokens = text.split(b",")
+    for j in np.flatnonzero(~np.isfinite(row)):
+        tokens[j] = NAN if np.isnan(row[j]) else POS_INF if row[j] > 0 else NEG_INF
+    return b",".join(tokens)
+
+
+def format_block(block: np.ndarray, col_sep: bytes, row_sep: bytes, end: bytes) -> list:
+    """A C-contiguous float32 (rows, cols) block as buffers for writev: values joined by `col_sep`,
+    rows by `row_sep`, then `end`. The pieces are views into one orjson output: nothing is copied."""
+    if np.isfinite(block).all():
+        text = orjson.dumps(block, option=_NUMPY)  # b"[[v,v,...],[v,...],...]"
+        view, find = memoryview(text), text.find
+        rows, pos = [], 2
+        for _ in range(block.shape[0]):
+            stop = find(b"]", pos)
+            rows.append(view[pos:stop])
+            pos = stop + 3  # skip "],["
+    else:
+        rows = [_row_text(r) for r in block]
+    if col_sep != b",":
+        table = bytes.maketrans(b",", col_sep)
+        rows = [bytes(r).translate(table) for r in rows]
+    pieces = [p for r in rows for p in (r, row_sep)]
+    pieces[-1] = end
+    return pieces
+
+
+def _chunks(a: np.ndarray, col_sep: bytes) -> list[tuple[np.ndarray, bytes, bytes, bytes]]:
+    """format_block arguments covering the whole file in order: row blocks of a 2-D array, or
+    segments of a 1-D one (one line: segments are joined by `col_sep`)."""
+    if a.ndim == 2:
+        step = max(1, CHUNK_VALUES // max(1, a.shape[1]))
+        return [(a[i:i + step], col_sep, b"\n", b"\n") for i in range(0, a.shape[0], step)]
+    width = 4096
+    n_full = a.size // width * width
+    body = a[:n_full].reshape(-1, width)  # (n // width, width): pseudo-rows of the one line
+    step = CHUNK_VALUES // width
+    out = [(body[i:i + step], col_sep, col_sep, col_sep) for i in range(0, body.shape[0], step)]
+    if n_full < a.size:
+        out.append((a[n_full:].reshape(1, -1), col_sep, col_sep, col_sep))
+    out[-1] = (*out[-1][:3], b"\n")
+    return out
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _pwrite_all(fd: int, pieces: list, offset: int) -> None:
+    """pwritev every piece at `offset`, resuming after short writes."""
+    views = [memoryview(p) for p in pieces]
+    while views:
+        batch = views[:_IOV_MAX]
+        done = os.pwritev(fd, batch, offset)
+        offset += done
+        k = 0
+        while k < len(batch) and done >= len(batch[k]):
+            done -= len(batch[k])
+            k += 1
+        views = views[k:]
+        if done:
+            views[0] = views[0][done:]
+
+
+def _write_serial(fd: int, chunks: list, digest, on_chunk) -> int:
+    offset = 0
+    for block, *seps in chunks:
+        pieces = format_block(block, *seps)
+        if digest is not None:
+            for p in pieces:
+                digest.update(p)
+        _pwrite_all(fd, pieces, offset)
+        offset += sum(map(len, pieces))
+        if on_chunk:
+            on_chunk(block.size)
+    return offset
+
+
+def _worker(fd: int, chunks: list, rank: int, nworkers: int, recv_fd: int, send_fd: int, done_fd: int) -> None:
+    """Format chunks rank, rank+W, ...; chunk i's file offset comes from the worker of chunk i-1
+    (around the ring), and (i, offset, nbytes) goes to the parent once chunk i is on disk."""
+    for i in range(rank, len(chunks), nworkers):
+        pieces = format_block(*chunks[i])
+        nbytes = sum(map(len, pieces))
+        offset = 0
+        if i > 0:
+            msg = os.read(recv_fd, 8)
+            if len(msg) != 8:
+                raise OSError("a CSV worker stopped before passing on its file offset")
+            (offset,) = struct.unpack("<q", msg)
+        if i + 1 < len(chunks):
+            os.write(send_fd, struct.pack("<q", offset + nbytes))
+        _pwrite_all(fd, pieces, offset)
+        os.write(done_fd, struct.pack("<qqq", i, offset, nbytes))  # < PIPE_BUF: atomic among writers
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this worker when the parent dies, so a killed export leaves no writer behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> int:
+    """Forked workers format and pwrite the chunks; the parent hashes the file in order as it fills."""
+    ring = [os.pipe() for _ in range(nworkers)]  # ring[w]: offsets from worker w to worker w+1
+    done_r, done_w = os.pipe()
+    parent, pids = os.getpid(), []
+    try:
+        for rank in range(nworkers):
+            pid = os.fork()
+            if pid == 0:  # worker: keep only its own pipe ends, and never return into the caller
+                code = 1
+                try:
+                    _die_with_parent(parent)
+                    recv_fd, send_fd = ring[rank - 1][0], ring[rank][1]
+                    _close_all([e for p in ring for e in p if e not in (recv_fd, send_fd)] + [done_r])
+                    _worker(fd, chunks, rank, nworkers, recv_fd, send_fd, done_w)
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        _close_all([e for p in ring for e in p] + [done_w])
+        ring, done_w = [], -1
+        finished, hashed, size = {}, 0, 0
+        while hashed < len(chunks):
+            msg = os.read(done_r, 24)
+            if len(msg) != 24:
+                raise OSError("a CSV worker failed before finishing its chunks")
+            i, offset, nbytes = struct.unpack("<qqq", msg)
+            finished[i] = (offset, nbytes)
+            while hashed in finished:  # hash the finished prefix of the file, in order
+                offset, nbytes = finished.pop(hashed)
+                if digest is not None:
+                    digest.update(os.pread(fd, nbytes, offset))
+                if on_chunk:
+                    on_chunk(chunks[hashed][0].size)
+                size = offset + nbytes
+                hashed += 1
+        failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+        pids = []
+        if failed:
+            raise OSError(f"{len(failed)} CSV worker(s) failed")
+        return size
+    finally:
+        for pid in pids:  # only on error: stop and reap the workers still running
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+        _close_all([e for p in ring for e in p] + [done_r] + ([done_w] if done_w >= 0 else []))
+
+
+def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | None = None,
+                  sha256: bool = False, on_chunk: Callable[[int], None] | None = None) -> tuple[int, str | None]:
+    """write_csv with a choice of separator (" " for txt); returns (bytes written, sha256 hex or None).
+
+    `workers`: processes that format at once (default: every core this process may use);
+    `on_chunk(n_values)` is called as parts of the file are finished (for a progress bar).
+    """
     a = to_float32_numpy(x)
-    if a.ndim == 1:
-        a = a.reshape(1, -1)
-    if a.ndim != 2:
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim not in (1, 2):
         raise ValueError(f"write_csv takes a 1-D or 2-D tensor, got shape {a.shape}")
+    workers = workers or cpu_workers()
+    digest = hashlib.sha256() if sha256 else None
     with atomic_path(path) as tmp:
-        pl.from_numpy(a).write_csv(tmp, include_header=False)
-        return tmp.stat().st_size
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if a.size == 0:
+                text = b"\n" * (a.shape[0] if a.ndim == 2 else 1)
+                os.write(fd, text)
+                if digest is not None:
+                    digest.update(text)
+                size = len(text)
+            else:
+                chunks = _chunks(a, sep.encode())
+                if workers > 1 and len(chunks) > 1 and a.size >= PARALLEL_MIN_VALUES and hasattr(os, "fork"):
+                    size = _write_parallel(fd, chunks, min(workers, len(chunks)), digest, on_chunk)
+                else:
+                    size = _write_serial(fd, chunks, digest, on_chunk)
+        finally:
+            os.close(fd)
+    return size, digest.hexdigest() if digest is not None else None
+
+
+def write_csv(path: str | os.PathLike, x, workers: int | None = None) -> int:
+    """Write a 1-D (one line) or 2-D (one line per row) tensor atomically; return bytes written."""
+    return write_numbers(path, x, ",", workers)[0]
+
+
+# --- reading ---------------------------------------------------------------------------------
 
 
 def read_csv(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -41,16 +269,35 @@ def read_csv(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> n
     if not path.is_file():
         raise InputError(f"{path} is missing")
     with open(path, "rb") as f:
-        ncols = f.readline().count(b",") + 1
-    try:
-        a = pl.read_csv(path, has_header=False,
-                        schema={f"c{i}": pl.Float32 for i in range(ncols)}).to_numpy()
-    except pl.exceptions.PolarsError as e:
-        raise InputError(f"{path}: not a plain numeric CSV ({str(e).splitlines()[0]})") from None
+        first = f.readline()
+        one_line = f.read(1) == b""
+    if not first.strip():
+        a = np.zeros((0, 0), np.float32)
+    else:
+        try:
+            if one_line:  # a 1-D tensor: parse its one line as one column (pandas is slow on wide rows)
+                col = io.BytesIO(first.strip().replace(b",", b"\n"))
+                a = pd.read_csv(col, header=None, dtype=np.float32, engine="c", skip_blank_lines=False).to_numpy().reshape(1, -1)
+            else:
+                a = pd.read_csv(path, header=None, dtype=np.float32, engine="c", skip_blank_lines=False).to_numpy()
+        except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise InputError(f"{path}: not a plain numeric CSV ({str(e).splitlines()[0]})") from None
+        if np.isnan(a).any() and _has_missing_field(path, a.shape[1]):
+            raise InputError(f"{path}: not a plain numeric CSV (a row has fewer than {a.shape[1]} values)")
     if shape is not None:
         want = tuple(shape)
         got = a.shape if len(want) == 2 else (a.size,) if a.shape[0] == 1 else a.shape
         if got != want:
             raise InputError(f"{path} has shape {got}, expected {want}: re-export it")
         a = a.reshape(want)
-    return a
+    return np.ascontiguousarray(a)
+
+
+def _has_missing_field(path: Path, ncols: int) -> bool:
+    """pandas fills a short row with NaNs; tell that apart from real NaN values."""
+    with open(path, "rb") as f:
+        for line in f:
+            fields = line.rstrip(b"\r\n").split(b",")
+            if len(fields) != ncols or any(not v.strip() for v in fields):
+                return True
+    return False

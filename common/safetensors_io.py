@@ -126,3 +126,65 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 def head_is_tied(infos: dict[str, TensorInfo]) -> bool:
     """True when the files hold no lm_head.weight: the head reuses model.embed_tokens.weight."""
     return "lm_head.weight" not in infos and "model.embed_tokens.weight" in infos
+
+
+def index_weight_map(model_dir: str | Path) -> dict[str, str] | None:
+    """name -> shard file name from model.safetensors.index.json, or None without an index.
+
+    Lets a caller choose tensors by name before opening any shard.
+    """
+    index = Path(model_dir) / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise InputError(f"{index}: malformed index (no weight_map): download the model again") from None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: malformed index (weight_map is not a mapping): download the model again")
+    return weight_map
+
+
+def data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (first byte, end byte) of each tensor's data, as absolute offsets in the file.
+
+    Call after read_header has checked the file.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {name: (8 + n + meta["data_offsets"][0], 8 + n + meta["data_offsets"][1])
+            for name, meta in header.items() if name != "__metadata__"}
+
+
+SAFETENSORS_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}  # torch.bfloat16 -> "BF16", ...
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's raw little-endian bytes (numpy has no bfloat16: go through int16)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def write_safetensors_streaming(f, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors,
+                                metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file to the open binary file `f`, one tensor at a time.
+
+    `entries` gives (key, dtype, shape) of every tensor up front (the header comes first);
+    `tensors` then yields the tensors in the same order, so only one is in memory at a time.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, dtype, shape in entries:
+        nbytes = math.prod(shape) * ITEMSIZE[SAFETENSORS_DTYPE[dtype]]
+        header[key] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors itself writes
+    f.write(struct.pack("<Q", len(head)) + head)
+    for (key, dtype, shape), t in zip(entries, tensors, strict=True):
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, the header says {dtype} {shape}")
+        f.write(tensor_bytes(t))

@@ -1,0 +1,76 @@
+"""Step 1: export a model's tensors from its safetensors files (CSV by default).
+
+    python 1_model_weights.py --model-dir model_paths/meta-llama_Llama-3.2-1B-Instruct \
+        --filter '\\.self_attn\\.(q|k|v|o)_proj\\.'                   # what `make steps` runs
+    python 1_model_weights.py --list                                    # names, shapes, dtypes, shards
+    python 1_model_weights.py --layer model.layers.8 --format ckpt      # one state dict, prefix stripped
+    python 1_model_weights.py --filter '^model\\.embed_tokens\\.weight$' --format npy --dtype float16
+
+Reads MODEL_DIR (model.safetensors, or shards + model.safetensors.index.json); opens only the
+shards that hold the selected tensors and reads one tensor at a time.
+Writes OUT_DIR/<tensor name>.<csv|txt|npy|safetensors|ckpt> (with --layer and ckpt/safetensors:
+one file <PREFIX>.<ext>, keys with the prefix stripped) and OUT_DIR/manifest.json.
+CSV: no header, one line per row (a 1-D tensor is one line); every value is the shortest decimal
+that parses back to exactly the source's float32 value (bf16/fp16 widened exactly).
+A rerun skips files whose manifest entry still matches the source (--force rewrites them).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import export, paths
+from common.cli import print_settings, run
+from common.safetensors_io import head_is_tied, index_weight_map, list_tensors
+
+MODEL_DIR = paths.MODEL_DIR  # the model folder (Llama-3.2-1B-Instruct; the demo: paths.DEMO_MODEL_DIR)
+OUT_DIR = None  # None -> outputs/<model folder>/weights
+FORMAT = "csv"  # csv | txt (space-separated) | npy | safetensors | ckpt (torch state dict)
+# A callable on the tensor name, or None for all. Attention projections only:
+#   NAME_FILTER = lambda n: ".self_attn." in n and any(x in n for x in [".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."])
+NAME_FILTER = None
+LAYER = None  # a name prefix, matched at a dot boundary: "model.layers.8" (not model.layers.80)
+DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfloat16 | source (npy/safetensors/ckpt)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="default: outputs/<model folder>/weights")
+    p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
+    p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
+                   help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
+    p.add_argument("--layer", default=LAYER, help="keep names under this prefix (dot boundary)")
+    p.add_argument("--dtype", default=DTYPE, help="float16 | bfloat16 | float32 | source (npy/safetensors/ckpt)")
+    p.add_argument("--list", action="store_true", help="print the selected tensors (all by default) and exit")
+    p.add_argument("--force", action="store_true", help="rewrite files even where the manifest says they match")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    out_dir = args.out_dir or paths.output_dir(args.model_dir, "weights")
+    export.check_choices(args.format, args.dtype, args.layer)
+    if args.list:
+        infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
+        # The head's status needs every name; with an index it costs no shard reads.
+        names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
+        print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
+        return 0
+    print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
+                    "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
+                    "DTYPE": args.dtype, "force": args.force})
+    infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
+    jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
+    summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)
+    if summary.skipped:
+        print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")
+    if len(jobs) == 1 and summary.files:
+        print(f"wrote {out_dir / summary.files[0]}")
+    print(f"manifest: {out_dir / 'manifest.json'}")
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
