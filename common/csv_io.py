@@ -90,10 +90,10 @@ def _chunks(a: np.ndarray, col_sep: bytes) -> list[tuple[np.ndarray, bytes, byte
     if a.ndim == 2:
         step = max(1, CHUNK_VALUES // max(1, a.shape[1]))
         return [(a[i:i + step], col_sep, b"\n", b"\n") for i in range(0, a.shape[0], step)]
-    width = 4096
+    width = max(1, min(4096, CHUNK_VALUES))
     n_full = a.size // width * width
     body = a[:n_full].reshape(-1, width)  # (n // width, width): pseudo-rows of the one line
-    step = CHUNK_VALUES // width
+    step = max(1, CHUNK_VALUES // width)
     out = [(body[i:i + step], col_sep, col_sep, col_sep) for i in range(0, body.shape[0], step)]
     if n_full < a.size:
         out.append((a[n_full:].reshape(1, -1), col_sep, col_sep, col_sep))
@@ -236,7 +236,7 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
     workers = workers or cpu_workers()
     digest = hashlib.sha256() if sha256 else None
     with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: the parent re-reads to hash
         try:
             if a.size == 0:
                 text = b"\n" * (a.shape[0] if a.ndim == 2 else 1)
