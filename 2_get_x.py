@@ -23,8 +23,14 @@ import argparse
 import time
 from pathlib import Path
 
-from common import paths
+import torch
+
+from common import capture, paths
 from common.cli import InputError, print_settings, run
+from common.layer_loader import stream_capture
+from common.model_config import load_config
+from common.prompts import encode_prompts, load_tokenizer
+from common.safetensors_io import shard_files
 
 MODEL_DIR = paths.MODEL_DIR
 TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch
@@ -59,9 +65,7 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def resolve_device(name: str):
-    import torch
-
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -90,21 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--padding-side", choices=("left", "right"), default=PADDING_SIDE)
     args = p.parse_args(argv)
 
-    from common.model_config import load_config
-
-    from common.safetensors_io import shard_files
-
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
     shard_files(args.model_dir)  # InputError: no weights
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
     layers = parse_layers(args.layers, cfg.num_layers)
     device = resolve_device(args.device)
     out_dir = args.out_dir or paths.output_dir(args.model_dir, "x_all_layers")
-
-    import torch
-
-    from common import capture
-    from common.prompts import encode_prompts, load_tokenizer
 
     dtype = getattr(torch, args.dtype)
     batch = encode_prompts(load_tokenizer(args.model_dir), prompts, chat=args.chat,
@@ -128,13 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with torch.inference_mode():
         if args.streaming:
-            from common.layer_loader import stream_capture
-
             stream_capture(args.model_dir, batch, layers, sink, dtype=dtype, device=device,
                            save_x_norm=args.save_x_norm, save_reference=args.save_reference)
         else:
-            full_model_capture(args.model_dir, batch, layers, sink, dtype, device,
-                               args.save_x_norm, args.save_reference)
+            capture.full_model_capture(args.model_dir, batch, layers, sink, dtype, device,
+                                       args.save_x_norm, args.save_reference)
     capture.write_batch(out_dir, batch, args.save_masks)
     written.update(["tokens.json"] + (["attention_mask.csv", "position_ids.csv"] if args.save_masks else []))
     for stale in capture.stale_files(out_dir, written):
@@ -143,22 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(written)} files ({nbytes / 1e6:.1f} MB of layer CSVs) to {out_dir} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def full_model_capture(model_dir: Path, batch, layers: list[int], sink, dtype, device,
-                       save_x_norm: bool, save_reference: bool) -> None:
-    """Load the whole model (eager attention, `dtype`), run the batch once through the decoder with hooks."""
-    from transformers import LlamaForCausalLM
-
-    from common.capture import ATTN_IMPLEMENTATION, capture_layers
-
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                             attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
-    hooked = {n: model.model.layers[n] for n in layers}
-    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference):
-        # The decoder only: the head's logits are not part of step 2's files.
-        model.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                    position_ids=batch.position_ids.to(device), use_cache=False)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,20 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
             _RECORDERS.pop(layer.self_attn, None)
 
 
+def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
+                       device: torch.device, save_x_norm: bool = True, save_reference: bool = True) -> None:
+    """Load the whole model (eager attention, `dtype`), run the batch once through the decoder with hooks."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                             attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
+    hooked = {n: model.model.layers[n] for n in layers}
+    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference):
+        # The decoder only: the head's logits are not part of step 2's files.
+        model.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    position_ids=batch.position_ids.to(device), use_cache=False)
+
+
 def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Write layer n's captured tensors and meta_layerN.json; return the bytes written."""
     size = 0

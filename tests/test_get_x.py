@@ -195,3 +195,19 @@ def test_demo_model(demo_model, tmp_path):
     ids = torch.tensor(read_tokens(out)["input_ids"]).reshape(-1)
     emb = read_tensor(list_tensors(demo_model)["model.embed_tokens.weight"]).float()
     assert np.array_equal(read_csv(out / "x_layer0.csv"), emb[ids].numpy())
+
+
+def test_rope_parameters_config_form(llama32, tmp_path):
+    """config.json with transformers 5's rope_parameters gives the same meta and files as rope_theta + rope_scaling."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama32, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    params = {"rope_theta": cfg.pop("rope_theta"), **cfg.pop("rope_scaling")}
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "rope_parameters": params}))
+    hub_form = capture(llama32, tmp_path / "hub", "--layers", "2")
+    new_form = capture(model_dir, tmp_path / "new", "--layers", "2")
+    a, b = (json.loads((d / "meta_layer2.json").read_text()) for d in (hub_form, new_form))
+    keys = ("rope_theta", "rope_type", "rope_scaling")
+    assert [a[k] for k in keys] == [b[k] for k in keys] and a["rope_scaling"]["factor"] == 8.0
+    for stem in ("x", "ref_q", "ref_k"):
+        assert (hub_form / f"{stem}_layer2.csv").read_bytes() == (new_form / f"{stem}_layer2.csv").read_bytes()
