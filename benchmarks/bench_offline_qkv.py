@@ -1,0 +1,104 @@
+"""Benchmark: 3_offline_qkv.py on every layer of the demo model, and how much of it is reading CSV.
+
+    python benchmarks/bench_offline_qkv.py          # run it alone: flock /tmp/llama-xray-bench.lock ...
+
+Prepares (once) the demo model's inputs in outputs/bench_offline_qkv/: step 1 (the 30 layers'
+q/k/v/o_proj, ~300 MB of CSV) and step 2 (one chat prompt, 35 tokens). Then runs step 3 REPEATS
+times as a user does (its own process), and side by side the baseline: a process that only reads
+the same CSV files with common.csv_io.read_csv and does nothing else. Reports the median wall time
+of each, step 3's own phase timings (report.json: read CSV / compute / write CSV / plots) and the
+ratios: step 3 / read-only, and the share of step 3 spent reading CSV.
+"""
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from common import paths  # noqa: E402
+
+MODEL_DIR = paths.DEMO_MODEL_DIR
+WORK_DIR = paths.OUTPUTS / "bench_offline_qkv"
+REPEATS = 3
+ATTN_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
+
+# The baseline: read exactly the files step 3 reads, nothing else (same imports, same reader).
+READ_ONLY = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from common.csv_io import read_csv
+acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
+t0 = time.perf_counter()
+files = [acts / "attention_mask.csv", acts / "position_ids.csv"]
+for meta in sorted(acts.glob("meta_layer*.json")):
+    n = json.loads(meta.read_text())["layer"]
+    files.append(acts / f"xnorm_layer{n}.csv")
+    files += [acts / f"ref_{q}_layer{n}.csv" for q in ("q", "k", "v", "attn")]
+    files += sorted(weights.glob(f"model.layers.{n}.self_attn.*.csv"))
+nbytes = sum(f.stat().st_size for f in files)
+for f in files:
+    read_csv(f)
+print(json.dumps({"read_s": time.perf_counter() - t0, "files": len(files), "bytes": nbytes}))
+"""
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r
+
+
+def prepare() -> tuple[Path, Path]:
+    weights, acts = WORK_DIR / "weights", WORK_DIR / "x"
+    if not (MODEL_DIR / ".complete").is_file():
+        print("building the demo model (0_download_models.py --demo) ...", flush=True)
+        run("0_download_models.py", "--demo")
+    if not (WORK_DIR / ".prepared").is_file():
+        print(f"preparing step 1 and step 2 outputs in {WORK_DIR} ...", flush=True)
+        run("1_model_weights.py", "--model-dir", str(MODEL_DIR), "--out-dir", str(weights), "--filter", ATTN_FILTER)
+        run("2_get_x.py", "--model-dir", str(MODEL_DIR), "--out-dir", str(acts), "--chat")
+        (WORK_DIR / ".prepared").write_text("")
+    return weights, acts
+
+
+def main() -> int:
+    weights, acts = prepare()
+    out = WORK_DIR / "qkv"
+    step3, read_only, phases = [], [], []
+    for _ in range(REPEATS):  # alternate, so a busy moment of the machine hits both alike
+        t0 = time.perf_counter()
+        run("3_offline_qkv.py", "--model-dir", str(MODEL_DIR), "--weights-dir", str(weights),
+            "--acts-dir", str(acts), "--out-dir", str(out))
+        step3.append(time.perf_counter() - t0)
+        phases.append(json.loads((out / "report.json").read_text())["timing_s"])
+        t0 = time.perf_counter()
+        info = json.loads(run("-c", READ_ONLY, str(ROOT), str(acts), str(weights)).stdout)
+        read_only.append(time.perf_counter() - t0)
+
+    report = json.loads((out / "report.json").read_text())
+    meta = json.loads((acts / "meta_layer0.json").read_text())
+    med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+    s3, ro = statistics.median(step3), statistics.median(read_only)
+    print(f"3_offline_qkv.py, demo model: {len(report['layers'])} layers, B={meta['batch_size']} "
+          f"T={meta['seq_len']}, {info['files']} CSV files read, {info['bytes'] / 1e6:.0f} MB; "
+          f"median of {REPEATS}; {'PASS' if report['pass'] else 'FAIL'}")
+    print(f"  step 3, whole process (imports included)   {s3:7.2f} s")
+    print(f"    inside main()                           {med['total']:7.2f} s")
+    print(f"      reading CSV                           {med['read_csv']:7.2f} s  "
+          f"({100 * med['read_csv'] / med['total']:.0f}% of main, {100 * med['read_csv'] / s3:.0f}% of the process)")
+    print(f"      compute (RoPE, attention, o_proj)     {med['compute']:7.2f} s")
+    print(f"      writing CSV (q, k, v, attn)           {med['write_csv']:7.2f} s")
+    print(f"      plots                                 {med['plots']:7.2f} s")
+    print(f"  baseline: a process that only reads them  {ro:7.2f} s")
+    print(f"  ratio step 3 / read-only baseline         {s3 / ro:7.2f}x")
+    return 0 if report["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
