@@ -30,7 +30,7 @@ from common import attention, report
 from common.cli import InputError, print_settings, run
 from common.csv_io import read_csv, write_csv
 from common.paths import MODEL_DIR, output_dir
-from common.rope import SUPPORTED_ROPE_TYPES, rope_type_of
+from common.rope import check_scaling
 from common.verify import DEFINITION, QUANTITIES, compare
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
@@ -47,6 +47,7 @@ PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 # -------------------------------------------------------------------------------------------------
 
 ATTN_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
+LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -106,10 +107,13 @@ def check_meta(meta: dict, path: Path) -> None:
     missing = [k for k in need if k not in meta]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
-    rope_type = rope_type_of(meta.get("rope_scaling"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise InputError(f"{path}: rope_type {rope_type!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)}); refusing to guess")
+    try:
+        rope_type = check_scaling(meta.get("rope_scaling"))
+    except ValueError as e:
+        raise InputError(f"{path}: {e}; refusing to guess") from None
+    if meta.get("rope_type", rope_type) != rope_type:
+        raise InputError(f"{path}: rope_type {meta['rope_type']!r} disagrees with rope_scaling "
+                         f"{meta['rope_scaling']}: run 2_get_x.py again")
     if meta["num_heads"] % meta["num_kv_heads"]:
         raise InputError(f"{path}: num_heads {meta['num_heads']} is not a multiple of num_kv_heads "
                          f"{meta['num_kv_heads']}")
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
     acts_dir = args.acts_dir or output_dir(args.model_dir, "x_all_layers")
     weights_dir = args.weights_dir or output_dir(args.model_dir, "weights")
     out_dir = args.out_dir or output_dir(args.model_dir, "qkv")
-    settings = {"ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
+    settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
                 "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol, "RTOL": args.rtol}
     print("3_offline_qkv.py: recompute Q/K/V/attention from CSV (float32, no model) and verify")
     print_settings(settings)
@@ -199,6 +203,10 @@ def main(argv=None) -> int:
             raise InputError(f"{path} disagrees with meta_layer{layers[0]}.json on batch size or sequence "
                              "length: run 2_get_x.py again")
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
+    dtype = metas[layers[0]].get("dtype", "float32")
+    if dtype != "float32":
+        print(f"note: the references were computed in {dtype}, this recomputation is float32: expect errors "
+              f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {args.rtol:g} (which is for float32 captures)")
     plot_layer = check_plot_choice(args, layers, metas)
     check_weights_present(weights_dir, layers, metas, args.model_dir)
 
@@ -261,7 +269,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     timing = {"total": total, "read_csv": t_read, "compute": t_compute, "write_csv": t_write, "plots": t_plot}
     settings.update({"PLOT_LAYER": plot_layer, "PLOT_HEAD": args.plot_head, "PLOT_PROMPT": args.plot_prompt,
-                     "batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens"})
+                     "batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
+                     "reference dtype": dtype})
     report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, DEFINITION,
                          [p.name for p in plots], {k: round(v, 4) for k, v in timing.items()}, args.atol, args.rtol)
     print(f"wrote {out_dir / 'report.json'}, report.md, {plots[0].name}, {plots[1].name}")

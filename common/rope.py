@@ -20,11 +20,28 @@ import math
 
 import numpy as np
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# rope_type -> the rope_scaling keys it needs.
+ROPE_PARAMS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_PARAMS)
 
 
 def rope_type_of(scaling: dict | None) -> str:
     return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def check_scaling(scaling: dict | None) -> str:
+    """The rope_type of a rope_scaling (None = default); ValueError if unsupported or incomplete."""
+    rope_type = rope_type_of(scaling)
+    if rope_type not in ROPE_PARAMS:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    missing = [k for k in ROPE_PARAMS[rope_type] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
+    return rope_type
 
 
 def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -61,16 +78,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
 
     Any other rope_type raises ValueError: a silent fallback to plain RoPE would be a wrong answer.
     """
-    rope_type = rope_type_of(scaling)
+    rope_type = check_scaling(scaling)
     inv_freq = default_inv_freq(head_dim, theta)
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":  # positions divided by factor == frequencies divided by factor
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if rope_type == "llama3":
-        return llama3_inv_freq(inv_freq, scaling["factor"], scaling["low_freq_factor"],
-                               scaling["high_freq_factor"], scaling["original_max_position_embeddings"])
-    raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    return llama3_inv_freq(inv_freq, *(scaling[k] for k in ROPE_PARAMS["llama3"]))
 
 
 def rope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

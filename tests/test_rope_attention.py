@@ -65,9 +65,12 @@ def test_llama3_scaling_changes_the_tiny_model_frequencies():
     assert (scaled != plain).sum() >= head_dim // 2 - 1
 
 
-def test_unsupported_rope_type_is_an_error():
+def test_unsupported_or_incomplete_rope_scaling_is_an_error():
     with pytest.raises(ValueError, match="yarn"):
         rope.rope_inv_freq(16, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        rope.rope_inv_freq(16, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0})
 
 
 @pytest.mark.parametrize("name", ["tiny_llama3", "tiny_linear", "llama_3_2_1b"])
