@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import attention, report
+from common import attention, paths, report
 from common.cli import InputError, print_settings, run
 from common.csv_io import read_csv, write_csv
-from common.paths import MODEL_DIR, output_dir
+from common.paths import output_dir
 from common.rope import check_scaling
 from common.verify import DEFINITION, QUANTITIES, compare
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
-MODEL_DIR = MODEL_DIR  # only used to derive the three folders below when they are None
+MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
 ACTS_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
 WEIGHTS_DIR = None  # step 1's folder; None -> outputs/<model folder>/weights
 OUT_DIR = None  # None -> outputs/<model folder>/qkv
