@@ -46,24 +46,17 @@ offline = load_script("offline_qkv", "3_offline_qkv.py")
 
 def export_weights(model_dir: Path, out_dir: Path, in_process: bool = True) -> Path:
     """Step 1: the attention projections of every layer as CSV (in-process saves ~2 s of imports)."""
-    if (ROOT / "1_model_weights.py").is_file():
-        argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), "--filter", ATTN_FILTER]
-        if in_process:
-            weights = load_script("model_weights", "1_model_weights.py")
-            if inspect.signature(weights.main).parameters:
-                assert weights.main(argv) == 0
-            else:  # main() reads sys.argv
-                with unittest.mock.patch.object(sys, "argv", ["1_model_weights.py", *argv]):
-                    assert weights.main() == 0
-        else:
-            r = run_script("1_model_weights.py", *argv)
-            assert r.returncode == 0, r.stderr
+    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), "--filter", ATTN_FILTER]
+    if not in_process:
+        r = run_script("1_model_weights.py", *argv)
+        assert r.returncode == 0, r.stderr
         return out_dir
-    # Until 1_model_weights.py lands: the same files, written the same way (exact float32 CSV).
-    from common.safetensors_io import list_tensors, read_tensor
-    for name, info in list_tensors(model_dir).items():
-        if re.search(ATTN_FILTER, name):
-            write_csv(out_dir / f"{name}.csv", read_tensor(info))
+    weights = load_script("model_weights", "1_model_weights.py")
+    if inspect.signature(weights.main).parameters:
+        assert weights.main(argv) == 0
+    else:  # its main() reads sys.argv
+        with unittest.mock.patch.object(sys, "argv", ["1_model_weights.py", *argv]):
+            assert weights.main() == 0
     return out_dir
 
 
