@@ -44,6 +44,27 @@ def to_float32_numpy(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _source_array(x) -> np.ndarray:
+    """A C-contiguous numpy array of float32, float16, or bfloat16 bits (as uint16), unwidened:
+    the workers widen chunk by chunk (exactly), so the whole float32 copy never exists."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return np.ascontiguousarray(x.view(torch.int16).numpy().view(np.uint16))
+        if x.dtype == torch.float16:
+            return np.ascontiguousarray(x.numpy())
+    if isinstance(x, np.ndarray) and x.dtype == np.float16:
+        return np.ascontiguousarray(x)
+    return to_float32_numpy(x)
+
+
+def widen(block: np.ndarray) -> np.ndarray:
+    """float32 values of a block from _source_array; exact (bf16 is the top half of a float32)."""
+    if block.dtype == np.uint16:  # bfloat16 bits
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.astype(np.float32, copy=False)
+
+
 def cpu_workers() -> int:
     """Cores this process may run on (the affinity mask, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -65,7 +86,9 @@ def _row_text(row: np.ndarray) -> bytes:
 
 def format_block(block: np.ndarray, col_sep: bytes, row_sep: bytes, end: bytes) -> list:
     """A C-contiguous float32 (rows, cols) block as buffers for writev: values joined by `col_sep`,
-    rows by `row_sep`, then `end`. The pieces are views into one orjson output: nothing is copied."""
+    rows by `row_sep`, then `end`. The pieces are views into one orjson output: nothing is copied.
+    A float16 or bfloat16-bits block is widened to float32 first."""
+    block = widen(block)
     if np.isfinite(block).all():
         text = orjson.dumps(block, option=_NUMPY)  # b"[[v,v,...],[v,...],...]"
         view, find = memoryview(text), text.find
@@ -192,6 +215,7 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
         _close_all([e for p in ring for e in p] + [done_w])
         ring, done_w = [], -1
         finished, hashed, size = {}, 0, 0
+        buf = bytearray()
         while hashed < len(chunks):
             msg = os.read(done_r, 24)
             if len(msg) != 24:
@@ -200,8 +224,13 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
             finished[i] = (offset, nbytes)
             while hashed in finished:  # hash the finished prefix of the file, in order
                 offset, nbytes = finished.pop(hashed)
-                if digest is not None:
-                    digest.update(os.pread(fd, nbytes, offset))
+                if digest is not None:  # re-read from the page cache into one reused buffer
+                    if len(buf) < nbytes:
+                        buf = bytearray(nbytes)
+                    view = memoryview(buf)[:nbytes]
+                    if os.preadv(fd, [view], offset) != nbytes:
+                        raise OSError("the CSV file is shorter than its workers wrote")
+                    digest.update(view)
                 if on_chunk:
                     on_chunk(chunks[hashed][0].size)
                 size = offset + nbytes
@@ -228,7 +257,7 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
     `workers`: processes that format at once (default: every core this process may use);
     `on_chunk(n_values)` is called as parts of the file are finished (for a progress bar).
     """
-    a = to_float32_numpy(x)
+    a = _source_array(x)
     if a.ndim == 0:
         a = a.reshape(1)
     if a.ndim not in (1, 2):

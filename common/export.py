@@ -227,8 +227,12 @@ def plan(model_dir: Path, infos: list[TensorInfo], fmt: str, dtype: str | None, 
 
 
 def _load(info: TensorInfo, dtype: str | None, fmt: str) -> torch.Tensor:
+    """The tensor as it will be written; for csv/txt, bf16/fp16 stay as they are (the CSV writer
+    widens them chunk by chunk, exactly, so no float32 copy of the whole tensor is made)."""
     t = read_tensor(info)
     target = written_dtype(info, dtype, fmt)
+    if fmt in TEXT_FORMATS and t.dtype in (torch.bfloat16, torch.float16):
+        return t
     if fmt in TEXT_FORMATS and not t.dtype.is_floating_point:
         widened = t.to(torch.float32)
         if not torch.equal(widened.to(t.dtype), t):
@@ -255,10 +259,8 @@ def write_job(path: Path, job: Job, fmt: str, dtype: str | None, on_values: Call
     """Write one file atomically; return (bytes, sha256)."""
     if fmt in TEXT_FORMATS:
         (_, info), = job.members
-        t = _load(info, dtype, fmt)
-        a = _as_matrix(t).numpy()
-        del t
-        return write_numbers(path, a, "," if fmt == "csv" else " ", sha256=True, on_chunk=on_values)
+        t = _as_matrix(_load(info, dtype, fmt))
+        return write_numbers(path, t, "," if fmt == "csv" else " ", sha256=True, on_chunk=on_values)
     with atomic_path(path) as tmp:
         if fmt == "npy":
             (_, info), = job.members

@@ -125,6 +125,11 @@ def test_parallel_writer_writes_the_same_bytes(tmp_path, monkeypatch):
         parallel = write_numbers(tmp_path / f"p{workers}.csv", a, workers=workers, sha256=True, on_chunk=done.append)
         assert parallel == serial and (tmp_path / f"p{workers}.csv").read_bytes() == (tmp_path / "s.csv").read_bytes()
         assert sum(done) == a.size
+    for half in (torch.bfloat16, torch.float16):  # widened chunk by chunk in the workers, exactly
+        h = torch.from_numpy(a).to(half)
+        write_numbers(tmp_path / "h1.csv", h.float(), workers=1)
+        write_numbers(tmp_path / "h2.csv", h, workers=2)
+        assert (tmp_path / "h1.csv").read_bytes() == (tmp_path / "h2.csv").read_bytes()
     one_line = np.arange(10_000, dtype=np.float32)
     write_numbers(tmp_path / "l1.csv", one_line, workers=1)
     write_numbers(tmp_path / "l2.csv", one_line, workers=2)

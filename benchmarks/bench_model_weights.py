@@ -1,0 +1,256 @@
+"""Benchmark: step 1's CSV export and read-back speed, against the old approaches, and its peak memory.
+
+    .venv/bin/python benchmarks/bench_model_weights.py          # ~1 min: 8192x2048 speed + peak-RSS table
+    .venv/bin/python benchmarks/bench_model_weights.py --full   # + all of a random Llama-3.2-1B (17 GB of CSV)
+    BENCH_FULL=1 make bench                                     # the same, through make
+    (run heavy ones alone: flock /tmp/llama-xray-bench.lock .venv/bin/python benchmarks/bench_model_weights.py --full)
+
+Speed: an 8192x2048 tensor (float32 and bf16 sources) exported to CSV end to end by step 1's own
+code (read from safetensors, widen, format, write, sha256, manifest), best and median of REPEATS,
+side by side with the original scripts' approach (np.savetxt row by row, %.16e) and with
+np.savetxt(fmt='%.9g'), both given the same tensor read the same way. Goals (issue 3): >= 40 M
+values/s, >= 20x the first, >= 5x the second; reading the CSV back >= 15 M values/s.
+Memory: peak RSS (each export in its own process) for models whose size and largest tensor
+differ, next to loading the whole model: export memory follows the largest tensor.
+Full (--full): the random model with exactly Llama-3.2-1B's config (1.24 B parameters, bf16, tied;
+the same one bench_streaming.py builds in outputs/bench_models/) exported whole: time, GB, peak RSS.
+The CSV files are deleted afterwards.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from common import export, paths  # noqa: E402
+from common.csv_io import read_csv  # noqa: E402
+from common.safetensors_io import list_tensors, read_tensor  # noqa: E402
+
+SHAPE = (8192, 2048)
+REPEATS = 3
+GOAL_MVALUES = 40.0  # M values/s, CSV export end to end
+GOAL_VS_ROWS_16E = 20.0  # x np.savetxt row by row with %.16e (the original scripts)
+GOAL_VS_9G = 5.0  # x np.savetxt(fmt='%.9g')
+GOAL_READ_MVALUES = 15.0
+FULL_MODEL_DIR = paths.OUTPUTS / "bench_models" / "llama-3.2-1b-random"  # shared with bench_streaming.py
+FULL_MIN_FREE_GB = 25  # ~17 GB of CSV, plus headroom
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; not ru_maxrss, which after fork+exec counts the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def export_csv(model_dir: Path, out_dir: Path, progress: bool | None = False) -> export.Summary:
+    """Step 1's own path, as 1_model_weights.py runs it (with --force)."""
+    infos = export.select_tensors(model_dir, None, None)
+    jobs = export.plan(model_dir, infos, "csv", None, None)
+    return export.export(model_dir, out_dir, "csv", None, jobs, force=True, progress=progress)
+
+
+def savetxt_rows_16e(model_dir: Path, path: Path) -> None:
+    """The original scripts: the tensor read, then np.savetxt one row at a time with %.16e."""
+    (info,) = list_tensors(model_dir).values()
+    a = read_tensor(info).float().numpy()
+    with open(path, "w") as f:
+        for row in a:
+            np.savetxt(f, row[None, :], fmt="%.16e", delimiter=",")
+
+
+def savetxt_9g(model_dir: Path, path: Path) -> None:
+    (info,) = list_tensors(model_dir).values()
+    np.savetxt(path, read_tensor(info).float().numpy(), fmt="%.9g", delimiter=",")
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def bench_speed(tmp: Path) -> bool:
+    n = SHAPE[0] * SHAPE[1]
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(*SHAPE, generator=g) * 0.02  # Llama-like weights
+    print(f"CSV export of one {SHAPE[0]}x{SHAPE[1]} tensor ({n / 1e6:.1f} M values), {os.cpu_count()} cores, {load()}")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tmp / f"src_{dtype}".replace("torch.", "")
+        model.mkdir()
+        save_file({"w": base.to(dtype).contiguous()}, model / "model.safetensors")
+        out = tmp / "out"
+        times, gb = [], 0.0
+        for _ in range(REPEATS):
+            s = export_csv(model, out)
+            times.append(s.seconds)
+            gb = s.bytes / 1e9
+        best, med = min(times), statistics.median(times)
+        t_rows = timed(savetxt_rows_16e, model, tmp / "rows16e.csv")
+        t_9g = timed(savetxt_9g, model, tmp / "g9.csv")
+        csv = out / "w.csv"
+        back = read_csv(csv, SHAPE)
+        exact = np.array_equal(back.view(np.uint32), base.to(dtype).float().numpy().view(np.uint32))
+        t_read = min(timed(read_csv, csv, SHAPE) for _ in range(REPEATS))
+        rate, rate_med, read_rate = n / best / 1e6, n / med / 1e6, n / t_read / 1e6
+        name = str(dtype).replace("torch.", "")
+        print(f"  {name:<9} step 1: {best:.3f} s best, {med:.3f} s median -> {rate:.1f} M values/s best, "
+              f"{rate_med:.1f} median (goal >= {GOAL_MVALUES:.0f}); {gb * 1e3:.0f} MB, {gb * 1e9 / n:.2f} bytes/value")
+        print(f"  {'':<9} savetxt rows %.16e: {t_rows:.2f} s ({n / t_rows / 1e6:.2f} M/s) -> step 1 is "
+              f"{t_rows / best:.1f}x faster (goal >= {GOAL_VS_ROWS_16E:.0f}x; {t_rows / med:.1f}x on the median), "
+              f"{os.path.getsize(tmp / 'rows16e.csv') / 1e6:.0f} MB")
+        print(f"  {'':<9} savetxt %.9g:        {t_9g:.2f} s ({n / t_9g / 1e6:.2f} M/s) -> step 1 is "
+              f"{t_9g / best:.1f}x faster (goal >= {GOAL_VS_9G:.0f}x; {t_9g / med:.1f}x on the median), "
+              f"{os.path.getsize(tmp / 'g9.csv') / 1e6:.0f} MB")
+        print(f"  {'':<9} read back: {t_read:.3f} s -> {read_rate:.1f} M values/s (goal >= {GOAL_READ_MVALUES:.0f}); "
+              f"bit-exact: {exact}")
+        ok &= (rate >= GOAL_MVALUES and t_rows / best >= GOAL_VS_ROWS_16E and t_9g / best >= GOAL_VS_9G
+               and read_rate >= GOAL_READ_MVALUES and exact)
+        shutil.rmtree(out)
+    print(f"  ({load()})")
+    return ok
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+MEMORY_MODELS = {  # name: (number of tensors, rows, cols), bf16
+    "2 x 4M": (2, 2048, 2048),
+    "8 x 4M": (8, 2048, 2048),
+    "2 x 16M": (2, 4096, 4096),
+}
+
+
+def child_memory(mode: str, model_dir: Path, out_dir: Path) -> None:
+    """One measurement in this fresh process; prints JSON: peak RSS above the RSS before the work."""
+    before = rss_mb()
+    if mode == "export":
+        export_csv(model_dir, out_dir)
+    else:  # the whole model at once, as a state-dict loader would hold it
+        from safetensors.torch import load_file
+        state = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}
+        assert state
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"peak_above_start_mb": peak_rss_mb() - before, "largest_worker_mb": children}))
+
+
+def bench_memory(tmp: Path) -> bool:
+    print("peak RSS of a CSV export (own process; MB above its RSS after imports) vs loading the whole model:")
+    print(f"  {'model (bf16)':<14} {'model MB':>9} {'largest f32 MB':>15} {'export MB':>10} {'load-all MB':>12}")
+    rows = {}
+    g = torch.Generator().manual_seed(1)
+    for name, (k, r, c) in MEMORY_MODELS.items():
+        model = tmp / f"mem_{k}_{r}"
+        model.mkdir()
+        save_file({f"t{i}": torch.randn(r, c, generator=g).to(torch.bfloat16) for i in range(k)},
+                  model / "model.safetensors")
+        res = {}
+        for mode in ("export", "load"):
+            p = subprocess.run([sys.executable, __file__, "--child-memory", mode, str(model), str(tmp / "memout")],
+                               capture_output=True, text=True, cwd=ROOT)
+            if p.returncode != 0:
+                sys.exit(f"memory child failed:\n{p.stderr[-3000:]}")
+            res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+        shutil.rmtree(tmp / "memout", ignore_errors=True)
+        rows[name] = res
+        print(f"  {name:<14} {k * r * c * 2 / 1e6:>9.0f} {r * c * 4 / 1e6:>15.0f} "
+              f"{res['export']['peak_above_start_mb']:>10.0f} {res['load']['peak_above_start_mb']:>12.0f}"
+              f"   (largest CSV worker {res['export']['largest_worker_mb']:.0f} MB resident, shared pages included)")
+    e = {n: rows[n]["export"]["peak_above_start_mb"] for n in rows}
+    more_tensors = e["8 x 4M"] / max(e["2 x 4M"], 1)
+    bigger_tensor = e["2 x 16M"] / max(e["2 x 4M"], 1)
+    print(f"  4x the tensors, same largest: export peak x{more_tensors:.2f}; "
+          f"4x the largest tensor: x{bigger_tensor:.2f}  (memory follows the largest tensor)")
+    return more_tensors < 1.5
+
+
+# --- full scale ------------------------------------------------------------------------------
+
+
+def child_full(model_dir: Path, out_dir: Path) -> None:
+    s = export_csv(model_dir, out_dir, progress=None)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"line": s.line(), "seconds": s.seconds, "bytes": s.bytes, "values": s.values,
+                      "tensors": s.tensors, "peak_rss_mb": peak_rss_mb(), "largest_worker_mb": children}))
+
+
+def bench_full() -> bool:
+    if not (FULL_MODEL_DIR / ".complete").is_file():
+        import model_factory
+        print(f"building a random Llama-3.2-1B-shaped model in {FULL_MODEL_DIR} (~1 min, ~8 GB RAM) ...", flush=True)
+        model_factory.build_model(FULL_MODEL_DIR, config=model_factory.LLAMA_3_2_1B, max_shard_size="2GB")
+        (FULL_MODEL_DIR / ".complete").write_text("")
+    free_gb = shutil.disk_usage(paths.OUTPUTS).free / 1e9
+    if free_gb < FULL_MIN_FREE_GB:
+        print(f"full scale skipped: {free_gb:.0f} GB free under {paths.OUTPUTS}, needs {FULL_MIN_FREE_GB}")
+        return False
+    infos = list_tensors(FULL_MODEL_DIR)
+    print(f"full scale: {FULL_MODEL_DIR.name}: {len(infos)} tensors, {sum(i.numel for i in infos.values()) / 1e9:.3f} B "
+          f"values, {sum(i.nbytes for i in infos.values()) / 1e9:.2f} GB bf16, tied ({load()})", flush=True)
+    out = Path(tempfile.mkdtemp(prefix="bench_full_csv_", dir=paths.OUTPUTS))
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, __file__, "--child-full", str(FULL_MODEL_DIR), str(out)],
+                           capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            sys.exit(f"full export failed:\n{p.stderr[-3000:]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"  {r['line']}")
+        print(f"  total {wall:.1f} s with process start; {r['bytes'] / 1e9:.2f} GB written "
+              f"({r['bytes'] / r['values']:.2f} bytes/value); peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(largest CSV worker {r['largest_worker_mb']:.0f} MB); {load()}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return True
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", default=os.environ.get("BENCH_FULL") == "1",
+                   help="also export all of a random Llama-3.2-1B (needs ~25 GB free disk, a few minutes)")
+    p.add_argument("--child-memory", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child-full", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_memory:
+        child_memory(args.child_memory[0], Path(args.child_memory[1]), Path(args.child_memory[2]))
+        return 0
+    if args.child_full:
+        child_full(Path(args.child_full[0]), Path(args.child_full[1]))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench_model_weights_") as d:
+        ok = bench_speed(Path(d))
+        ok &= bench_memory(Path(d))
+    if args.full:
+        ok &= bench_full()
+    print("goals met" if ok else "goal MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
