@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import mmap
 import os
 import signal
 import struct
@@ -193,6 +194,14 @@ def _close_all(fds) -> None:
             pass
 
 
+def _hash_range(digest, fd: int, offset: int, nbytes: int) -> None:
+    """Hash bytes of the file straight from the page cache (a mapping: no copy into this process)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, offset + nbytes - start, prot=mmap.PROT_READ, offset=start) as mm:
+        with memoryview(mm) as view:
+            digest.update(view[offset - start:])
+
+
 def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> int:
     """Forked workers format and pwrite the chunks; the parent hashes the file in order as it fills."""
     ring = [os.pipe() for _ in range(nworkers)]  # ring[w]: offsets from worker w to worker w+1
@@ -215,7 +224,6 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
         _close_all([e for p in ring for e in p] + [done_w])
         ring, done_w = [], -1
         finished, hashed, size = {}, 0, 0
-        buf = bytearray()
         while hashed < len(chunks):
             msg = os.read(done_r, 24)
             if len(msg) != 24:
@@ -224,13 +232,8 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
             finished[i] = (offset, nbytes)
             while hashed in finished:  # hash the finished prefix of the file, in order
                 offset, nbytes = finished.pop(hashed)
-                if digest is not None:  # re-read from the page cache into one reused buffer
-                    if len(buf) < nbytes:
-                        buf = bytearray(nbytes)
-                    view = memoryview(buf)[:nbytes]
-                    if os.preadv(fd, [view], offset) != nbytes:
-                        raise OSError("the CSV file is shorter than its workers wrote")
-                    digest.update(view)
+                if digest is not None:
+                    _hash_range(digest, fd, offset, nbytes)
                 if on_chunk:
                     on_chunk(chunks[hashed][0].size)
                 size = offset + nbytes
