@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 import orjson
-import pandas as pd
+import polars as pl
 import torch
 
 from common.atomic import atomic_path
@@ -296,7 +296,11 @@ def write_csv(path: str | os.PathLike, x, workers: int | None = None) -> int:
 
 
 def read_csv(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Read a CSV written by write_csv as float32; with `shape`, check it and name both if they differ."""
+    """Read a CSV written by write_csv as float32; with `shape`, check it and name both if they differ.
+
+    polars parses straight to float32 (correctly rounded) on every core; a row with a missing or
+    extra value, or a field that is not a number, is an InputError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} is missing")
@@ -305,31 +309,24 @@ def read_csv(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> n
         one_line = f.read(1) == b""
     if not first.strip():
         a = np.zeros((0, 0), np.float32)
+    elif one_line:  # a 1-D tensor: parse its one line as one column (wide rows are slow to parse)
+        a = _parse(io.BytesIO(first.strip().replace(b",", b"\n")), 1, path).reshape(1, -1)
     else:
-        try:
-            if one_line:  # a 1-D tensor: parse its one line as one column (pandas is slow on wide rows)
-                col = io.BytesIO(first.strip().replace(b",", b"\n"))
-                a = pd.read_csv(col, header=None, dtype=np.float32, engine="c", skip_blank_lines=False).to_numpy().reshape(1, -1)
-            else:
-                a = pd.read_csv(path, header=None, dtype=np.float32, engine="c", skip_blank_lines=False).to_numpy()
-        except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise InputError(f"{path}: not a plain numeric CSV ({str(e).splitlines()[0]})") from None
-        if np.isnan(a).any() and _has_missing_field(path, a.shape[1]):
-            raise InputError(f"{path}: not a plain numeric CSV (a row has fewer than {a.shape[1]} values)")
+        a = _parse(path, first.count(b",") + 1, path)
     if shape is not None:
         want = tuple(shape)
         got = a.shape if len(want) == 2 else (a.size,) if a.shape[0] == 1 else a.shape
         if got != want:
             raise InputError(f"{path} has shape {got}, expected {want}: re-export it")
         a = a.reshape(want)
-    return np.ascontiguousarray(a)
+    return a
 
 
-def _has_missing_field(path: Path, ncols: int) -> bool:
-    """pandas fills a short row with NaNs; tell that apart from real NaN values."""
-    with open(path, "rb") as f:
-        for line in f:
-            fields = line.rstrip(b"\r\n").split(b",")
-            if len(fields) != ncols or any(not v.strip() for v in fields):
-                return True
-    return False
+def _parse(source, ncols: int, path: Path) -> np.ndarray:
+    try:
+        df = pl.read_csv(source, has_header=False, schema={f"c{i}": pl.Float32 for i in range(ncols)})
+    except pl.exceptions.PolarsError as e:
+        raise InputError(f"{path}: not a plain numeric CSV ({str(e).splitlines()[0]})") from None
+    if df.null_count().sum_horizontal().item():
+        raise InputError(f"{path}: not a plain numeric CSV (a row has fewer than {ncols} values, or an empty one)")
+    return df.to_numpy(order="c")  # (rows, ncols), row-major like the file
