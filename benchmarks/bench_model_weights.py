@@ -139,29 +139,61 @@ def bench_speed(tmp: Path) -> bool:
 
 # --- memory ----------------------------------------------------------------------------------
 
-MEMORY_MODELS = {  # name: (number of tensors, rows, cols), bf16
+MEMORY_MODELS = {  # name: (number of tensors, rows, cols), bf16 (names: count x values)
     "2 x 4M": (2, 2048, 2048),
     "8 x 4M": (8, 2048, 2048),
     "2 x 16M": (2, 4096, 4096),
 }
 
 
+def tree_pss_mb() -> float:
+    """Proportional set size of this process and its children (the forked CSV workers): shared
+    pages are split between the processes that share them, so the sum is the real footprint."""
+    import psutil
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
 def child_memory(mode: str, model_dir: Path, out_dir: Path) -> None:
-    """One measurement in this fresh process; prints JSON: peak RSS above the RSS before the work."""
-    before = rss_mb()
-    if mode == "export":
-        export_csv(model_dir, out_dir)
+    """One measurement in this fresh process; prints JSON: the peak of the process tree's PSS
+    (sampled every few ms) above its PSS before the work."""
+    import threading
+    before = tree_pss_mb()
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_pss_mb())
+            time.sleep(0.003)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if mode in ("csv", "npy"):
+        infos = export.select_tensors(model_dir, None, None)
+        jobs = export.plan(model_dir, infos, mode, None, None)
+        export.export(model_dir, out_dir, mode, None, jobs, force=True, progress=False)
     else:  # the whole model at once, as a state-dict loader would hold it
         from safetensors.torch import load_file
         state = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}
-        assert state
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"peak_above_start_mb": peak_rss_mb() - before, "largest_worker_mb": children}))
+        peak[0] = max(peak[0], tree_pss_mb())
+        del state
+    done.set()
+    sampler.join()
+    print(json.dumps({"peak_above_start_mb": peak[0] - before}))
+
+
+MODES = ("csv", "npy", "load")
 
 
 def bench_memory(tmp: Path) -> bool:
-    print("peak RSS of a CSV export (own process; MB above its RSS after imports) vs loading the whole model:")
-    print(f"  {'model (bf16)':<14} {'model MB':>9} {'largest f32 MB':>15} {'export MB':>10} {'load-all MB':>12}")
+    print("peak memory (PSS of the process and its CSV workers, MB above the start, sampled every 3 ms)")
+    print(f"  {'model (bf16)':<10} {'model MB':>9} {'largest f32 MB':>15} {'csv export':>11} {'npy export':>11} "
+          f"{'load all':>9}")
     rows = {}
     g = torch.Generator().manual_seed(1)
     for name, (k, r, c) in MEMORY_MODELS.items():
@@ -170,23 +202,25 @@ def bench_memory(tmp: Path) -> bool:
         save_file({f"t{i}": torch.randn(r, c, generator=g).to(torch.bfloat16) for i in range(k)},
                   model / "model.safetensors")
         res = {}
-        for mode in ("export", "load"):
+        for mode in MODES:
             p = subprocess.run([sys.executable, __file__, "--child-memory", mode, str(model), str(tmp / "memout")],
                                capture_output=True, text=True, cwd=ROOT)
             if p.returncode != 0:
                 sys.exit(f"memory child failed:\n{p.stderr[-3000:]}")
-            res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
-        shutil.rmtree(tmp / "memout", ignore_errors=True)
+            res[mode] = json.loads(p.stdout.strip().splitlines()[-1])["peak_above_start_mb"]
+            shutil.rmtree(tmp / "memout", ignore_errors=True)
         rows[name] = res
-        print(f"  {name:<14} {k * r * c * 2 / 1e6:>9.0f} {r * c * 4 / 1e6:>15.0f} "
-              f"{res['export']['peak_above_start_mb']:>10.0f} {res['load']['peak_above_start_mb']:>12.0f}"
-              f"   (largest CSV worker {res['export']['largest_worker_mb']:.0f} MB resident, shared pages included)")
-    e = {n: rows[n]["export"]["peak_above_start_mb"] for n in rows}
-    more_tensors = e["8 x 4M"] / max(e["2 x 4M"], 1)
-    bigger_tensor = e["2 x 16M"] / max(e["2 x 4M"], 1)
-    print(f"  4x the tensors, same largest: export peak x{more_tensors:.2f}; "
-          f"4x the largest tensor: x{bigger_tensor:.2f}  (memory follows the largest tensor)")
-    return more_tensors < 1.5
+        print(f"  {name:<10} {k * r * c * 2 / 2**20:>9.0f} {r * c * 4 / 2**20:>15.0f} "
+              + " ".join(f"{res[m]:>{w}.0f}" for m, w in zip(MODES, (11, 11, 9))))
+    ok = True
+    for mode in ("csv", "npy"):
+        e = {n: rows[n][mode] for n in rows}
+        more_tensors = e["8 x 4M"] / max(e["2 x 4M"], 1)
+        print(f"  {mode}: 4x the tensors, same largest -> peak x{more_tensors:.2f}; "
+              f"4x the largest tensor -> x{e['2 x 16M'] / max(e['2 x 4M'], 1):.2f}  (load all: "
+              f"x{rows['8 x 4M']['load'] / max(rows['2 x 4M']['load'], 1):.2f})")
+        ok &= more_tensors < 1.5
+    return ok
 
 
 # --- full scale ------------------------------------------------------------------------------

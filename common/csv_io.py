@@ -15,6 +15,7 @@ The file appears under its final name only once complete (common.atomic).
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import io
 import mmap
@@ -207,12 +208,14 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
     ring = [os.pipe() for _ in range(nworkers)]  # ring[w]: offsets from worker w to worker w+1
     done_r, done_w = os.pipe()
     parent, pids = os.getpid(), []
+    gc.freeze()  # the workers' collector leaves the parent's objects alone: no copy-on-write of its heap
     try:
         for rank in range(nworkers):
             pid = os.fork()
             if pid == 0:  # worker: keep only its own pipe ends, and never return into the caller
                 code = 1
                 try:
+                    gc.disable()
                     _die_with_parent(parent)
                     recv_fd, send_fd = ring[rank - 1][0], ring[rank][1]
                     _close_all([e for p in ring for e in p if e not in (recv_fd, send_fd)] + [done_r])
@@ -221,6 +224,7 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
                 finally:
                     os._exit(code)
             pids.append(pid)
+        gc.unfreeze()
         _close_all([e for p in ring for e in p] + [done_w])
         ring, done_w = [], -1
         finished, hashed, size = {}, 0, 0
@@ -244,6 +248,7 @@ def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> i
             raise OSError(f"{len(failed)} CSV worker(s) failed")
         return size
     finally:
+        gc.unfreeze()
         for pid in pids:  # only on error: stop and reap the workers still running
             try:
                 os.kill(pid, signal.SIGKILL)
