@@ -40,7 +40,7 @@ from common.csv_io import read_csv  # noqa: E402
 from common.safetensors_io import list_tensors, read_tensor  # noqa: E402
 
 SHAPE = (8192, 2048)
-REPEATS = 3
+REPEATS = 5  # best of: the machine is shared, the best run is what the code can do
 GOAL_MVALUES = 40.0  # M values/s, CSV export end to end
 GOAL_VS_ROWS_16E = 20.0  # x np.savetxt row by row with %.16e (the original scripts)
 GOAL_VS_9G = 5.0  # x np.savetxt(fmt='%.9g')

@@ -6,11 +6,12 @@ numpy, pandas or Python's float. bf16/fp16 tensors are widened to float32 first,
 A 1-D tensor is one line. NaN is written `NaN` and infinities `inf` / `-inf` (what polars and
 pandas write, and what numpy, pandas and Python read back); a NaN's sign and payload are not kept.
 
-Speed: formatting is the cost (~14 bytes per value), so a large tensor is cut into row chunks that
-all available cores format at once. The workers are forked (they share the array copy-on-write)
-and pass each other the next file offset around a ring of pipes, so each writes its own chunks with
-pwritev straight into the temporary file: no chunk text is ever copied or sent between processes.
+Speed: formatting is the cost (~13 bytes per value), so a large tensor is cut into row chunks
+that all available cores format at once (_Pool: workers forked once per process, handed each
+array through a memfd; each writes its own chunks with pwritev straight into the temporary file,
+so no text is copied between processes). bf16/fp16 are widened chunk by chunk in the workers.
 The file appears under its final name only once complete (common.atomic).
+Reading: polars parses straight to float32 (correctly rounded) on every core.
 """
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ import ctypes
 import gc
 import hashlib
 import io
+import math
 import mmap
 import os
+import pickle
 import signal
+import socket
 import struct
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +38,9 @@ import torch
 from common.atomic import atomic_path
 from common.cli import InputError
 
-CHUNK_VALUES = 1 << 20        # values formatted at once: ~14 MB of text held per worker
-PARALLEL_MIN_VALUES = 1 << 21  # below this, forking workers costs more than it saves
+CHUNK_VALUES = 1 << 20  # most values formatted at once: ~14 MB of text held per worker
+MIN_CHUNK_VALUES = 1 << 16
+PARALLEL_MIN_VALUES = 1 << 18  # below this, handing the work out costs more than it saves
 NAN, POS_INF, NEG_INF = b"NaN", b"inf", b"-inf"
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -109,16 +115,16 @@ def format_block(block: np.ndarray, col_sep: bytes, row_sep: bytes, end: bytes) 
     return pieces
 
 
-def _chunks(a: np.ndarray, col_sep: bytes) -> list[tuple[np.ndarray, bytes, bytes, bytes]]:
-    """format_block arguments covering the whole file in order: row blocks of a 2-D array, or
-    segments of a 1-D one (one line: segments are joined by `col_sep`)."""
+def _chunks(a: np.ndarray, col_sep: bytes, chunk_values: int) -> list[tuple[np.ndarray, bytes, bytes, bytes]]:
+    """format_block arguments covering the whole file in order: blocks of about `chunk_values`
+    values, whole rows of a 2-D array, or segments of a 1-D one (one line: joined by `col_sep`)."""
     if a.ndim == 2:
-        step = max(1, CHUNK_VALUES // max(1, a.shape[1]))
+        step = max(1, chunk_values // max(1, a.shape[1]))
         return [(a[i:i + step], col_sep, b"\n", b"\n") for i in range(0, a.shape[0], step)]
-    width = max(1, min(4096, CHUNK_VALUES))
+    width = max(1, min(4096, chunk_values))
     n_full = a.size // width * width
     body = a[:n_full].reshape(-1, width)  # (n // width, width): pseudo-rows of the one line
-    step = max(1, CHUNK_VALUES // width)
+    step = max(1, chunk_values // width)
     out = [(body[i:i + step], col_sep, col_sep, col_sep) for i in range(0, body.shape[0], step)]
     if n_full < a.size:
         out.append((a[n_full:].reshape(1, -1), col_sep, col_sep, col_sep))
@@ -174,7 +180,7 @@ def _worker(fd: int, chunks: list, rank: int, nworkers: int, recv_fd: int, send_
         if i + 1 < len(chunks):
             os.write(send_fd, struct.pack("<q", offset + nbytes))
         _pwrite_all(fd, pieces, offset)
-        os.write(done_fd, struct.pack("<qqq", i, offset, nbytes))  # < PIPE_BUF: atomic among writers
+        os.write(done_fd, _DONE.pack(i, offset, nbytes))  # < PIPE_BUF: atomic among writers
 
 
 def _set_up_worker(parent: int) -> None:
@@ -208,59 +214,145 @@ def _hash_range(digest, fd: int, offset: int, nbytes: int) -> None:
             digest.update(view[offset - start:])
 
 
-def _write_parallel(fd: int, chunks: list, nworkers: int, digest, on_chunk) -> int:
-    """Forked workers format and pwrite the chunks; the parent hashes the file in order as it fills."""
-    ring = [os.pipe() for _ in range(nworkers)]  # ring[w]: offsets from worker w to worker w+1
-    done_r, done_w = os.pipe()
-    parent, pids = os.getpid(), []
-    gc.freeze()  # the workers' collector leaves the parent's objects alone: no copy-on-write of its heap
-    try:
-        for rank in range(nworkers):
-            pid = os.fork()
-            if pid == 0:  # worker: keep only its own pipe ends, and never return into the caller
-                code = 1
-                try:
-                    gc.disable()
-                    _set_up_worker(parent)
-                    recv_fd, send_fd = ring[rank - 1][0], ring[rank][1]
-                    _close_all([e for p in ring for e in p if e not in (recv_fd, send_fd)] + [done_r])
-                    _worker(fd, chunks, rank, nworkers, recv_fd, send_fd, done_w)
-                    code = 0
-                finally:
-                    os._exit(code)
-            pids.append(pid)
-        gc.unfreeze()
-        _close_all([e for p in ring for e in p] + [done_w])
-        ring, done_w = [], -1
-        finished, hashed, size = {}, 0, 0
-        while hashed < len(chunks):
-            msg = os.read(done_r, 24)
-            if len(msg) != 24:
-                raise OSError("a CSV worker failed before finishing its chunks")
-            i, offset, nbytes = struct.unpack("<qqq", msg)
-            finished[i] = (offset, nbytes)
-            while hashed in finished:  # hash the finished prefix of the file, in order
-                offset, nbytes = finished.pop(hashed)
-                if digest is not None:
-                    _hash_range(digest, fd, offset, nbytes)
-                if on_chunk:
-                    on_chunk(chunks[hashed][0].size)
-                size = offset + nbytes
-                hashed += 1
-        failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
-        pids = []
-        if failed:
-            raise OSError(f"{len(failed)} CSV worker(s) failed")
-        return size
-    finally:
-        gc.unfreeze()
-        for pid in pids:  # only on error: stop and reap the workers still running
+_DONE = struct.Struct("<qqq")  # worker -> parent: (chunk, offset, nbytes); chunk -1: failed (errno, 0)
+
+
+def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_fd: int, done_fd: int) -> None:
+    """A worker's life: take a task (array in a memfd, output file), write its chunks, repeat;
+    a closed control socket means the parent is done with the pool."""
+    while True:
+        msg, fds, _, _ = socket.recv_fds(control, 1 << 16, 2)
+        if not msg:
+            return
+        src_fd, out_fd = fds
+        try:
+            shape, dtype, col_sep, chunk_values = pickle.loads(msg)
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            mm = mmap.mmap(src_fd, nbytes, prot=mmap.PROT_READ)
+            a = np.frombuffer(mm, dtype).reshape(shape)
+            _worker(out_fd, _chunks(a, col_sep, chunk_values), rank, nworkers, recv_fd, send_fd, done_fd)
+            del a
+            mm.close()
+        except OSError as e:
+            os.write(done_fd, _DONE.pack(-1, e.errno or 0, 0))
+            raise
+        except BaseException:
+            os.write(done_fd, _DONE.pack(-1, 0, 0))
+            raise
+        finally:
+            _close_all([src_fd, out_fd])
+
+
+class _Pool:
+    """Formatting workers forked once per process and reused for every large write (a fork of a
+    process that has torch loaded costs ~10 ms, as much as formatting a million values).
+
+    They pass each other the next file offset around a ring of pipes, so each writes its own
+    chunks with pwritev straight into the file; the parent hashes the file in order as it fills.
+    """
+
+    def __init__(self, nworkers: int):
+        self.owner, self.nworkers, self.pids = os.getpid(), nworkers, []
+        ring = [os.pipe() for _ in range(nworkers)]  # ring[w]: offsets from worker w to worker w+1
+        self.done_r, done_w = os.pipe()
+        pairs = [socket.socketpair() for _ in range(nworkers)]
+        gc.freeze()  # the workers' collector leaves the parent's objects alone: no copy-on-write
+        try:
+            for rank in range(nworkers):
+                pid = os.fork()
+                if pid == 0:  # worker: keep only its own ends, never return into the caller
+                    code = 1
+                    try:
+                        gc.disable()
+                        _set_up_worker(self.owner)
+                        keep = (ring[rank - 1][0], ring[rank][1], done_w, pairs[rank][1].fileno())
+                        _close_all([e for p in ring for e in p if e not in keep] + [self.done_r])
+                        for r, (mine, theirs) in enumerate(pairs):
+                            mine.close()
+                            if r != rank:
+                                theirs.close()
+                        _serve(rank, nworkers, pairs[rank][1], *keep[:3])
+                        code = 0
+                    finally:
+                        os._exit(code)
+                self.pids.append(pid)
+        finally:
+            gc.unfreeze()
+            _close_all([e for p in ring for e in p] + [done_w])
+            for _, theirs in pairs:
+                theirs.close()
+        self.controls = [mine for mine, _ in pairs]
+
+    def write(self, out_fd: int, a: np.ndarray, col_sep: bytes, chunk_values: int, digest, on_chunk) -> int:
+        """Write the whole file for `a`; return its size. Any failure closes the pool."""
+        chunks = _chunks(a, col_sep, chunk_values)  # the same plan the workers compute
+        src = os.memfd_create("llama-xray-csv", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(src, max(1, a.nbytes))
+            with mmap.mmap(src, max(1, a.nbytes)) as mm:
+                np.frombuffer(mm, a.dtype, a.size).reshape(a.shape)[...] = a
+            task = pickle.dumps((a.shape, a.dtype.str, col_sep, chunk_values))
+            for control in self.controls:
+                socket.send_fds(control, [task], [src, out_fd])
+            finished, hashed, size = {}, 0, 0
+            while hashed < len(chunks):
+                msg = os.read(self.done_r, _DONE.size)
+                if len(msg) != _DONE.size:
+                    raise OSError("a CSV worker died")
+                i, offset, nbytes = _DONE.unpack(msg)
+                if i < 0:
+                    raise OSError(offset, f"a CSV worker failed: {os.strerror(offset) if offset else 'see above'}")
+                finished[i] = (offset, nbytes)
+                while hashed in finished:  # hash the finished prefix of the file, in order
+                    offset, nbytes = finished.pop(hashed)
+                    if digest is not None:
+                        _hash_range(digest, out_fd, offset, nbytes)
+                    if on_chunk:
+                        on_chunk(chunks[hashed][0].size)
+                    size = offset + nbytes
+                    hashed += 1
+            return size
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(src)
+
+    def close(self) -> None:
+        for control in self.controls:
+            control.close()  # a worker between tasks exits on this
+        for pid in self.pids:  # one in the middle of a task is stopped
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ChildProcessError, ProcessLookupError):
                 pass
-        _close_all([e for p in ring for e in p] + [done_r] + ([done_w] if done_w >= 0 else []))
+        _close_all([self.done_r])
+        self.pids, self.controls = [], []
+
+
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def close_pool() -> None:
+    """Stop the formatting workers (they start again on the next large write)."""
+    global _pool
+    if _pool is not None and _pool.owner == os.getpid():
+        _pool.close()
+    _pool = None
+
+
+def _get_pool(nworkers: int) -> _Pool:
+    global _pool
+    if _pool is None or _pool.owner != os.getpid() or _pool.nworkers != nworkers or not _pool.pids:
+        close_pool()
+        _pool = _Pool(nworkers)
+    return _pool
+
+
+def _can_fork_workers() -> bool:
+    return all(hasattr(m, f) for m, f in ((os, "fork"), (os, "memfd_create"), (socket, "send_fds")))
 
 
 def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | None = None,
@@ -286,12 +378,13 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
                 if digest is not None:
                     digest.update(text)
                 size = len(text)
+            elif workers > 1 and a.size >= PARALLEL_MIN_VALUES and _can_fork_workers():
+                # several chunks per worker, so that one slow chunk does not hold up the end
+                chunk_values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, a.size // (4 * workers)))
+                with _pool_lock:
+                    size = _get_pool(workers).write(fd, a, sep.encode(), chunk_values, digest, on_chunk)
             else:
-                chunks = _chunks(a, sep.encode())
-                if workers > 1 and len(chunks) > 1 and a.size >= PARALLEL_MIN_VALUES and hasattr(os, "fork"):
-                    size = _write_parallel(fd, chunks, min(workers, len(chunks)), digest, on_chunk)
-                else:
-                    size = _write_serial(fd, chunks, digest, on_chunk)
+                size = _write_serial(fd, _chunks(a, sep.encode(), CHUNK_VALUES), digest, on_chunk)
         finally:
             os.close(fd)
     return size, digest.hexdigest() if digest is not None else None

@@ -134,6 +134,9 @@ def test_parallel_writer_writes_the_same_bytes(tmp_path, monkeypatch):
     write_numbers(tmp_path / "l1.csv", one_line, workers=1)
     write_numbers(tmp_path / "l2.csv", one_line, workers=2)
     assert (tmp_path / "l1.csv").read_bytes() == (tmp_path / "l2.csv").read_bytes()
+    pids = list(csv_io._pool.pids)
+    write_numbers(tmp_path / "again.csv", a, workers=2)
+    assert csv_io._pool.pids == pids  # the workers are forked once and reused
     write_numbers(tmp_path / "t.txt", a[:3, :4], sep=" ")
     assert (tmp_path / "t.txt").read_text().splitlines()[0] == " ".join(
         (tmp_path / "s.csv").read_text().splitlines()[0].split(",")[:4])
@@ -150,6 +153,7 @@ def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
         if len(calls) == 3:  # in a forked worker this raises there, and the parent must notice
             raise MemoryError("planted")
         return real(block, *seps)
+    csv_io.close_pool()  # workers forked from now on run the planted failure
     monkeypatch.setattr(csv_io, "format_block", failing)
     a = np.ones((100, 50), np.float32)
     for workers in (1, 2):
@@ -157,6 +161,7 @@ def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
         with pytest.raises((MemoryError, OSError)):
             write_csv(tmp_path / "x.csv", a, workers=workers)
         assert list(tmp_path.iterdir()) == []  # neither the final name nor a temp file
+    assert csv_io._pool is None or not csv_io._pool.pids  # a failed pool is closed, never reused
 
 
 def test_read_errors_name_the_file_and_both_shapes(tmp_path):
