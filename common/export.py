@@ -13,8 +13,8 @@ manifest.json (common/manifest.py); a rerun skips files that still match their s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
-import math
 import os
 import re
 import time
@@ -40,6 +40,7 @@ LAYER_FILE_FORMATS = ("ckpt", "safetensors")  # with --layer: one file for the w
 DTYPES = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "source": "source"}
 UNSAFE_CHARS = set('/\\%:*?"<>|')
+USER_FIXABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the extension and the temp prefix
 
 NameFilter = Callable[[str], bool]
@@ -318,7 +319,10 @@ class Summary:
 def export(model_dir: Path, out_dir: Path, fmt: str, dtype: str | None, jobs: list[Job], force: bool = False,
            progress: bool | None = None) -> Summary:
     """Write every job's file into out_dir (skipping unchanged ones unless force), recording each in the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create {out_dir}: {e.strerror}: choose another --out-dir") from None
     remove_stale_temp_files(out_dir)
     recorded = manifest.read_manifest(out_dir)
     summary = Summary()
@@ -340,7 +344,13 @@ def export(model_dir: Path, out_dir: Path, fmt: str, dtype: str | None, jobs: li
 
             def on_values(n: int) -> None:
                 bar.update(round(n * bytes_per_value))
-            nbytes, sha = write_job(path, job, fmt, dtype, on_values)
+            try:
+                nbytes, sha = write_job(path, job, fmt, dtype, on_values)
+            except OSError as e:
+                if e.errno in USER_FIXABLE:  # disk full, read-only, no permission: say so in one line
+                    raise InputError(f"cannot write {path}: {os.strerror(e.errno)}: free some space or "
+                                     "choose another --out-dir") from None
+                raise
             manifest.record(out_dir, {job.file_name: {**job.entry, "bytes": nbytes, "sha256": sha}})
             summary.tensors += len(job.members)
             summary.values += job.values
