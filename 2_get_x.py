@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common import capture, paths
-from common.cli import InputError, print_settings, run
+from common.cli import InputError, parse_layers, print_settings, run
 from common.layer_loader import stream_capture
 from common.model_config import load_config
 from common.prompts import encode_prompts, load_tokenizer
@@ -46,23 +46,6 @@ STREAMING = False  # load, run and free one decoder layer at a time (common/laye
 PADDING_SIDE = "left"  # left (as generate() pads) or right
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """"0,3-5" -> [0, 3, 4, 5]; None or "all" -> every layer."""
-    if spec is None or str(spec).strip().lower() == "all":
-        return list(range(num_layers))
-    out: set[int] = set()
-    try:
-        for part in str(spec).split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise InputError(f"--layers {spec!r}: write layer numbers like 0,3-5") from None
-    bad = sorted(n for n in out if not 0 <= n < num_layers)
-    if bad or not out:
-        raise InputError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
-    return sorted(out)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
     shard_files(args.model_dir)  # InputError: no weights
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
-    layers = parse_layers(args.layers, cfg.num_layers)
+    layers = parse_layers(args.layers, cfg.num_layers) or list(range(cfg.num_layers))
     device = resolve_device(args.device)
     out_dir = args.out_dir or paths.output_dir(args.model_dir, "x_all_layers")
 

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import attention, paths, report
-from common.cli import InputError, print_settings, run
+from common.cli import InputError, parse_layers, print_settings, run
 from common.csv_io import read_csv, write_csv
 from common.paths import output_dir
 from common.rope import check_scaling
@@ -38,7 +38,7 @@ MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when 
 ACTS_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
 WEIGHTS_DIR = None  # step 1's folder; None -> outputs/<model folder>/weights
 OUT_DIR = None  # None -> outputs/<model folder>/qkv
-LAYERS = None  # None = every layer with a meta_layerN.json in ACTS_DIR; else a list, e.g. [0, 5]
+LAYERS = None  # None = every layer with a meta_layerN.json in ACTS_DIR; else e.g. "0,5-7" or [0, 5]
 ATOL = 1e-7  # PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py); a floor for refs near 0
 RTOL = 1e-5  # fp32 recomputation lands near 1e-7; real mistakes near 1e-2 and above
 PLOT_LAYER = None  # layer of the attention-pattern plot; None = the first verified layer
@@ -58,22 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--acts-dir", default=ACTS_DIR, type=Path, help="step 2's output folder")
     p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=Path, help="step 1's output folder")
     p.add_argument("--out-dir", default=OUT_DIR, type=Path)
-    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="comma-separated, e.g. 0,5,10 (default: all)")
+    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="e.g. 0,5-7 (default: all)")
     p.add_argument("--atol", default=ATOL, type=float)
     p.add_argument("--rtol", default=RTOL, type=float)
     p.add_argument("--plot-layer", default=PLOT_LAYER, type=int)
     p.add_argument("--plot-head", default=PLOT_HEAD, type=int)
     p.add_argument("--plot-prompt", default=PLOT_PROMPT, type=int)
     return p.parse_args(argv)
-
-
-def parse_layers(text: str) -> list[int] | None:
-    if text.strip().lower() in ("", "all", "none"):
-        return None
-    try:
-        return sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated layer numbers, got {text!r}") from None
 
 
 def read_json(path: Path) -> dict:

@@ -29,3 +29,25 @@ def print_settings(settings: dict) -> None:
     width = max(len(k) for k in settings)
     for k, v in settings.items():
         print(f"  {k:<{width}} = {v}")
+
+
+def parse_layers(spec: str | list[int] | None, num_layers: int | None = None) -> list[int] | None:
+    """"0,3-5" (or a list) -> [0, 3, 4, 5]; None, "" or "all" -> None (every layer).
+
+    With num_layers, numbers outside 0..num_layers-1 are an InputError.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return None
+    out: set[int] = set()
+    if isinstance(spec, str):
+        try:
+            for part in spec.split(","):
+                lo, _, hi = part.strip().partition("-")
+                out.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise InputError(f"--layers {spec!r}: write layer numbers like 0,3-5") from None
+    else:
+        out.update(int(n) for n in spec)
+    if not out or (num_layers is not None and not all(0 <= n < num_layers for n in out)):
+        raise InputError(f"--layers {spec!r}: the model has layers 0..{(num_layers or 1) - 1}")
+    return sorted(out)
