@@ -26,6 +26,7 @@ import pickle
 import signal
 import socket
 import struct
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -218,18 +219,19 @@ _DONE = struct.Struct("<qqq")  # worker -> parent: (chunk, offset, nbytes); chun
 
 
 def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_fd: int, done_fd: int) -> None:
-    """A worker's life: take a task (array in a memfd, output file), write its chunks, repeat;
-    a closed control socket means the parent is done with the pool."""
+    """A worker's life: take a task (the array's bytes in a file or memfd, the output file), write
+    its chunks, repeat; a closed control socket means the parent is done with the pool."""
     while True:
         msg, fds, _, _ = socket.recv_fds(control, 1 << 16, 2)
         if not msg:
             return
         src_fd, out_fd = fds
         try:
-            shape, dtype, col_sep, chunk_values = pickle.loads(msg)
+            shape, dtype, offset, col_sep, chunk_values = pickle.loads(msg)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page
             nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            mm = mmap.mmap(src_fd, nbytes, prot=mmap.PROT_READ)
-            a = np.frombuffer(mm, dtype).reshape(shape)
+            mm = mmap.mmap(src_fd, offset - start + nbytes, prot=mmap.PROT_READ, offset=start)
+            a = np.frombuffer(mm, dtype, math.prod(shape), offset - start).reshape(shape)
             _worker(out_fd, _chunks(a, col_sep, chunk_values), rank, nworkers, recv_fd, send_fd, done_fd)
             del a
             mm.close()
@@ -283,15 +285,24 @@ class _Pool:
                 theirs.close()
         self.controls = [mine for mine, _ in pairs]
 
-    def write(self, out_fd: int, a: np.ndarray, col_sep: bytes, chunk_values: int, digest, on_chunk) -> int:
-        """Write the whole file for `a`; return its size. Any failure closes the pool."""
+    def write(self, out_fd: int, a: np.ndarray, col_sep: bytes, chunk_values: int, digest, on_chunk,
+              file_slice: tuple[Path, int] | None = None) -> int:
+        """Write the whole file for `a`; return its size. Any failure closes the pool.
+
+        The workers map the array's bytes from `file_slice` (file, offset) when given, else from
+        a memfd copy.
+        """
         chunks = _chunks(a, col_sep, chunk_values)  # the same plan the workers compute
-        src = os.memfd_create("llama-xray-csv", os.MFD_CLOEXEC)
+        if file_slice is not None:
+            src, offset = os.open(file_slice[0], os.O_RDONLY | os.O_CLOEXEC), file_slice[1]
+        else:
+            src, offset = os.memfd_create("llama-xray-csv", os.MFD_CLOEXEC), 0
         try:
-            os.ftruncate(src, max(1, a.nbytes))
-            with mmap.mmap(src, max(1, a.nbytes)) as mm:
-                np.frombuffer(mm, a.dtype, a.size).reshape(a.shape)[...] = a
-            task = pickle.dumps((a.shape, a.dtype.str, col_sep, chunk_values))
+            if file_slice is None:
+                os.ftruncate(src, a.nbytes)
+                with mmap.mmap(src, a.nbytes) as mm:
+                    np.frombuffer(mm, a.dtype, a.size).reshape(a.shape)[...] = a
+            task = pickle.dumps((a.shape, a.dtype.str, offset, col_sep, chunk_values))
             for control in self.controls:
                 socket.send_fds(control, [task], [src, out_fd])
             finished, hashed, size = {}, 0, 0
@@ -356,11 +367,14 @@ def _can_fork_workers() -> bool:
 
 
 def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | None = None,
-                  sha256: bool = False, on_chunk: Callable[[int], None] | None = None) -> tuple[int, str | None]:
+                  sha256: bool = False, on_chunk: Callable[[int], None] | None = None,
+                  file_slice: tuple[Path, int] | None = None) -> tuple[int, str | None]:
     """write_csv with a choice of separator (" " for txt); returns (bytes written, sha256 hex or None).
 
     `workers`: processes that format at once (default: every core this process may use);
-    `on_chunk(n_values)` is called as parts of the file are finished (for a progress bar).
+    `on_chunk(n_values)` is called as parts of the file are finished (for a progress bar);
+    `file_slice` (file, byte offset): where x's bytes also lie, C order, little-endian, as in a
+    safetensors file; the workers then read them from there instead of from a copy.
     """
     a = _source_array(x)
     if a.ndim == 0:
@@ -382,7 +396,8 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
                 # several chunks per worker, so that one slow chunk does not hold up the end
                 chunk_values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, a.size // (4 * workers)))
                 with _pool_lock:
-                    size = _get_pool(workers).write(fd, a, sep.encode(), chunk_values, digest, on_chunk)
+                    size = _get_pool(workers).write(fd, a, sep.encode(), chunk_values, digest, on_chunk,
+                                                    file_slice if sys.byteorder == "little" else None)
             else:
                 size = _write_serial(fd, _chunks(a, sep.encode(), CHUNK_VALUES), digest, on_chunk)
         finally:

@@ -261,7 +261,10 @@ def write_job(path: Path, job: Job, fmt: str, dtype: str | None, on_values: Call
     if fmt in TEXT_FORMATS:
         (_, info), = job.members
         t = _as_matrix(_load(info, dtype, fmt))
-        return write_numbers(path, t, "," if fmt == "csv" else " ", sha256=True, on_chunk=on_values)
+        # As stored: the CSV workers map the values straight from the shard (no copy of the tensor).
+        as_stored = t.dtype == TORCH_DTYPE[info.dtype]
+        return write_numbers(path, t, "," if fmt == "csv" else " ", sha256=True, on_chunk=on_values,
+                             file_slice=(info.shard, job.entry["tensors"][0]["offsets"][0]) if as_stored else None)
     with atomic_path(path) as tmp:
         if fmt == "npy":
             (_, info), = job.members

@@ -322,3 +322,24 @@ def test_a_kill_mid_export_leaves_only_complete_files(tmp_path):
     assert r.code == 0 and not [p for p in out.iterdir() if ".tmp-" in p.name]
     for n, t in tensors.items():
         np.testing.assert_array_equal(read_csv(out / f"{n}.csv", (2048, 2048)), t.numpy())
+
+
+def test_large_tensors_go_through_the_parallel_writer_exactly(tmp_path):
+    """Above PARALLEL_MIN_VALUES the forked workers read the values straight from the shard."""
+    from common import csv_io
+    if csv_io.cpu_workers() < 2:
+        pytest.skip("one core: the writer runs in-process")
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t_{dt}".replace("torch.", ""): torch.randn(701, 512, generator=g).to(dt)
+               for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    assert all(t.numel() >= csv_io.PARALLEL_MIN_VALUES for t in tensors.values())
+    tensors["odd_1d"] = torch.randn(300_001, generator=g).to(torch.bfloat16)  # one line, unaligned offset
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file(tensors, model / "model.safetensors")
+    csv_io.close_pool()
+    r = step1("--model-dir", model, "--out-dir", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert csv_io._pool is not None and len(csv_io._pool.pids) > 1  # the parallel path ran
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(f32_bits(read_csv(tmp_path / "out" / f"{name}.csv", tuple(t.shape))), f32_bits(t))
