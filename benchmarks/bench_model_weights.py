@@ -227,10 +227,24 @@ def bench_memory(tmp: Path) -> bool:
 
 
 def child_full(model_dir: Path, out_dir: Path) -> None:
+    import threading
+    from common import csv_io
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_pss_mb())
+            time.sleep(0.05)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     s = export_csv(model_dir, out_dir, progress=None)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    done.set()
+    sampler.join()
+    workers = [int(line.split()[1]) / 1024 for pid in (csv_io._pool.pids if csv_io._pool else [])
+               for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:")]
     print(json.dumps({"line": s.line(), "seconds": s.seconds, "bytes": s.bytes, "values": s.values,
-                      "tensors": s.tensors, "peak_rss_mb": peak_rss_mb(), "largest_worker_mb": children}))
+                      "tensors": s.tensors, "peak_rss_mb": peak_rss_mb(), "worker_rss_mb": max(workers, default=0),
+                      "peak_tree_pss_mb": peak[0]}))
 
 
 def bench_full() -> bool:
@@ -257,8 +271,9 @@ def bench_full() -> bool:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         print(f"  {r['line']}")
         print(f"  total {wall:.1f} s with process start; {r['bytes'] / 1e9:.2f} GB written "
-              f"({r['bytes'] / r['values']:.2f} bytes/value); peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(largest CSV worker {r['largest_worker_mb']:.0f} MB); {load()}")
+              f"({r['bytes'] / r['values']:.2f} bytes/value); peak RSS {r['peak_rss_mb']:.0f} MB, each CSV worker "
+              f"<= {r['worker_rss_mb']:.0f} MB (RSS counts shared and mapped-shard pages); all together "
+              f"<= {r['peak_tree_pss_mb']:.0f} MB PSS; {load()}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return True
