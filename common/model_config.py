@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import read_json
 from common.cli import InputError
 
 # Architectures whose attention block is Llama's (RMSNorm, q/k/v/o_proj, rotate-half RoPE, GQA).
@@ -71,15 +72,10 @@ def normalize_rope(cfg: dict) -> tuple[float, dict | None]:
 
 
 def read_config_json(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise InputError(f"model folder {model_dir} does not exist: run 0_download_models.py (or --demo) first")
-    if not path.is_file():
-        raise InputError(f"{path} is missing: a model folder needs config.json (run 0_download_models.py)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e}): download the model again") from None
+    return read_json(Path(model_dir) / "config.json",
+                     "a model folder needs a valid config.json: download the model again (0_download_models.py)")
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

@@ -33,6 +33,7 @@ class TensorInfo:
     dtype: str  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
     nbytes: int
+    start: int  # absolute offset of the tensor's first byte in the shard
 
     @property
     def numel(self) -> int:
@@ -72,7 +73,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise InputError(
                 f"{path}: truncated (tensor {name!r} needs bytes up to {end}, file holds {data_size}): {redo}"
             )
-        infos[name] = TensorInfo(name, path, dtype, shape, expected)
+        infos[name] = TensorInfo(name, path, dtype, shape, expected, 8 + n + begin)
     return infos
 
 
@@ -81,16 +82,13 @@ def shard_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} does not exist: run 0_download_models.py first")
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{index}: malformed index (no weight_map): download the model again") from None
+    weight_map = index_weight_map(model_dir)
+    if weight_map is not None:
         shards = [model_dir / s for s in dict.fromkeys(weight_map.values())]
         for s in shards:
             if not s.is_file():
-                raise InputError(f"{index} names {s.name}, which is missing: download the model again")
+                raise InputError(f"{model_dir / INDEX_NAME} names {s.name}, which is missing: "
+                                 "download the model again")
         return shards
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
@@ -106,9 +104,8 @@ def list_tensors(model_dir: str | Path, names: set[str] | None = None) -> dict[s
     """
     model_dir = Path(model_dir)
     shards = shard_files(model_dir)
-    index = model_dir / INDEX_NAME
-    if names is not None and index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = index_weight_map(model_dir)
+    if names is not None and weight_map is not None:
         wanted = {model_dir / weight_map[n] for n in names if n in weight_map}
         shards = [s for s in shards if s in wanted]
     infos: dict[str, TensorInfo] = {}
@@ -148,13 +145,8 @@ def index_weight_map(model_dir: str | Path) -> dict[str, str] | None:
 def data_offsets(path: Path) -> dict[str, tuple[int, int]]:
     """name -> (first byte, end byte) of each tensor's data, as absolute offsets in the file.
 
-    Call after read_header has checked the file.
     """
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {name: (8 + n + meta["data_offsets"][0], 8 + n + meta["data_offsets"][1])
-            for name, meta in header.items() if name != "__metadata__"}
+    return {name: (i.start, i.start + i.nbytes) for name, i in read_header(path).items()}
 
 
 SAFETENSORS_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}  # torch.bfloat16 -> "BF16", ...

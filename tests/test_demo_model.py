@@ -6,7 +6,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.demo_model import sha256_file
+from common.atomic import sha256_file
 from common.safetensors_io import head_is_tied, list_tensors
 
 # The dequantized weights are the same bytes on every build and every machine.
