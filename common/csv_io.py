@@ -207,6 +207,17 @@ def _close_all(fds) -> None:
             pass
 
 
+def _close_inherited(keep) -> None:
+    """In a worker: close every descriptor but stdio and `keep`. The pool is forked while the
+    caller has the first output file open: kept open by the workers for their whole life, a
+    deleted or replaced output's page cache and disk space would not be freed."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
 def _hash_range(digest, fd: int, offset: int, nbytes: int) -> None:
     """Hash bytes of the file straight from the page cache (a mapping: no copy into this process)."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -268,11 +279,11 @@ class _Pool:
                         gc.disable()
                         _set_up_worker(self.owner)
                         keep = (ring[rank - 1][0], ring[rank][1], done_w, pairs[rank][1].fileno())
-                        _close_all([e for p in ring for e in p if e not in keep] + [self.done_r])
                         for r, (mine, theirs) in enumerate(pairs):
                             mine.close()
                             if r != rank:
                                 theirs.close()
+                        _close_inherited(keep)
                         _serve(rank, nworkers, pairs[rank][1], *keep[:3])
                         code = 0
                     finally:

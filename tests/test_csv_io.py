@@ -142,6 +142,22 @@ def test_parallel_writer_writes_the_same_bytes(tmp_path, monkeypatch):
         (tmp_path / "s.csv").read_text().splitlines()[0].split(",")[:4])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_workers_keep_no_output_file_open(tmp_path, monkeypatch):
+    # The pool is forked inside the first large write, while that output file is open: a worker that
+    # kept it open would pin a deleted or replaced output's disk space and page cache.
+    monkeypatch.setattr(csv_io, "PARALLEL_MIN_VALUES", 0)
+    csv_io.close_pool()
+    a = np.ones((64, 64), np.float32)
+    write_numbers(tmp_path / "a.csv", a, workers=2)
+    write_numbers(tmp_path / "b.csv", a, workers=2)  # every worker has closed its a.csv task by now
+    assert csv_io._pool.pids
+    for pid in csv_io._pool.pids:
+        fd_dir = f"/proc/{pid}/fd"
+        targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        assert str(tmp_path / "a.csv") not in targets, targets
+
+
 def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(csv_io, "CHUNK_VALUES", 500)
     monkeypatch.setattr(csv_io, "PARALLEL_MIN_VALUES", 0)
