@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from common import manifest
-from common.atomic import atomic_path
+from common.atomic import atomic_path, sha256_file
 from common.cli import InputError
 from common.csv_io import write_numbers
-from common.safetensors_io import (TORCH_DTYPE, TensorInfo, data_offsets, head_is_tied, index_weight_map,
+from common.safetensors_io import (TORCH_DTYPE, TensorInfo, head_is_tied, index_weight_map,
                                    list_tensors, read_tensor, write_safetensors_streaming)
 
 FORMATS = {"csv": ".csv", "txt": ".txt", "npy": ".npy", "safetensors": ".safetensors", "ckpt": ".ckpt"}
@@ -207,8 +207,7 @@ def plan(model_dir: Path, infos: list[TensorInfo], fmt: str, dtype: str | None, 
         first = job.members[0][1].name
         if seen.setdefault(job.file_name, first) != first:
             raise InputError(f"tensors {seen[job.file_name]!r} and {first!r} would share the file {job.file_name}")
-    offsets = {shard: data_offsets(shard) for shard in dict.fromkeys(i.shard for i in infos)}
-    stats = {shard: shard.stat() for shard in offsets}
+    stats = {shard: shard.stat() for shard in dict.fromkeys(i.shard for i in infos)}
     for job in jobs:
         shards = dict.fromkeys(info.shard for _, info in job.members)
         dtypes = {str(written_dtype(info, dtype, fmt)).removeprefix("torch.") for _, info in job.members}
@@ -216,7 +215,7 @@ def plan(model_dir: Path, infos: list[TensorInfo], fmt: str, dtype: str | None, 
             "format": fmt,
             "dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
             "tensors": [{"name": info.name, "key": key, "shape": list(info.shape), "source_dtype": info.dtype,
-                         "shard": info.shard.name, "offsets": list(offsets[info.shard][info.name])}
+                         "shard": info.shard.name, "offsets": [info.start, info.start + info.nbytes]}
                         for key, info in job.members],
             "sources": {s.name: {"size": stats[s].st_size, "mtime_ns": stats[s].st_mtime_ns} for s in shards},
             "model_dir": str(model_dir.resolve()),
@@ -246,14 +245,6 @@ def _load(info: TensorInfo, dtype: str | None, fmt: str) -> torch.Tensor:
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     """CSV holds at most 2-D: higher ranks become (shape[0], rest); the manifest keeps the shape."""
     return t.reshape(t.shape[0], -1) if t.dim() > 2 else t  # (d0, d1, ...) -> (d0, d1*...)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_job(path: Path, job: Job, fmt: str, dtype: str | None, on_values: Callable[[int], None]) -> tuple[int, str]:
@@ -288,7 +279,7 @@ def write_job(path: Path, job: Job, fmt: str, dtype: str | None, on_values: Call
             with open(tmp, "wb") as f:
                 write_safetensors_streaming(f, entries, tensors(), metadata={"format": "pt"})
         size = tmp.stat().st_size
-        return size, _sha256_file(tmp)
+        return size, sha256_file(tmp)
 
 
 def remove_stale_temp_files(out_dir: Path) -> None:

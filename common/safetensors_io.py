@@ -142,13 +142,6 @@ def index_weight_map(model_dir: str | Path) -> dict[str, str] | None:
     return weight_map
 
 
-def data_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """name -> (first byte, end byte) of each tensor's data, as absolute offsets in the file.
-
-    """
-    return {name: (i.start, i.start + i.nbytes) for name, i in read_header(path).items()}
-
-
 SAFETENSORS_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}  # torch.bfloat16 -> "BF16", ...
 
 
