@@ -24,7 +24,6 @@ The CSV files are deleted afterwards.
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from safetensors.torch import save_file  # noqa: E402
 from common import export, paths  # noqa: E402
 from common.csv_io import read_csv  # noqa: E402
 from common.safetensors_io import list_tensors, read_tensor  # noqa: E402
+from memory import peak_rss_mb, sampled_peak, tree_pss_mb  # noqa: E402
 
 SHAPE = (8192, 2048)
 REPEATS = 5  # best of: the machine is shared, the best run is what the code can do
@@ -52,21 +52,6 @@ GOAL_VS_9G = 5.0  # x np.savetxt(fmt='%.9g')
 GOAL_READ_MVALUES = 15.0
 FULL_MODEL_DIR = paths.OUTPUTS / "bench_models" / "llama-3.2-1b-random"  # shared with bench_streaming.py
 FULL_MIN_FREE_GB = 25  # ~17 GB of CSV, plus headroom
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM; not ru_maxrss, which after fork+exec counts the parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def load() -> str:
@@ -158,44 +143,20 @@ MEMORY_MODELS = {  # name: (number of tensors, rows, cols), bf16 (names: count x
 }
 
 
-def tree_pss_mb() -> float:
-    """Proportional set size of this process and its children (the forked CSV workers): shared
-    pages are split between the processes that share them, so the sum is the real footprint."""
-    import psutil
-    me = psutil.Process()
-    total = 0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            total += p.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 def child_memory(mode: str, model_dir: Path, out_dir: Path) -> None:
     """One measurement in this fresh process; prints JSON: the peak of the process tree's PSS
     (sampled every few ms) above its PSS before the work."""
-    import threading
-    before = tree_pss_mb()
-    peak, done = [before], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
+    with sampled_peak(tree_pss_mb, 0.003) as peak:
+        before = peak[0]
+        if mode in ("csv", "npy"):
+            infos = export.select_tensors(model_dir, None, None)
+            jobs = export.plan(model_dir, infos, mode, None, None)
+            export.export(model_dir, out_dir, mode, None, jobs, force=True, progress=False)
+        else:  # the whole model at once, as a state-dict loader would hold it
+            from safetensors.torch import load_file
+            state = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}
             peak[0] = max(peak[0], tree_pss_mb())
-            time.sleep(0.003)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    if mode in ("csv", "npy"):
-        infos = export.select_tensors(model_dir, None, None)
-        jobs = export.plan(model_dir, infos, mode, None, None)
-        export.export(model_dir, out_dir, mode, None, jobs, force=True, progress=False)
-    else:  # the whole model at once, as a state-dict loader would hold it
-        from safetensors.torch import load_file
-        state = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}
-        peak[0] = max(peak[0], tree_pss_mb())
-        del state
-    done.set()
-    sampler.join()
+            del state
     print(json.dumps({"peak_above_start_mb": peak[0] - before}))
 
 
@@ -239,21 +200,10 @@ def bench_memory(tmp: Path) -> bool:
 
 
 def child_full(model_dir: Path, out_dir: Path) -> None:
-    import threading
     from common import csv_io
-    peak, done = [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], tree_pss_mb())
-            time.sleep(0.05)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    s = export_csv(model_dir, out_dir, progress=None)
-    done.set()
-    sampler.join()
-    workers = [int(line.split()[1]) / 1024 for pid in (csv_io._pool.pids if csv_io._pool else [])
-               for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:")]
+    with sampled_peak(tree_pss_mb, 0.05) as peak:
+        s = export_csv(model_dir, out_dir, progress=None)
+    workers = [peak_rss_mb(pid) for pid in (csv_io._pool.pids if csv_io._pool else [])]
     print(json.dumps({"line": s.line(), "seconds": s.seconds, "bytes": s.bytes, "values": s.values,
                       "tensors": s.tensors, "peak_rss_mb": peak_rss_mb(), "worker_rss_mb": max(workers, default=0),
                       "peak_tree_pss_mb": peak[0]}))

@@ -11,7 +11,6 @@ peak RSS under 1/3 of the full-model path's, at no more than 1.5x its time.
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common import paths  # noqa: E402
+from memory import peak_rss_mb  # noqa: E402
 
 MODEL_DIR = paths.OUTPUTS / "bench_models" / "llama-3.2-1b-random"
 PROMPT = "The capital of France is"
@@ -35,15 +35,6 @@ def build_model(model_dir: Path) -> None:
     print(f"building a random Llama-3.2-1B-shaped model in {model_dir} ...", flush=True)
     model_factory.build_model(model_dir, config=model_factory.LLAMA_3_2_1B, max_shard_size="2GB")
     (model_dir / ".complete").write_text("")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: after fork+exec that also counts
-    the parent's resident pages at the fork."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB (macOS: bytes)
 
 
 def child(mode: str, model_dir: Path, out_dir: Path) -> None:
