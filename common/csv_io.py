@@ -227,6 +227,7 @@ def _hash_range(digest, fd: int, offset: int, nbytes: int) -> None:
 
 
 _DONE = struct.Struct("<qqq")  # worker -> parent: (chunk, offset, nbytes); chunk -1: failed (errno, 0)
+_TASK_DONE = -2  # worker -> parent: this task is over and its file descriptors are closed
 
 
 def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_fd: int, done_fd: int) -> None:
@@ -254,6 +255,7 @@ def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_
             raise
         finally:
             _close_all([src_fd, out_fd])
+        os.write(done_fd, _DONE.pack(_TASK_DONE, 0, 0))
 
 
 class _Pool:
@@ -316,12 +318,17 @@ class _Pool:
             task = pickle.dumps((a.shape, a.dtype.str, offset, col_sep, chunk_values))
             for control in self.controls:
                 socket.send_fds(control, [task], [src, out_fd])
-            finished, hashed, size = {}, 0, 0
-            while hashed < len(chunks):
+            # Returns only once every worker is through with the task, so that none still holds
+            # the file (a worker with no chunk of a small array may lag behind the others).
+            finished, hashed, size, over = {}, 0, 0, 0
+            while hashed < len(chunks) or over < self.nworkers:
                 msg = os.read(self.done_r, _DONE.size)
                 if len(msg) != _DONE.size:
                     raise OSError("a CSV worker died")
                 i, offset, nbytes = _DONE.unpack(msg)
+                if i == _TASK_DONE:
+                    over += 1
+                    continue
                 if i < 0:
                     raise OSError(offset, f"a CSV worker failed: {os.strerror(offset) if offset else 'see above'}")
                 finished[i] = (offset, nbytes)
