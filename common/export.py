@@ -31,7 +31,8 @@ from common.atomic import atomic_path, sha256_file
 from common.cli import InputError
 from common.csv_io import write_numbers
 from common.safetensors_io import (TORCH_DTYPE, TensorInfo, head_is_tied, index_weight_map,
-                                   list_tensors, read_tensor, write_safetensors_streaming)
+                                   list_tensors, read_tensor, shard_signature,
+                                   write_safetensors_streaming)
 
 FORMATS = {"csv": ".csv", "txt": ".txt", "npy": ".npy", "safetensors": ".safetensors", "ckpt": ".ckpt"}
 TEXT_FORMATS = ("csv", "txt")
@@ -207,7 +208,6 @@ def plan(model_dir: Path, infos: list[TensorInfo], fmt: str, dtype: str | None, 
         first = job.members[0][1].name
         if seen.setdefault(job.file_name, first) != first:
             raise InputError(f"tensors {seen[job.file_name]!r} and {first!r} would share the file {job.file_name}")
-    stats = {shard: shard.stat() for shard in dict.fromkeys(i.shard for i in infos)}
     for job in jobs:
         shards = dict.fromkeys(info.shard for _, info in job.members)
         dtypes = {str(written_dtype(info, dtype, fmt)).removeprefix("torch.") for _, info in job.members}
@@ -217,7 +217,7 @@ def plan(model_dir: Path, infos: list[TensorInfo], fmt: str, dtype: str | None, 
             "tensors": [{"name": info.name, "key": key, "shape": list(info.shape), "source_dtype": info.dtype,
                          "shard": info.shard.name, "offsets": [info.start, info.start + info.nbytes]}
                         for key, info in job.members],
-            "sources": {s.name: {"size": stats[s].st_size, "mtime_ns": stats[s].st_mtime_ns} for s in shards},
+            "sources": shard_signature(shards),
             "model_dir": str(model_dir.resolve()),
         }
     return jobs

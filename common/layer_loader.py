@@ -32,9 +32,9 @@ from common.atomic import write_json
 from common.cli import InputError
 from common.model_config import ModelConfig, load_config
 from common.prompts import position_ids_from_mask
-from common.safetensors_io import TensorInfo, read_header, read_tensor, shard_files
+from common.safetensors_io import TensorInfo, read_header, read_tensor, shard_files, shard_signature
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shard signatures as {size, mtime_ns}, as in step 1's manifest
 
 
 class ModelFolderError(InputError, FileNotFoundError):
@@ -49,11 +49,6 @@ class ForwardState:
     causal_mask: torch.Tensor | None  # 4-D (B, 1, T, T) additive mask, as transformers builds it
     position_ids: torch.Tensor  # (B, T)
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (B, T, Dh)
-
-
-def shard_signature(shards: list[Path]) -> dict[str, list[int]]:
-    """file name -> [size, mtime_ns]: changes whenever a shard is replaced or rewritten."""
-    return {s.name: [s.stat().st_size, s.stat().st_mtime_ns] for s in shards}
 
 
 def read_rows(info: TensorInfo, rows: list[int]) -> torch.Tensor:

@@ -114,6 +114,11 @@ def list_tensors(model_dir: str | Path, names: set[str] | None = None) -> dict[s
     return infos
 
 
+def shard_signature(shards) -> dict[str, dict[str, int]]:
+    """file name -> {size, mtime_ns}: changes whenever a shard is replaced or rewritten."""
+    return {s.name: {"size": (st := s.stat()).st_size, "mtime_ns": st.st_mtime_ns} for s in shards}
+
+
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor (memory-mapped; only its bytes are touched), in its stored dtype."""
     with safe_open(str(info.shard), framework="pt") as f:
