@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import capture, paths
+from common import capture, layout, paths
 from common.cli import InputError, parse_layers, print_settings, run
-from common.layer_loader import stream_capture
 from common.model_config import load_config
 from common.prompts import encode_prompts, load_tokenizer
 from common.safetensors_io import shard_files
@@ -53,8 +52,6 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device here; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device {name!r}: use cpu, cuda or auto")
     return torch.device(name)
 
 
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
     layers = parse_layers(args.layers, cfg.num_layers) or list(range(cfg.num_layers))
     device = resolve_device(args.device)
-    out_dir = args.out_dir or paths.output_dir(args.model_dir, "x_all_layers")
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.ACTS)
 
     dtype = getattr(torch, args.dtype)
     batch = encode_prompts(load_tokenizer(args.model_dir), prompts, chat=args.chat,
@@ -99,20 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def sink(n: int, tensors: dict) -> None:
         nonlocal nbytes
-        nbytes += capture.write_layer(out_dir, n, tensors, meta)
-        written.update(f"{stem}_layer{n}.csv" for stem in tensors)
-        written.add(f"meta_layer{n}.json")
+        names = capture.write_layer(out_dir, n, tensors, meta)
+        nbytes += sum((out_dir / name).stat().st_size for name in names if name.endswith(".csv"))
+        written.update(names)
 
     t0 = time.perf_counter()
+    run_model = capture.stream_capture if args.streaming else capture.full_model_capture
     with torch.inference_mode():
-        if args.streaming:
-            stream_capture(args.model_dir, batch, layers, sink, dtype=dtype, device=device,
-                           save_x_norm=args.save_x_norm, save_reference=args.save_reference)
-        else:
-            capture.full_model_capture(args.model_dir, batch, layers, sink, dtype, device,
-                                       args.save_x_norm, args.save_reference)
-    capture.write_batch(out_dir, batch, args.save_masks)
-    written.update(["tokens.json"] + (["attention_mask.csv", "position_ids.csv"] if args.save_masks else []))
+        run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference)
+    written.update(capture.write_batch(out_dir, batch, args.save_masks))
     for stale in capture.stale_files(out_dir, written):
         stale.unlink()
         print(f"removed {stale.name} (left by an earlier run)")

@@ -42,6 +42,12 @@ def repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
     return np.repeat(x, n_rep, axis=2)
 
 
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
+    """GQA needs whole groups: every KV head serves num_heads / num_kv_heads query heads."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+
+
 def attention_allowed(attention_mask: np.ndarray) -> np.ndarray:
     """Which key each query may see: causal by index (j <= i) and not padding. (B, T) -> (B, T, T) bool."""
     T = attention_mask.shape[1]
@@ -84,8 +90,7 @@ def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.nda
     """
     B, T = attention_mask.shape
     H, Hkv, Dh = num_heads, num_kv_heads, head_dim
-    if H % Hkv:
-        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    check_heads(H, Hkv)
     q = linear(xnorm, w.wq, w.bq).reshape(B, T, H, Dh)  # (B*T, H*Dh) -> (B, T, H, Dh)
     k = linear(xnorm, w.wk, w.bk).reshape(B, T, Hkv, Dh)  # (B*T, Hkv*Dh) -> (B, T, Hkv, Dh)
     v = linear(xnorm, w.wv, w.bv).reshape(B, T, Hkv, Dh)

@@ -12,11 +12,16 @@ Everything is taken from the running model, never recomputed:
   ref_attn
          forward hook on o_proj: the attention block's output.
 
-Files (SPEC, "2_get_x.py"): rows batch-major (row = b*T + t), Q/K/V columns head-major (h*Dh + d).
+Two ways to run the model, with the same signature and the same hooks:
+  full_model_capture  the whole model in memory, one forward pass
+  stream_capture      one decoder layer in memory at a time (common/layer_loader.LayerCollector)
+
+Files (SPEC, "2_get_x.py"; names from common/layout.py): rows batch-major (row = b*T + t),
+Q/K/V columns head-major (h*Dh + d).
 """
 from __future__ import annotations
 
-import re
+import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +30,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from common import layout
 from common.atomic import sha256_file, write_json
 from common.csv_io import write_csv
+from common.layer_loader import LayerCollector
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
 # for the duration of a capture, so a model outside a capture is untouched.
@@ -36,9 +43,6 @@ ATTN_IMPLEMENTATION = "eager"
 # attention module -> callback(q, k, v); only modules inside an active capture are here.
 _RECORDERS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
-LAYER_FILES = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn")
-LAYER_FILE_RE = re.compile(r"^(x|xnorm|ref_q|ref_k|ref_v|ref_attn)_layer\d+\.csv$|^meta_layer\d+\.json$")
-BATCH_FILES = ("attention_mask.csv", "position_ids.csv", "tokens.json")
 
 
 def _capture_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -137,40 +141,60 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
                     position_ids=batch.position_ids.to(device), use_cache=False)
 
 
-def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> int:
-    """Write layer n's captured tensors and meta_layerN.json; return the bytes written."""
-    size = 0
-    for stem in LAYER_FILES:
+def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
+                   device: torch.device, save_x_norm: bool = True, save_reference: bool = True) -> None:
+    """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it."""
+    from tqdm import tqdm
+
+    col = LayerCollector(model_dir, dtype=dtype, device=device)
+    state = col.embed(batch.input_ids, batch.attention_mask, batch.position_ids)
+    wanted = set(layers)
+    for n in tqdm(range(max(layers) + 1), desc="layers", unit="layer", disable=not os.isatty(2)):
+        layer = col.load_layer(n)
+        with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, sink, save_x_norm, save_reference):
+            col.run_layer(layer, state)
+        del layer
+
+
+def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> list[str]:
+    """Write layer n's captured tensors and its meta file; return the names written."""
+    names = []
+    for stem in layout.STEP2_STEMS:
         if stem in tensors:
-            size += write_csv(out_dir / f"{stem}_layer{n}.csv", tensors[stem])
-    write_json(out_dir / f"meta_layer{n}.json", {"layer": n, **meta})
-    return size
+            names.append(layout.layer_file(stem, n))
+            write_csv(out_dir / names[-1], tensors[stem])
+    write_json(out_dir / layout.meta_file(n), {"layer": n, **meta})
+    return names + [layout.meta_file(n)]
 
 
-def write_batch(out_dir: Path, batch, save_masks: bool) -> None:
-    """tokens.json, and (with save_masks) attention_mask.csv and position_ids.csv: exactly what was fed."""
-    write_json(out_dir / "tokens.json", {
+def write_batch(out_dir: Path, batch, save_masks: bool) -> list[str]:
+    """tokens.json, and (with save_masks) the attention mask and position ids: exactly what was fed.
+
+    Returns the names written.
+    """
+    write_json(out_dir / layout.TOKENS, {
         "prompts": batch.prompts,
         "padding_side": batch.padding_side,
         "input_ids": batch.input_ids.tolist(),
         "tokens": batch.tokens,
     })
-    if save_masks:
-        write_csv(out_dir / "attention_mask.csv", batch.attention_mask)
-        write_csv(out_dir / "position_ids.csv", batch.position_ids)
+    if not save_masks:
+        return [layout.TOKENS]
+    write_csv(out_dir / layout.ATTENTION_MASK, batch.attention_mask)
+    write_csv(out_dir / layout.POSITION_IDS, batch.position_ids)
+    return [layout.TOKENS, layout.ATTENTION_MASK, layout.POSITION_IDS]
 
 
 def stale_files(out_dir: Path, written: set[str]) -> list[Path]:
     """Step-2 files in out_dir that this run did not write (left by an earlier run with other settings)."""
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir()
-                  if p.name not in written and (LAYER_FILE_RE.match(p.name) or p.name in BATCH_FILES))
+    return sorted(p for p in out_dir.iterdir() if p.name not in written and layout.is_step2_file(p.name))
 
 
 def layer_meta(cfg, batch, model_dir: Path, dtype: torch.dtype, device: torch.device | str,
                streaming: bool, chat: bool) -> dict:
-    """meta_layerN.json without `layer`: sizes from config.json (normalised RoPE) plus provenance."""
+    """A layer's meta file without `layer`: sizes from config.json (normalised RoPE) plus provenance."""
     import transformers
 
     B, T = batch.input_ids.shape

@@ -19,7 +19,6 @@ tensors (no random init, no copy); torch's global defaults are never changed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -149,10 +148,6 @@ class LayerCollector:
             raise IndexError(f"layer {n}: {self.model_dir} has layers 0..{self.config.num_layers - 1}")
         return self._module(lambda: LlamaDecoderLayer(self.hf_config, n), f"model.layers.{n}.")
 
-    def load_layers(self, start: int = 0, stop: int | None = None) -> list[nn.Module]:
-        """Decoder layers start..stop-1 (all by default)."""
-        return [self.load_layer(n) for n in range(start, self.config.num_layers if stop is None else stop)]
-
     # -- compute ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None) -> ForwardState:
@@ -207,21 +202,3 @@ class LayerCollector:
 
     def free_head(self) -> None:
         self._norm = self._head = None
-
-
-def stream_capture(model_dir: str | Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
-                   device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
-                   cache_path: str | Path | None = None) -> None:
-    """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it."""
-    from tqdm import tqdm
-
-    from common.capture import capture_layers
-
-    col = LayerCollector(model_dir, cache_path=cache_path, dtype=dtype, device=device)
-    state = col.embed(batch.input_ids, batch.attention_mask, batch.position_ids)
-    wanted = set(layers)
-    for n in tqdm(range(max(layers) + 1), desc="layers", unit="layer", disable=not os.isatty(2)):
-        layer = col.load_layer(n)
-        with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, sink, save_x_norm, save_reference):
-            col.run_layer(layer, state)
-        del layer

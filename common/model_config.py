@@ -14,10 +14,10 @@ from pathlib import Path
 
 from common.atomic import read_json
 from common.cli import InputError
+from common.rope import check_scaling
 
 # Architectures whose attention block is Llama's (RMSNorm, q/k/v/o_proj, rotate-half RoPE, GQA).
 SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,10 @@ def normalize_rope(cfg: dict) -> tuple[float, dict | None]:
     if "type" in scaling and "rope_type" not in scaling:  # pre-4.45 spelling
         scaling["rope_type"] = scaling.pop("type")
     scaling.pop("type", None)
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise InputError(
-            f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-        )
+    try:
+        rope_type = check_scaling(scaling)
+    except ValueError as e:  # config.json is this function's input: say so as an InputError
+        raise InputError(str(e)) from None
     if rope_type == "default":
         return float(theta), None
     return float(theta), {"rope_type": rope_type, **{k: v for k, v in scaling.items() if k != "rope_type"}}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import layout
 from common.atomic import atomic_path, write_json, write_text
 from common.verify import QUANTITIES
 
@@ -87,19 +88,26 @@ def _json_safe(x):
 
 
 def write_reports(out_dir: Path, results: dict[int, dict[str, dict]], settings: dict, definition: str,
-                  plots: list[str], timing: dict, atol: float, rtol: float) -> None:
+                  plots: list[str], atol: float, rtol: float) -> None:
     layer, qn, m = worst(results)
-    write_json(out_dir / "report.json", _json_safe({
+    write_json(out_dir / layout.REPORT_JSON, _json_safe({
         "pass": all_pass(results),
         "atol": atol, "rtol": rtol,
         "definition": definition.strip(),
         "worst": {"layer": layer, "quantity": qn, **m},
         "layers": {str(k): v for k, v in sorted(results.items())},
         "settings": settings,
-        "timing_s": timing,
         "plots": plots,
     }))
-    write_text(out_dir / "report.md", markdown(results, settings, definition, plots, atol, rtol))
+    write_text(out_dir / layout.REPORT_MD, markdown(results, settings, definition, plots, atol, rtol))
+
+
+def token_labels(tokens: dict, prompt: int, real: np.ndarray) -> list[str]:
+    """The token strings of one prompt's real positions (ids if tokens.json has no strings)."""
+    rows = tokens.get("tokens") or tokens.get("input_ids")
+    if not rows or prompt >= len(rows):
+        return [str(i) for i in real]
+    return [str(rows[prompt][i]) for i in real]
 
 
 def _pyplot():

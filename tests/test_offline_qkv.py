@@ -118,7 +118,7 @@ def test_llama32_passes_as_a_user_runs_it(pipeline, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["pass"] and sorted(report["layers"]) == ["0", "1", "2"]
     assert max(max_rel(report).values()) <= RTOL
-    assert set(report["timing_s"]) >= {"total", "read_csv", "compute"}
+    assert "timing_s" not in report  # timing per phase is benchmarks/bench_offline_qkv.py's
 
     meta = json.loads((acts / "meta_layer0.json").read_text())
     B, T, H, Hkv, Dh, d = (meta[k] for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim",

@@ -1,0 +1,163 @@
+"""Every file name a step writes or reads, and the checks of a step's folder.
+
+One home for the on-disk contract (SPEC): no other module builds these names.
+
+    outputs/<model folder>/weights/        step 1: <tensor name>.csv, manifest.json
+                           x_all_layers/   step 2: <stem>_layerN.csv, meta_layerN.json, batch files
+                           qkv/            step 3: q/k/v/attn_layerN.csv, report.json, report.md, PNGs
+
+Per-layer files are `<stem>_layer<N>.<ext>`; the model's own value of a quantity that a later
+step recomputes is its `ref_` twin (`ref_q_layerN.csv` beside step 3's `q_layerN.csv`). A new
+quantity needs only a new stem, a new folder only a new constant below.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from common import paths
+from common.atomic import read_json
+from common.attention import check_heads
+from common.cli import InputError
+from common.rope import check_scaling
+
+# Default folders under outputs/<model folder>/ (paths.output_dir).
+WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
+
+# Step 2's files besides the per-layer ones: exactly what was fed to the model.
+ATTENTION_MASK = "attention_mask.csv"  # (B, T), 1 = real token
+POSITION_IDS = "position_ids.csv"  # (B, T)
+TOKENS = "tokens.json"  # prompts, padding side, input_ids, token strings
+BATCH_FILES = (ATTENTION_MASK, POSITION_IDS, TOKENS)
+MANIFEST = "manifest.json"  # step 1's record of what it wrote
+REPORT_JSON, REPORT_MD = "report.json", "report.md"  # a verifying step's report
+ERRORS_PLOT = "errors.png"  # max_rel per layer and quantity
+
+# Per-layer stems step 2 writes: x, xnorm and the model's own q/k/v/attn (ref_ twins of step 3's).
+STEP2_STEMS = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn")
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Step 1's --filter for the attention projections (and their biases): what step 3 needs.
+ATTENTION_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
+
+_LAYER_FILE = re.compile(r"(?P<stem>\w+?)_layer(?P<n>\d+)\.(?P<ext>csv|json)")
+META_KEYS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "head_dim", "rope_theta",
+             "attention_bias")
+
+
+def default_dir(model_dir: str | Path, folder: str) -> Path:
+    """outputs/<model folder>/<folder>, folder one of WEIGHTS, ACTS, QKV, FORWARD, GOLDEN."""
+    return paths.output_dir(model_dir, folder)
+
+
+def layer_file(stem: str, n: int, ext: str = "csv") -> str:
+    """`x`, 3 -> x_layer3.csv."""
+    return f"{stem}_layer{n}.{ext}"
+
+
+def ref_file(stem: str, n: int) -> str:
+    """The model's own value of a recomputed quantity: `q`, 3 -> ref_q_layer3.csv."""
+    return layer_file(f"ref_{stem}", n)
+
+
+def meta_file(n: int) -> str:
+    return layer_file("meta", n, "json")
+
+
+def attention_plot(layer: int, head: int) -> str:
+    return f"attention_layer{layer}_head{head}.png"
+
+
+def parse_layer_file(name: str) -> tuple[str, int] | None:
+    """x_layer3.csv -> ("x", 3); meta_layer3.json -> ("meta", 3); anything else -> None."""
+    m = _LAYER_FILE.fullmatch(name)
+    return (m["stem"], int(m["n"])) if m else None
+
+
+def is_step2_file(name: str) -> bool:
+    """A file step 2 writes (so a rerun may remove it when it did not write it this time)."""
+    parsed = parse_layer_file(name)
+    if parsed is None:
+        return name in BATCH_FILES
+    stem, _ = parsed
+    return (stem == "meta" and name.endswith(".json")) or (stem in STEP2_STEMS and name.endswith(".csv"))
+
+
+def weight_name(n: int, module: str, proj: str, kind: str) -> str:
+    """The checkpoint's tensor name: 3, self_attn, q_proj, weight -> model.layers.3.self_attn.q_proj.weight."""
+    return f"model.layers.{n}.{module}.{proj}.{kind}"
+
+
+def weight_file(name: str) -> str:
+    """Step 1 names a CSV after its tensor."""
+    return f"{name}.csv"
+
+
+def attention_weight_files(weights_dir: Path, n: int, bias: bool) -> dict[str, Path]:
+    """Tensor name -> step-1 CSV path of layer n's q/k/v/o_proj (weights, and biases when `bias`)."""
+    kinds = ("weight", "bias") if bias else ("weight",)
+    names = [weight_name(n, "self_attn", proj, kind) for proj in ATTENTION_PROJ for kind in kinds]
+    return {name: weights_dir / weight_file(name) for name in names}
+
+
+# --- reading a step-2 folder -------------------------------------------------------------------
+
+def rerun_step2(model_dir: str | Path) -> str:
+    return f"run: python 2_get_x.py --model-dir {shlex.quote(str(model_dir))}"
+
+
+def step2_layers(acts_dir: Path, model_dir: str | Path) -> list[int]:
+    """The layers with a meta file in a step-2 folder; InputError when there are none."""
+    if not acts_dir.is_dir():
+        raise InputError(f"activations folder {acts_dir} does not exist: {rerun_step2(model_dir)}")
+    parsed = (parse_layer_file(p.name) for p in acts_dir.glob(meta_file("*")))
+    have = sorted(n for stem, n in filter(None, parsed) if stem == "meta")
+    if not have:
+        raise InputError(f"no meta_layerN.json in {acts_dir}: {rerun_step2(model_dir)}")
+    return have
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """The keys a later step needs, a supported RoPE and whole GQA groups."""
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
+    try:
+        rope_type = check_scaling(meta.get("rope_scaling"))
+        check_heads(meta["num_heads"], meta["num_kv_heads"])
+    except ValueError as e:
+        raise InputError(f"{path}: {e}; refusing to guess") from None
+    if meta.get("rope_type", rope_type) != rope_type:
+        raise InputError(f"{path}: rope_type {meta['rope_type']!r} disagrees with rope_scaling "
+                         f"{meta['rope_scaling']}: run 2_get_x.py again")
+
+
+def read_metas(acts_dir: Path, layers: list[int]) -> dict[int, dict]:
+    """layer -> checked meta_layerN.json; all of one batch (the same batch size and sequence length)."""
+    metas = {}
+    for n in layers:
+        path = acts_dir / meta_file(n)
+        metas[n] = read_json(path, "run 2_get_x.py again")
+        check_meta(metas[n], path)
+        first = metas[layers[0]]
+        if (metas[n]["batch_size"], metas[n]["seq_len"]) != (first["batch_size"], first["seq_len"]):
+            raise InputError(f"{path} disagrees with {meta_file(layers[0])} on batch size or sequence "
+                             "length: run 2_get_x.py again")
+    return metas
+
+
+# --- reading a step-1 folder -------------------------------------------------------------------
+
+def check_attention_weights(weights_dir: Path, metas: dict[int, dict], model_dir: str | Path) -> None:
+    """Every q/k/v/o_proj file of the layers in `metas` exists, or InputError with the step-1 command."""
+    layers = list(metas)
+    missing = [p for n in layers for p in attention_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()
+               if not p.is_file()]
+    if not missing:
+        return
+    src = shlex.quote(str(metas[layers[0]].get("model_dir") or model_dir))
+    select = (f"--layer model.layers.{layers[0]}.self_attn" if len(layers) == 1
+              else f"--filter {shlex.quote(ATTENTION_FILTER)}")
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise InputError(f"{missing[0]} is missing{more}: run python 1_model_weights.py --model-dir {src} "
+                     f"--out-dir {shlex.quote(str(weights_dir))} {select}")

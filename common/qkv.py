@@ -1,0 +1,60 @@
+"""Step 3's files: one layer's inputs read from steps 1 and 2, its recomputation written, its check.
+
+The math itself is common/attention.py; this module only moves arrays between it and the CSV
+files named by common/layout.py, with every shape taken from meta_layerN.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common import layout
+from common.atomic import read_json
+from common.attention import AttentionWeights
+from common.csv_io import read_csv, write_csv
+from common.verify import QUANTITIES, compare
+
+
+def read_batch(acts_dir: Path, B: int, T: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """attention_mask (B, T), position_ids (B, T) and tokens.json of a step-2 folder."""
+    mask = read_csv(acts_dir / layout.ATTENTION_MASK, (B, T))
+    position_ids = read_csv(acts_dir / layout.POSITION_IDS, (B, T))
+    return mask, position_ids, read_json(acts_dir / layout.TOKENS, "run 2_get_x.py again")
+
+
+def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWeights:
+    """Layer n's q/k/v/o_proj (and biases) from step 1's CSV, each checked against meta's sizes."""
+    d, H, Hkv, Dh = meta["d_model"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
+    out_dims = {"q_proj": H * Dh, "k_proj": Hkv * Dh, "v_proj": Hkv * Dh, "o_proj": d}
+    in_dims = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": H * Dh}
+    arrays = {}
+    for name, path in layout.attention_weight_files(weights_dir, n, meta["attention_bias"]).items():
+        proj, kind = name.split(".")[-2:]
+        shape = (out_dims[proj], in_dims[proj]) if kind == "weight" else (out_dims[proj],)
+        arrays[("w" if kind == "weight" else "b") + proj[0]] = read_csv(path, shape)
+    return AttentionWeights(**arrays)
+
+
+def read_xnorm(acts_dir: Path, n: int, meta: dict) -> np.ndarray:
+    """What q/k/v_proj of layer n saw: (B*T, d), batch-major rows."""
+    return read_csv(acts_dir / layout.layer_file("xnorm", n), (meta["batch_size"] * meta["seq_len"], meta["d_model"]))
+
+
+def write_outputs(out_dir: Path, n: int, out: dict[str, np.ndarray]) -> None:
+    """q/k/v/attn_layerN.csv: the ref_ files' shapes and column order."""
+    for qn in QUANTITIES:
+        write_csv(out_dir / layout.layer_file(qn, n), out[qn])
+
+
+def verify(acts_dir: Path, n: int, out: dict[str, np.ndarray], real_rows: np.ndarray, atol: float,
+           rtol: float) -> tuple[dict[str, dict], list[Path]]:
+    """Compare each recomputed quantity with its ref_ file: ({quantity: metrics}, ref_ files missing)."""
+    results, missing = {}, []
+    for qn in QUANTITIES:
+        ref_path = acts_dir / layout.ref_file(qn, n)
+        if not ref_path.is_file():
+            missing.append(ref_path)
+            continue
+        results[qn] = compare(out[qn], read_csv(ref_path, out[qn].shape), real_rows, atol, rtol)
+    return results, missing
