@@ -22,7 +22,7 @@ MODELS_TO_DOWNLOAD = ["meta-llama/Llama-3.2-1B-Instruct"]
 DEMO_DIR_NAME = paths.DEMO_MODEL_DIR.name
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", type=Path, default=BASE_SAVE_DIR,
@@ -34,7 +34,7 @@ def main() -> int:
     p.add_argument("--include-original", action="store_true",
                    help="also download original/ (Meta's consolidated .pth; doubles the download)")
     p.add_argument("--force", action="store_true", help="download or rebuild even if already complete")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.demo:
         out = args.model_path / DEMO_DIR_NAME

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import export, paths
+from common import export, layout, paths
 from common.cli import print_settings, run
 from common.safetensors_io import head_is_tied, index_weight_map, list_tensors
 
@@ -33,7 +33,7 @@ LAYER = None  # a name prefix, matched at a dot boundary: "model.layers.8" (not 
 DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfloat16 | source (npy/safetensors/ckpt)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="default: outputs/<model folder>/weights")
@@ -44,12 +44,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default=DTYPE, help="float16 | bfloat16 | float32 | source (npy/safetensors/ckpt)")
     p.add_argument("--list", action="store_true", help="print the selected tensors (all by default) and exit")
     p.add_argument("--force", action="store_true", help="rewrite files even where the manifest says they match")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
-    out_dir = args.out_dir or paths.output_dir(args.model_dir, "weights")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     export.check_choices(args.format, args.dtype, args.layer)
     if args.list:
         infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
@@ -67,7 +67,7 @@ def main() -> int:
         print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")
     if len(jobs) == 1 and summary.files:
         print(f"wrote {out_dir / summary.files[0]}")
-    print(f"manifest: {out_dir / 'manifest.json'}")
+    print(f"manifest: {out_dir / layout.MANIFEST}")
     print(summary.line())
     return 0
 

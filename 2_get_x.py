@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.ACTS)
 
     dtype = getattr(torch, args.dtype)
-    batch = encode_prompts(load_tokenizer(args.model_dir), prompts, chat=args.chat,
+    tokenizer = load_tokenizer(args.model_dir)
+    if args.chat and not tokenizer.chat_template:
+        raise InputError(f"--chat: the tokenizer of {args.model_dir} has no chat template "
+                         "(tokenizer_config.json); drop --chat")
+    batch = encode_prompts(tokenizer, prompts, chat=args.chat,
                            padding_side=args.padding_side, max_positions=cfg.max_position_embeddings)
     B, T = batch.input_ids.shape
     print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,

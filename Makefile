@@ -3,10 +3,13 @@ PYTHON    ?= python3
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed-requirements
-DEMO_DIR  := model_paths/SmolLM2-135M-Instruct-Q4_1
-MODEL_DIR ?= model_paths/meta-llama_Llama-3.2-1B-Instruct
+# Paths and names from their one home (common/paths.py, common/layout.py), read when a recipe runs,
+# i.e. after the venv exists.
+common     = $(shell $(PY) -c 'import os; from common import layout, paths; print($(1))')
+DEMO_DIR   = $(call common,os.path.relpath(paths.DEMO_MODEL_DIR))
+MODEL_DIR ?= $(call common,os.path.relpath(paths.MODEL_DIR))
 # Step 3 needs only the attention projections (and their biases, when a model has them).
-ATTN_FILTER := '\.self_attn\.(q|k|v|o)_proj\.'
+ATTN_FILTER = '$(call common,layout.ATTENTION_FILTER)'
 
 .PHONY: venv demo pipeline steps test bench bench-full clean-outputs
 

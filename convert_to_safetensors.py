@@ -44,7 +44,7 @@ def default_output_dir(checkpoint: Path) -> Path:
     return paths.MODEL_PATHS / f"{checkpoint.resolve().parent.name}_{checkpoint.stem}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", type=Path, default=CHECKPOINT, help="the checkpoint file")
@@ -58,7 +58,8 @@ def main() -> int:
                    help="shard above this size: bytes or 500MB, 2GB, 1GiB (default %(default)s)")
     p.add_argument("--force", action="store_true", default=FORCE,
                    help="replace --output-dir if it already holds files")
-    args = p.parse_args()
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    args = p.parse_args(argv)
 
     if args.checkpoint is None:
         raise InputError("no checkpoint given: python convert_to_safetensors.py CHECKPOINT --output-dir DIR")
@@ -90,7 +91,7 @@ def main() -> int:
         plan = plan_state_dict(ckpt.state_dict, dtype)
         print(f"state dict: {len(plan)} tensors")
     total = sum(t.nbytes for t in plan)
-    command = "python convert_to_safetensors.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python convert_to_safetensors.py " + " ".join(shlex.quote(a) for a in argv)
     written: list[Path] = []
 
     def fill(folder: Path) -> None:

@@ -6,8 +6,9 @@ Prepares (once) the demo model's inputs in outputs/bench_offline_qkv/: step 1 (t
 q/k/v/o_proj, ~300 MB of CSV) and step 2 (one chat prompt, 35 tokens). Then runs step 3 REPEATS
 times as a user does (its own process), and side by side the baseline: a process that only reads
 the same CSV files with common.csv_io.read_csv and does nothing else. Reports the median wall time
-of each, step 3's own phase timings (report.json: read CSV / compute / write CSV / plots) and the
-ratios: step 3 / read-only, and the share of step 3 spent reading CSV.
+of each, the phases of step 3's loop timed here (PHASES: the same common/ calls step 3 makes,
+read CSV / compute / write CSV) and the ratios: step 3 / read-only, and the share of step 3 spent
+reading CSV.
 """
 import json
 import statistics
@@ -19,31 +20,68 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from common import paths  # noqa: E402
+from common import layout, paths  # noqa: E402
 
 MODEL_DIR = paths.DEMO_MODEL_DIR
 WORK_DIR = paths.OUTPUTS / "bench_offline_qkv"
 REPEATS = 3
-ATTN_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
 
 # The baseline: read exactly the files step 3 reads, nothing else (same imports, same reader).
 READ_ONLY = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
+from common import layout
 from common.csv_io import read_csv
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t0 = time.perf_counter()
-files = [acts / "attention_mask.csv", acts / "position_ids.csv"]
-for meta in sorted(acts.glob("meta_layer*.json")):
-    n = json.loads(meta.read_text())["layer"]
-    files.append(acts / f"xnorm_layer{n}.csv")
-    files += [acts / f"ref_{q}_layer{n}.csv" for q in ("q", "k", "v", "attn")]
-    files += sorted(weights.glob(f"model.layers.{n}.self_attn.*.csv"))
+files = [acts / layout.ATTENTION_MASK, acts / layout.POSITION_IDS]
+for n in layout.step2_layers(acts):
+    meta = json.loads((acts / layout.meta_file(n)).read_text())
+    files.append(acts / layout.layer_file("xnorm", n))
+    files += [acts / layout.ref_file(q, n) for q in ("q", "k", "v", "attn")]
+    files += layout.attention_weight_files(weights, n, meta["attention_bias"]).values()
 nbytes = sum(f.stat().st_size for f in files)
 for f in files:
     read_csv(f)
 print(json.dumps({"read_s": time.perf_counter() - t0, "files": len(files), "bytes": nbytes}))
+"""
+
+# Step 3's loop, phase by phase: the same common/ calls 3_offline_qkv.py makes, each timed.
+PHASES = r"""
+import json, sys, time, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from common import attention, layout, qkv
+from common.verify import QUANTITIES
+acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
+t = {"read_csv": 0.0, "compute": 0.0, "write_csv": 0.0}
+t_start = time.perf_counter()
+layers = layout.step2_layers(acts)
+metas = layout.read_metas(acts, layers)
+B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
+with tempfile.TemporaryDirectory() as out:
+    t0 = time.perf_counter()
+    mask, position_ids, _ = qkv.read_batch(acts, B, T)
+    t["read_csv"] += time.perf_counter() - t0
+    real_rows = mask.reshape(B * T) > 0
+    for n in layers:
+        m = metas[n]
+        t0 = time.perf_counter()
+        xnorm, w = qkv.read_xnorm(acts, n, m), qkv.read_attention_weights(weights, n, m)
+        t["read_csv"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = attention.attention_block(xnorm, w, position_ids, mask, m["num_heads"], m["num_kv_heads"],
+                                        m["head_dim"], m["rope_theta"], m.get("rope_scaling"))
+        t["compute"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        qkv.write_outputs(Path(out), n, res)
+        t["write_csv"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        qkv.verify(acts, n, res, real_rows, 1e-7, 1e-5)  # reads the ref_ files
+        t["read_csv"] += time.perf_counter() - t0
+t["total"] = time.perf_counter() - t_start
+print(json.dumps(t))
 """
 
 
@@ -61,7 +99,8 @@ def prepare() -> tuple[Path, Path]:
         run("0_download_models.py", "--demo")
     if not (WORK_DIR / ".prepared").is_file():
         print(f"preparing step 1 and step 2 outputs in {WORK_DIR} ...", flush=True)
-        run("1_model_weights.py", "--model-dir", str(MODEL_DIR), "--out-dir", str(weights), "--filter", ATTN_FILTER)
+        run("1_model_weights.py", "--model-dir", str(MODEL_DIR), "--out-dir", str(weights),
+            "--filter", layout.ATTENTION_FILTER)
         run("2_get_x.py", "--model-dir", str(MODEL_DIR), "--out-dir", str(acts), "--chat")
         (WORK_DIR / ".prepared").write_text("")
     return weights, acts
@@ -76,25 +115,24 @@ def main() -> int:
         run("3_offline_qkv.py", "--model-dir", str(MODEL_DIR), "--weights-dir", str(weights),
             "--acts-dir", str(acts), "--out-dir", str(out))
         step3.append(time.perf_counter() - t0)
-        phases.append(json.loads((out / "report.json").read_text())["timing_s"])
+        phases.append(json.loads(run("-c", PHASES, str(ROOT), str(acts), str(weights)).stdout))
         t0 = time.perf_counter()
         info = json.loads(run("-c", READ_ONLY, str(ROOT), str(acts), str(weights)).stdout)
         read_only.append(time.perf_counter() - t0)
 
-    report = json.loads((out / "report.json").read_text())
-    meta = json.loads((acts / "meta_layer0.json").read_text())
+    report = json.loads((out / layout.REPORT_JSON).read_text())
+    meta = json.loads((acts / layout.meta_file(0)).read_text())
     med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     s3, ro = statistics.median(step3), statistics.median(read_only)
     print(f"3_offline_qkv.py, demo model: {len(report['layers'])} layers, B={meta['batch_size']} "
           f"T={meta['seq_len']}, {info['files']} CSV files read, {info['bytes'] / 1e6:.0f} MB; "
           f"median of {REPEATS}; {'PASS' if report['pass'] else 'FAIL'}")
     print(f"  step 3, whole process (imports included)   {s3:7.2f} s")
-    print(f"    inside main()                           {med['total']:7.2f} s")
+    print(f"    its loop, timed phase by phase          {med['total']:7.2f} s")
     print(f"      reading CSV                           {med['read_csv']:7.2f} s  "
-          f"({100 * med['read_csv'] / med['total']:.0f}% of main, {100 * med['read_csv'] / s3:.0f}% of the process)")
+          f"({100 * med['read_csv'] / med['total']:.0f}% of the loop, {100 * med['read_csv'] / s3:.0f}% of the process)")
     print(f"      compute (RoPE, attention, o_proj)     {med['compute']:7.2f} s")
     print(f"      writing CSV (q, k, v, attn)           {med['write_csv']:7.2f} s")
-    print(f"      plots                                 {med['plots']:7.2f} s")
     print(f"  baseline: a process that only reads them  {ro:7.2f} s")
     print(f"  ratio step 3 / read-only baseline         {s3 / ro:7.2f}x")
     return 0 if report["pass"] else 1

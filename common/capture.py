@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from common import layout
 from common.atomic import sha256_file, write_json
@@ -144,8 +145,6 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
 def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
                    device: torch.device, save_x_norm: bool = True, save_reference: bool = True) -> None:
     """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it."""
-    from tqdm import tqdm
-
     col = LayerCollector(model_dir, dtype=dtype, device=device)
     state = col.embed(batch.input_ids, batch.attention_mask, batch.position_ids)
     wanted = set(layers)

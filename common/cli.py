@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2  # 1: a script's own failure (a FAIL in step 3)
 
 
 class InputError(Exception):

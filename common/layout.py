@@ -102,11 +102,12 @@ def attention_weight_files(weights_dir: Path, n: int, bias: bool) -> dict[str, P
 
 # --- reading a step-2 folder -------------------------------------------------------------------
 
-def rerun_step2(model_dir: str | Path) -> str:
-    return f"run: python 2_get_x.py --model-dir {shlex.quote(str(model_dir))}"
+def rerun_step2(model_dir: str | Path | None = None) -> str:
+    """The command that makes a step-2 folder (for the default folder of model_dir, when given)."""
+    return "run: python 2_get_x.py" + (f" --model-dir {shlex.quote(str(model_dir))}" if model_dir else "")
 
 
-def step2_layers(acts_dir: Path, model_dir: str | Path) -> list[int]:
+def step2_layers(acts_dir: Path, model_dir: str | Path | None = None) -> list[int]:
     """The layers with a meta file in a step-2 folder; InputError when there are none."""
     if not acts_dir.is_dir():
         raise InputError(f"activations folder {acts_dir} does not exist: {rerun_step2(model_dir)}")

@@ -44,15 +44,15 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_si
                    max_positions: int | None = None) -> PromptBatch:
     """Tokenize prompts (through the chat template with `chat`) into one padded batch."""
     if not prompts:
-        raise InputError("no prompt given: pass --prompt TEXT (repeat it for a batch)")
+        raise InputError("no prompt given: give at least one prompt")
     for i, p in enumerate(prompts):
         if not p or not p.strip():
-            raise InputError(f"prompt {i} is empty: give --prompt some text")
+            raise InputError(f"prompt {i} is empty: give it some text")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding side {padding_side!r} is not left or right")
     if chat:
         if not tokenizer.chat_template:
-            raise InputError("--chat: this tokenizer has no chat template (tokenizer_config.json); drop --chat")
+            raise InputError("this tokenizer has no chat template (tokenizer_config.json): encode without it")
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         add_special = False  # the template writes the BOS itself

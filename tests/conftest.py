@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama models (built once per session) and the demo model."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import model_factory  # noqa: E402
 
-DEMO_DIR = ROOT / "model_paths" / "SmolLM2-135M-Instruct-Q4_1"
+from common import paths  # noqa: E402
+
+DEMO_DIR = paths.DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +46,11 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: Path = ROO
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
                           text=True, env=full_env, cwd=cwd)
+
+
+def load_script(script: str):
+    """A numbered script as a module, to call its main(argv) in-process (saves the imports of a new process)."""
+    spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
-sys.path.insert(0, str(ROOT))
-import convert_to_safetensors  # noqa: E402
-from common.cli import InputError  # noqa: E402
-from common.safetensors_io import list_tensors  # noqa: E402
+from common.cli import InputError
+from common.safetensors_io import list_tensors
+
+convert_to_safetensors = load_script("convert_to_safetensors.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +149,7 @@ def save_nanogpt(path: Path, variant: str, seed: int = 0) -> GPT:
 
 def convert(*args) -> None:
     """Run the script's main() in-process (InputError propagates)."""
-    argv = sys.argv
-    sys.argv = ["convert_to_safetensors.py", *map(str, args)]
-    try:
-        assert convert_to_safetensors.main() == 0
-    finally:
-        sys.argv = argv
+    assert convert_to_safetensors.main(list(map(str, args))) == 0
 
 
 def hf_logits(folder: Path, idx: torch.Tensor) -> torch.Tensor:

@@ -1,32 +1,25 @@
 """2_get_x.py: every saved file is what the running model computed, for every Llama variant."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from common.cli import InputError
+from common.layout import layer_file, meta_file, ref_file
 from common.csv_io import read_csv
 from common.safetensors_io import list_tensors, read_tensor
 
 PROMPTS = ["The capital of France is", "Hello world, the quick brown fox"]  # different lengths
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("get_x", ROOT / "2_get_x.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-get_x = load_script()
+get_x = load_script("2_get_x.py")
 
 
 def capture(model_dir, out_dir, *args: str, prompts=PROMPTS):
@@ -79,17 +72,17 @@ def test_files_are_what_the_model_computed(tiny_models, tmp_path, variant):
     cos, sin = seen["cos_sin"]
     for n in range(c.num_hidden_layers):
         # hidden_states[n] is the input of layer n for n < L (only [L] is replaced by the final norm)
-        assert np.array_equal(read_csv(out / f"x_layer{n}.csv", (B * T, d)), flat(hidden[n]))
-        assert np.array_equal(read_csv(out / f"xnorm_layer{n}.csv", (B * T, d)), flat(seen[f"xnorm{n}"]))
+        assert np.array_equal(read_csv(out / layer_file("x", n), (B * T, d)), flat(hidden[n]))
+        assert np.array_equal(read_csv(out / layer_file("xnorm", n), (B * T, d)), flat(seen[f"xnorm{n}"]))
         # the test's own RoPE on the test's own q/k_proj outputs, then back to head-major columns
         q = seen[f"q_proj{n}"].view(B, T, H, Dh).transpose(1, 2)  # (B, T, H*Dh) -> (B, H, T, Dh)
         k = seen[f"k_proj{n}"].view(B, T, Hkv, Dh).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        assert np.array_equal(read_csv(out / f"ref_q_layer{n}.csv", (B * T, H * Dh)), flat(q.transpose(1, 2).reshape(B, T, H * Dh)))
-        assert np.array_equal(read_csv(out / f"ref_k_layer{n}.csv", (B * T, Hkv * Dh)), flat(k.transpose(1, 2).reshape(B, T, Hkv * Dh)))
-        assert np.array_equal(read_csv(out / f"ref_v_layer{n}.csv", (B * T, Hkv * Dh)), flat(seen[f"v_proj{n}"]))
-        assert np.array_equal(read_csv(out / f"ref_attn_layer{n}.csv", (B * T, d)), flat(seen[f"o_proj{n}"]))
-        meta = json.loads((out / f"meta_layer{n}.json").read_text())
+        assert np.array_equal(read_csv(out / ref_file("q", n), (B * T, H * Dh)), flat(q.transpose(1, 2).reshape(B, T, H * Dh)))
+        assert np.array_equal(read_csv(out / ref_file("k", n), (B * T, Hkv * Dh)), flat(k.transpose(1, 2).reshape(B, T, Hkv * Dh)))
+        assert np.array_equal(read_csv(out / ref_file("v", n), (B * T, Hkv * Dh)), flat(seen[f"v_proj{n}"]))
+        assert np.array_equal(read_csv(out / ref_file("attn", n), (B * T, d)), flat(seen[f"o_proj{n}"]))
+        meta = json.loads((out / meta_file(n)).read_text())
         assert (meta["layer"], meta["batch_size"], meta["seq_len"], meta["d_model"]) == (n, B, T, d)
         assert (meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == (H, Hkv, Dh)
         assert meta["rope_theta"] == c.rope_parameters["rope_theta"]
@@ -130,9 +123,9 @@ def test_padded_batch_matches_each_prompt_alone(llama32, tmp_path, side):
         rows = np.arange(b * T, (b + 1) * T)[mask[b]]
         for n in range(3):
             for stem in ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn"):
-                got = read_csv(batch / f"{stem}_layer{n}.csv")[rows]
-                np.testing.assert_allclose(got, read_csv(alone / f"{stem}_layer{n}.csv"), rtol=1e-5, atol=1e-5,
-                                           err_msg=f"{stem}_layer{n}, prompt {b}, {side} padding")
+                got = read_csv(batch / layer_file(stem, n))[rows]
+                np.testing.assert_allclose(got, read_csv(alone / layer_file(stem, n)), rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{layer_file(stem, n)}, prompt {b}, {side} padding")
 
 
 def test_rerun_overwrites_cleanly(llama32, tmp_path):

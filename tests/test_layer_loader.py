@@ -8,17 +8,16 @@ import shutil
 
 import pytest
 import torch
+from model_factory import VARIANTS
 from test_get_x import PROMPTS, capture
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from common.cli import InputError
 from common.layer_loader import LayerCollector
+from common.layout import meta_file
 from common.prompts import encode_prompts
 from common.safetensors_io import list_tensors, read_tensor
-
-VARIANTS = ["llama32", "fp16_single", "untied", "head_dim", "default_rope", "bias", "linear_rope"]
-
 
 def batch(model_dir, prompts=PROMPTS, side="left"):
     return encode_prompts(AutoTokenizer.from_pretrained(str(model_dir)), prompts, padding_side=side)
@@ -31,7 +30,7 @@ def collector_logits(col: LayerCollector, b) -> torch.Tensor:
     return col.logits(state.hidden)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_pieces_give_the_models_logits(tiny_models, variant):
     model_dir = tiny_models[variant]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
@@ -68,7 +67,7 @@ def test_streaming_files_are_bit_identical(tiny_models, tmp_path, variant):
         if name.endswith(".csv"):
             assert filecmp.cmp(full / name, streamed / name, shallow=False), name
     for n in range(3):
-        a, b = (json.loads((d / f"meta_layer{n}.json").read_text()) for d in (full, streamed))
+        a, b = (json.loads((d / meta_file(n)).read_text()) for d in (full, streamed))
         assert (a["provenance"].pop("streaming"), b["provenance"].pop("streaming")) == (False, True)
         assert a == b
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -25,10 +24,10 @@ import model_factory
 from common import cli
 from common.csv_io import read_csv
 from common.export import safe_file_name
+from common.layout import ATTENTION_FILTER
 from common.safetensors_io import INDEX_NAME
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
-ATTN_REGEX = r"\.self_attn\.(q|k|v|o)_proj\."
 
 
 @dataclass
@@ -40,21 +39,15 @@ class Result:
 
 def step1(*args, name_filter=None) -> Result:
     """Run 1_model_weights.py in this process (as `run` would: exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("model_weights", ROOT / "1_model_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("1_model_weights.py")
     if name_filter is not None:
         mod.NAME_FILTER = name_filter
     out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["1_model_weights.py", *map(str, args)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run(mod.main)
+            cli.run(lambda: mod.main(list(map(str, args))))
     except SystemExit as e:
         code = e.code
-    finally:
-        sys.argv = argv
     return Result(code, out.getvalue(), err.getvalue())
 
 
@@ -142,7 +135,7 @@ def test_name_filter_callable_and_regex_select_the_attention_projections(tiny_mo
     r = step1("--model-dir", model, "--out-dir", tmp_path / "callable", name_filter=readme_filter)
     assert r.code == 0, r.err
     assert {p.stem for p in (tmp_path / "callable").glob("*.csv")} == want
-    r = step1("--model-dir", model, "--out-dir", tmp_path / "regex", "--filter", ATTN_REGEX)
+    r = step1("--model-dir", model, "--out-dir", tmp_path / "regex", "--filter", ATTENTION_FILTER)
     assert {p.stem for p in (tmp_path / "regex").glob("*.csv")} == want
 
 
@@ -229,13 +222,13 @@ def test_rerun_skips_matching_files_and_force_rewrites(llama32, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(llama32, model)
     out = tmp_path / "out"
-    assert step1("--model-dir", model, "--out-dir", out, "--filter", ATTN_REGEX).code == 0
+    assert step1("--model-dir", model, "--out-dir", out, "--filter", ATTENTION_FILTER).code == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")}
     assert len(stamps) == 12
-    r = step1("--model-dir", model, "--out-dir", out, "--filter", ATTN_REGEX)
+    r = step1("--model-dir", model, "--out-dir", out, "--filter", ATTENTION_FILTER)
     assert "kept 12 file(s)" in r.out and r.out.splitlines()[-1].startswith("exported 0 tensors")
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")} == stamps
-    r = step1("--model-dir", model, "--out-dir", out, "--filter", ATTN_REGEX, "--force")
+    r = step1("--model-dir", model, "--out-dir", out, "--filter", ATTENTION_FILTER, "--force")
     assert r.out.splitlines()[-1].startswith("exported 12 tensors")
     assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("*.csv"))
     # Another selection adds to the manifest; a changed shard is exported again; a damaged file too.
@@ -284,7 +277,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama32, tiny_models, t
 def test_cli_errors_and_exports_as_a_user_runs_it(llama32, tmp_path):
     r = run_script("1_model_weights.py", "--model-dir", tmp_path / "nope", "--out-dir", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
-    r = run_script("1_model_weights.py", "--model-dir", llama32, "--out-dir", tmp_path / "out", "--filter", ATTN_REGEX)
+    r = run_script("1_model_weights.py", "--model-dir", llama32, "--out-dir", tmp_path / "out", "--filter", ATTENTION_FILTER)
     assert r.returncode == 0, r.stderr
     assert "NAME_FILTER = regex" in r.stdout
     assert r.stdout.splitlines()[-1].startswith("exported 12 tensors")

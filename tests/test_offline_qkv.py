@@ -7,56 +7,40 @@ The mistakes are planted by swapping one equation of common/ for a buggy twin wr
 """
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import re
 import shutil
-import sys
-import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
+from model_factory import VARIANTS
 
 from common import attention, rope
 from common.cli import InputError
 from common.csv_io import read_csv, write_csv
+from common.layout import ATTENTION_FILTER, layer_file, ref_file
 
 # A few dozen tokens with the tiny tokenizer (35), and a short one so the batch is padded.
 LONG = ("The capital of France is Paris. The capital of Italy is Rome. "
         "What is the capital of France? Paris is the capital.")
 SHORT = "Hello world, the quick brown fox"
-VARIANTS = ["llama32", "fp16_single", "untied", "head_dim", "default_rope", "bias", "linear_rope"]
-ATTN_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
 RTOL = 1e-5
 
 
-def load_script(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-get_x = load_script("get_x", "2_get_x.py")
-offline = load_script("offline_qkv", "3_offline_qkv.py")
+get_x = load_script("2_get_x.py")
+offline = load_script("3_offline_qkv.py")
 
 
 def export_weights(model_dir: Path, out_dir: Path, in_process: bool = True) -> Path:
     """Step 1: the attention projections of every layer as CSV (in-process saves ~2 s of imports)."""
-    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), "--filter", ATTN_FILTER]
+    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), "--filter", ATTENTION_FILTER]
     if not in_process:
         r = run_script("1_model_weights.py", *argv)
         assert r.returncode == 0, r.stderr
         return out_dir
-    weights = load_script("model_weights", "1_model_weights.py")
-    if inspect.signature(weights.main).parameters:
-        assert weights.main(argv) == 0
-    else:  # its main() reads sys.argv
-        with unittest.mock.patch.object(sys, "argv", ["1_model_weights.py", *argv]):
-            assert weights.main() == 0
+    assert load_script("1_model_weights.py").main(argv) == 0
     return out_dir
 
 
@@ -127,8 +111,8 @@ def test_llama32_passes_as_a_user_runs_it(pipeline, tmp_path):
     mask = read_csv(acts / "attention_mask.csv").reshape(-1) > 0
     for n in range(3):
         for qn, cols in (("q", H * Dh), ("k", Hkv * Dh), ("v", Hkv * Dh), ("attn", d)):
-            got = read_csv(out / f"{qn}_layer{n}.csv", (B * T, cols))  # same shape as the ref_ file
-            ref = read_csv(acts / f"ref_{qn}_layer{n}.csv", (B * T, cols))
+            got = read_csv(out / layer_file(qn, n), (B * T, cols))  # same shape as the ref_ file
+            ref = read_csv(acts / ref_file(qn, n), (B * T, cols))
             np.testing.assert_allclose(got[mask], ref[mask], rtol=0, atol=RTOL * np.abs(ref[mask]).max())
     md = (out / "report.md").read_text()
     assert "| layer | q max_rel |" in md and "max_abs <= ATOL" in md
