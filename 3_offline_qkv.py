@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     layers = choose_layers(args, acts_dir)
     metas = layout.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
-    dtype = metas[layers[0]].get("dtype", "float32")
+    dtype = metas[layers[0]]["dtype"]
     if dtype != "float32":
         print(f"note: the references were computed in {dtype}, this recomputation is float32: expect errors "
               f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {args.rtol:g} (which is for float32 captures)")
     plot_layer = check_plot_choice(args, layers, metas)
-    layout.check_attention_weights(weights_dir, metas, args.model_dir)
+    layout.check_attention_weights(weights_dir, metas)
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = metas[n]
         xnorm, w = qkv.read_xnorm(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
         out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
-                                        meta["head_dim"], meta["rope_theta"], meta.get("rope_scaling"))
+                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"])
         if n == plot_layer:
             plot_probs = out["probs"][args.plot_prompt, args.plot_head]  # (T, T)
         qkv.write_outputs(out_dir, n, out)

@@ -72,7 +72,7 @@ with tempfile.TemporaryDirectory() as out:
         t["read_csv"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         res = attention.attention_block(xnorm, w, position_ids, mask, m["num_heads"], m["num_kv_heads"],
-                                        m["head_dim"], m["rope_theta"], m.get("rope_scaling"))
+                                        m["head_dim"], m["rope_theta"], m["rope_scaling"])
         t["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         qkv.write_outputs(Path(out), n, res)

@@ -42,7 +42,7 @@ ATTENTION_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
 
 _LAYER_FILE = re.compile(r"(?P<stem>\w+?)_layer(?P<n>\d+)\.(?P<ext>csv|json)")
 META_KEYS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "head_dim", "rope_theta",
-             "attention_bias")
+             "rope_type", "rope_scaling", "attention_bias", "dtype", "model_dir")
 
 
 def default_dir(model_dir: str | Path, folder: str) -> Path:
@@ -124,11 +124,11 @@ def check_meta(meta: dict, path: Path) -> None:
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
     try:
-        rope_type = check_scaling(meta.get("rope_scaling"))
+        rope_type = check_scaling(meta["rope_scaling"])
         check_heads(meta["num_heads"], meta["num_kv_heads"])
     except ValueError as e:
         raise InputError(f"{path}: {e}; refusing to guess") from None
-    if meta.get("rope_type", rope_type) != rope_type:
+    if meta["rope_type"] != rope_type:
         raise InputError(f"{path}: rope_type {meta['rope_type']!r} disagrees with rope_scaling "
                          f"{meta['rope_scaling']}: run 2_get_x.py again")
 
@@ -149,14 +149,14 @@ def read_metas(acts_dir: Path, layers: list[int]) -> dict[int, dict]:
 
 # --- reading a step-1 folder -------------------------------------------------------------------
 
-def check_attention_weights(weights_dir: Path, metas: dict[int, dict], model_dir: str | Path) -> None:
+def check_attention_weights(weights_dir: Path, metas: dict[int, dict]) -> None:
     """Every q/k/v/o_proj file of the layers in `metas` exists, or InputError with the step-1 command."""
     layers = list(metas)
     missing = [p for n in layers for p in attention_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()
                if not p.is_file()]
     if not missing:
         return
-    src = shlex.quote(str(metas[layers[0]].get("model_dir") or model_dir))
+    src = shlex.quote(str(metas[layers[0]]["model_dir"]))
     select = (f"--layer model.layers.{layers[0]}.self_attn" if len(layers) == 1
               else f"--filter {shlex.quote(ATTENTION_FILTER)}")
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -103,11 +103,8 @@ def write_reports(out_dir: Path, results: dict[int, dict[str, dict]], settings: 
 
 
 def token_labels(tokens: dict, prompt: int, real: np.ndarray) -> list[str]:
-    """The token strings of one prompt's real positions (ids if tokens.json has no strings)."""
-    rows = tokens.get("tokens") or tokens.get("input_ids")
-    if not rows or prompt >= len(rows):
-        return [str(i) for i in real]
-    return [str(rows[prompt][i]) for i in real]
+    """The token strings of one prompt's real positions."""
+    return [str(tokens["tokens"][prompt][i]) for i in real]
 
 
 def _pyplot():
