@@ -41,7 +41,7 @@ DTYPE = "float32"  # compute dtype: float32 (exact references; bf16/fp16 files a
 LAYERS = None  # None: every layer; or "0,3-5"
 DEVICE = "auto"  # cpu, cuda, auto (cuda when available)
 CHAT = False  # wrap each prompt in the tokenizer's chat template (user turn + assistant header)
-STREAMING = False  # load, run and free one decoder layer at a time (common/layer_loader.py)
+STREAMING = False  # load, run and free one decoder layer at a time (capture.stream_capture)
 PADDING_SIDE = "left"  # left (as generate() pads) or right
 
 DTYPES = ("float32", "bfloat16", "float16")

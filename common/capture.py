@@ -84,6 +84,8 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
 
     `config` is the (transformers) config the layers were built with; its attention
     implementation must be "eager" and is switched to CAPTURE_ATTENTION only inside the block.
+    A new node is one more hook below that calls add(n, stem, tensor), and its stem in
+    common/layout.py (STEP2_STEMS), which write_layer and stale_files follow.
     """
     if config._attn_implementation not in ("eager", CAPTURE_ATTENTION):
         raise ValueError(f"capture needs eager attention, the model uses {config._attn_implementation!r}")

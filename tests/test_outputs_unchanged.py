@@ -1,8 +1,8 @@
 """Steps 1 -> 2 -> 3 on the demo model write the same bytes as recorded in tests/data/demo_outputs.json.
 
 A refactor must not change a single output byte. Two layers (the first and the last) keep this
-fast; reports, plots and manifests are left out (they hold timings and paths), as are hidden lock files, and so is the
-provenance block of meta_layerN.json (absolute paths and library versions).
+fast; reports, plots, manifests and hidden lock files are left out (they hold timings and paths),
+and so is the provenance block of meta_layerN.json (absolute paths and library versions).
 Regenerate the record only for an intended change of an output format:
     python tests/test_outputs_unchanged.py
 """
