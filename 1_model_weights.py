@@ -20,7 +20,8 @@ import argparse
 from pathlib import Path
 
 from common import export, layout, paths
-from common.cli import print_settings, run
+from common.atomic import output_folder
+from common.cli import path_arg, print_settings, run
 from common.safetensors_io import head_is_tied, index_weight_map, list_tensors
 
 MODEL_DIR = paths.MODEL_DIR  # the model folder (Llama-3.2-1B-Instruct; the demo: paths.DEMO_MODEL_DIR)
@@ -35,8 +36,8 @@ DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfl
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="default: outputs/<model folder>/weights")
+    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
+    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights")
     p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
     p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
                    help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
         print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
         return 0
+    output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
     print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
                     "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
                     "DTYPE": args.dtype, "force": args.force})

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from common import capture, layout, paths
-from common.cli import InputError, parse_layers, print_settings, run
+from common.atomic import output_folder
+from common.cli import InputError, parse_layers, path_arg, print_settings, run
 from common.model_config import load_config
 from common.prompts import encode_prompts, load_tokenizer
 from common.safetensors_io import shard_files
+from common.weights_check import check_weights
 
 MODEL_DIR = paths.MODEL_DIR
 TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch
@@ -58,11 +60,11 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
     # append would add to a default list, so the default (TEST_PROMPT) is applied after parsing.
     p.add_argument("--test-prompt", "--prompt", dest="test_prompt", action="append", default=None,
                    metavar="TEXT", help="a prompt; repeat for a batch (default: TEST_PROMPT)")
-    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="default: outputs/<model folder>/x_all_layers")
+    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/x_all_layers")
     p.add_argument("--save-x-norm", action=argparse.BooleanOptionalAction, default=SAVE_X_NORM)
     p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=SAVE_MASKS)
     p.add_argument("--save-reference", action=argparse.BooleanOptionalAction, default=SAVE_REFERENCE)
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
     shard_files(args.model_dir)  # InputError: no weights
+    check_weights(args.model_dir, cfg)  # InputError: files that disagree with config.json (both paths)
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
     layers = parse_layers(args.layers, cfg.num_layers) or list(range(cfg.num_layers))
     device = resolve_device(args.device)
@@ -87,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--chat: the tokenizer of {args.model_dir} has no chat template "
                          "(tokenizer_config.json); drop --chat")
     batch = encode_prompts(tokenizer, prompts, chat=args.chat,
-                           padding_side=args.padding_side, max_positions=cfg.max_position_embeddings)
+                           padding_side=args.padding_side, max_positions=cfg.max_position_embeddings,
+                           vocab_size=cfg.vocab_size)
     B, T = batch.input_ids.shape
     print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,
                     "layers": f"{len(layers)} of {cfg.num_layers}", "dtype": args.dtype, "device": device,
                     "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
                     "out dir": out_dir})
 
+    output_folder(out_dir, inputs=[args.model_dir])  # never into (or around) the model folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
     written: set[str] = set()
     nbytes = 0

@@ -24,7 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common import attention, layout, paths, qkv, report
-from common.cli import InputError, parse_layers, print_settings, run
+from common.atomic import output_folder
+from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.verify import DEFINITION, QUANTITIES
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
@@ -46,13 +47,13 @@ LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capt
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
-    p.add_argument("--acts-dir", default=ACTS_DIR, type=Path, help="step 2's output folder")
-    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=Path, help="step 1's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
+    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
+    p.add_argument("--acts-dir", default=ACTS_DIR, type=path_arg, help="step 2's output folder")
+    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="step 1's output folder")
+    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
     p.add_argument("--layers", default=LAYERS, type=parse_layers, help="e.g. 0,5-7 (default: all)")
-    p.add_argument("--atol", default=ATOL, type=float)
-    p.add_argument("--rtol", default=RTOL, type=float)
+    p.add_argument("--atol", default=ATOL, type=tolerance)
+    p.add_argument("--rtol", default=RTOL, type=tolerance)
     p.add_argument("--plot-layer", default=PLOT_LAYER, type=int)
     p.add_argument("--plot-head", default=PLOT_HEAD, type=int)
     p.add_argument("--plot-prompt", default=PLOT_PROMPT, type=int)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {args.rtol:g} (which is for float32 captures)")
     plot_layer = check_plot_choice(args, layers, metas)
     layout.check_attention_weights(weights_dir, metas)
+    output_folder(out_dir, inputs=[acts_dir, weights_dir])  # never into (or around) what is read
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import paths
 from common.checkpoint import load_checkpoint
-from common.cli import InputError, print_settings, run
+from common.cli import InputError, path_arg, print_settings, run
 from common.convert import (DTYPES, build_folder, check_output_dir, copy_side_files, gpt2_config,
                             gpt2_tokenizer_config, model_card, parse_size, plan_nanogpt, plan_state_dict,
                             target_dtype, write_weights)
@@ -47,8 +47,8 @@ def default_output_dir(checkpoint: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", type=Path, default=CHECKPOINT, help="the checkpoint file")
-    p.add_argument("--output-dir", type=Path, default=OUTPUT_DIR,
+    p.add_argument("checkpoint", nargs="?", type=path_arg, default=CHECKPOINT, help="the checkpoint file")
+    p.add_argument("--output-dir", type=path_arg, default=OUTPUT_DIR,
                    help="the model folder to write (default: model_paths/<folder>_<stem>)")
     p.add_argument("--dtype", default=DTYPE, choices=list(DTYPES),
                    help="dtype of the floating-point tensors written (default %(default)s)")

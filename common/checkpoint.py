@@ -9,6 +9,7 @@ backed by the file, and only the tensor being converted is ever copied into memo
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since PyTorch 1.6 is a zip archive
 PICKLE_PROTO = b"\x80"  # first byte of a pickle of protocol >= 2, which torch.save's legacy format writes
 NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+NANOGPT_LAYER = re.compile(r"^(?:_orig_mod\.|module\.)*transformer\.h\.(\d+)\.")  # wrapper prefixes allowed
 
 
 @dataclass
@@ -97,7 +99,9 @@ def classify(path: Path, obj: object) -> Checkpoint:
         if missing:
             raise InputError(f"{path}: nanoGPT model_args lacks {', '.join(missing)}: add them to model_args and save again")
         extras = {k: obj[k] for k in ("iter_num", "best_val_loss", "config") if k in obj}
-        return Checkpoint(path, "nanogpt", _tensors_only(path, obj["model"], "['model']"), dict(args), extras)
+        sd = _tensors_only(path, obj["model"], "['model']")
+        check_model_args(path, args, sd)
+        return Checkpoint(path, "nanogpt", sd, dict(args), extras)
     for key in STATE_DICT_KEYS:
         if key in obj and isinstance(obj[key], dict):
             return Checkpoint(path, "state_dict", _tensors_only(path, obj[key], f"[{key!r}]"))
@@ -110,7 +114,31 @@ def _tensors_only(path: Path, sd: dict, where: str) -> dict[str, torch.Tensor]:
         what = f"non-tensor entries {bad[:5]}" if bad else "no tensors"
         raise InputError(f"{path}{where} is not a state dict ({what}): expected {{name: tensor}}, a nanoGPT "
                          f"checkpoint or a dict with one of {', '.join(STATE_DICT_KEYS)}")
+    # Only dense tensors have bytes to write as they are; a sparse or quantized layout would need converting.
+    odd = [f"{k} ({v.layout})" for k, v in sd.items() if v.layout != torch.strided or v.is_quantized or v.is_meta]
+    if odd:
+        raise InputError(f"{path}{where}: {odd[0]} is not a dense tensor"
+                         f"{f' (and {len(odd) - 1} more)' if len(odd) > 1 else ''}: save it with .to_dense() "
+                         "(or dequantized) and convert again")
     return sd
+
+
+def check_model_args(path: Path, args: dict, sd: dict[str, torch.Tensor]) -> None:
+    """nanoGPT's model_args: positive integers, n_embd a multiple of n_head, n_layer the layers the state
+    dict holds. Checked before any plan is made (n_layer = 10**9 would otherwise plan 10**9 layers)."""
+    for key in NANOGPT_ARGS:
+        v = args[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"{path}: nanoGPT model_args {key}={v!r} is not a positive integer: fix model_args")
+    if args["n_embd"] % args["n_head"]:
+        raise InputError(f"{path}: model_args n_embd={args['n_embd']} is not a multiple of n_head={args['n_head']}")
+    if not isinstance(args.get("bias", True), bool):
+        raise InputError(f"{path}: nanoGPT model_args bias={args['bias']!r} is not true or false: fix model_args")
+    layers = {int(m.group(1)) for k in sd if (m := NANOGPT_LAYER.match(k))}
+    if layers != set(range(args["n_layer"])):
+        held = f"layers 0..{max(layers)}" if layers else "no layers"
+        raise InputError(f"{path}: model_args n_layer={args['n_layer']} but the state dict holds {held}: "
+                         "fix model_args or the checkpoint")
 
 
 def _unpickler_reason(e: Exception) -> str:

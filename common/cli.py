@@ -1,10 +1,18 @@
-"""Command-line plumbing shared by the numbered scripts: exit codes and one-line errors."""
+"""Command-line plumbing shared by the numbered scripts: exit codes, one-line errors, flag types."""
 from __future__ import annotations
 
+import errno
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 EXIT_OK, EXIT_USAGE = 0, 2  # 1: a script's own failure (a FAIL in step 3)
+MAX_LAYERS = 100_000  # no model has more; a --layers range past it is a typo, refused before expanding
+# File-system faults a user can fix (disk full, read-only, permissions, a folder or file in the way).
+FS_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+             errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTEMPTY)
 
 
 class InputError(Exception):
@@ -12,11 +20,19 @@ class InputError(Exception):
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a script's main(); an InputError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); an InputError (or a file-system fault the user can fix) becomes one line
+    on stderr and exit code 2."""
     try:
         code = main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:
+        if e.errno not in FS_FAULTS:
+            raise
+        where = e.filename if e.filename is not None else "a file"
+        print(f"error: {where}: {os.strerror(e.errno)}: free some space, fix the permissions, or choose "
+              "another folder", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -31,23 +47,49 @@ def print_settings(settings: dict) -> None:
         print(f"  {k:<{width}} = {v}")
 
 
+def path_arg(text: str) -> Path:
+    """argparse type for a folder or file flag: an empty value (an unset shell variable) is refused,
+    where Path('') would silently mean the current folder."""
+    if not text.strip():
+        raise InputError("an empty path was given (an unset variable?): give a folder or file")
+    return Path(text)
+
+
+def tolerance(text: str) -> float:
+    """argparse type for --atol/--rtol: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"tolerance {text!r} must be a finite number >= 0")
+    return value
+
+
 def parse_layers(spec: str | list[int] | None, num_layers: int | None = None) -> list[int] | None:
     """"0,3-5" (or a list) -> [0, 3, 4, 5]; None, "" or "all" -> None (every layer).
 
-    With num_layers, numbers outside 0..num_layers-1 are an InputError.
+    Ranges are checked before they are expanded: numbers outside 0..num_layers-1 (or past
+    MAX_LAYERS without num_layers) are an InputError.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return None
-    out: set[int] = set()
+    limit = MAX_LAYERS if num_layers is None else num_layers
+    bad = InputError(f"--layers {spec!r}: the model has layers 0..{limit - 1}")
+    ranges: list[tuple[int, int]] = []
     if isinstance(spec, str):
         try:
             for part in spec.split(","):
                 lo, _, hi = part.strip().partition("-")
-                out.update(range(int(lo), int(hi or lo) + 1))
+                ranges.append((int(lo), int(hi or lo)))
         except ValueError:
             raise InputError(f"--layers {spec!r}: write layer numbers like 0,3-5") from None
     else:
-        out.update(int(n) for n in spec)
-    if not out or (num_layers is not None and not all(0 <= n < num_layers for n in out)):
-        raise InputError(f"--layers {spec!r}: the model has layers 0..{(num_layers or 1) - 1}")
-    return sorted(out)
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in spec):
+            raise InputError(f"--layers {spec!r}: layer numbers must be integers")
+        ranges = [(n, n) for n in spec]
+    if not ranges or any(lo > hi for lo, hi in ranges):
+        raise InputError(f"--layers {spec!r}: write ranges low-high, like 0,3-5")
+    if not all(0 <= lo and hi < limit for lo, hi in ranges):
+        raise bad
+    return sorted({n for lo, hi in ranges for n in range(lo, hi + 1)})

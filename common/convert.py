@@ -26,8 +26,9 @@ from typing import Callable
 
 import torch
 
+from common.atomic import clean_stale_temps, output_folder, temp_folder
 from common.checkpoint import Checkpoint
-from common.cli import InputError
+from common.cli import FS_FAULTS, InputError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -298,40 +299,41 @@ def write_weights(folder: Path, plan: list[OutTensor], max_shard_size: int,
 
 
 def check_output_dir(output_dir: Path, checkpoint: Path, force: bool) -> None:
-    """Refuse to touch a folder that holds files unless force; never replace the checkpoint's own folder."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output-dir {output_dir} is a file: choose a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not force:
-            raise InputError(f"--output-dir {output_dir} already holds files: pass --force to replace the folder, "
-                             "or choose another --output-dir")
-        if checkpoint.resolve().is_relative_to(output_dir.resolve()):
-            raise InputError(f"--output-dir {output_dir} contains the checkpoint {checkpoint}: "
-                             "--force would delete it; choose another --output-dir")
+    """Refuse to touch a folder that holds files unless force; never a folder that holds the checkpoint."""
+    output_folder(output_dir, input_files=[checkpoint], flag="--output-dir", create=False)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise InputError(f"--output-dir {output_dir} already holds files: pass --force to replace the folder, "
+                         "or choose another --output-dir")
 
 
 def build_folder(output_dir: Path, fill: Callable[[Path], None], force: bool) -> None:
     """Build the folder under a temporary name beside output_dir; rename it into place only when complete.
 
-    With force, an existing output_dir is moved aside first and deleted only after the rename.
+    With force, an existing output_dir is moved aside first and deleted only after the rename. The
+    temporary folders are mkdtemp's (random names); those of a killed run are removed here next time.
     """
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    output_dir = output_dir.resolve()  # "." works too: its parent receives the temporary folder
     try:
-        fill(tmp)
-        if output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        elif output_dir.exists():
-            if not force:  # appeared while we were writing
-                raise InputError(f"--output-dir {output_dir} appeared while converting: pass --force or choose another")
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(output_dir.parent, output_dir.name)
+        with temp_folder(output_dir) as tmp:
+            fill(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp's private mode would outlive the rename
+            if output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()
+            elif output_dir.exists():
+                if not force:  # appeared while we were writing
+                    raise InputError(f"--output-dir {output_dir} appeared while converting: pass --force or choose another")
+                with temp_folder(output_dir) as old:
+                    os.replace(output_dir, old)
+                    os.replace(tmp, output_dir)
+                return
+            os.replace(tmp, output_dir)
+    except OSError as e:
+        if e.errno in FS_FAULTS:
+            raise InputError(f"cannot write {e.filename or output_dir}: {os.strerror(e.errno)}: free some space "
+                             "or choose another --output-dir") from None
+        raise
 
 
 def copy_side_files(checkpoint: Path, folder: Path) -> list[str]:

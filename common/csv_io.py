@@ -36,7 +36,7 @@ import orjson
 import polars as pl
 import torch
 
-from common.atomic import atomic_path
+from common.atomic import atomic_file
 from common.cli import InputError
 
 CHUNK_VALUES = 1 << 20  # most values formatted at once: ~14 MB of text held per worker
@@ -401,8 +401,8 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
         raise ValueError(f"write_csv takes a 1-D or 2-D tensor, got shape {a.shape}")
     workers = workers or cpu_workers()
     digest = hashlib.sha256() if sha256 else None
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: the parent re-reads to hash
+    with atomic_file(path) as f:
+        fd = os.dup(f.fileno())  # read-write: the parent re-reads to hash
         try:
             if a.size == 0:
                 text = b"\n" * (a.shape[0] if a.ndim == 2 else 1)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from common import manifest
-from common.atomic import atomic_path, sha256_file
+from common.atomic import atomic_file, clean_stale_temps, sha256_stream
 from common.cli import InputError
 from common.csv_io import write_numbers
 from common.safetensors_io import (TORCH_DTYPE, TensorInfo, head_is_tied, index_weight_map,
@@ -256,18 +256,17 @@ def write_job(path: Path, job: Job, fmt: str, dtype: str | None, on_values: Call
         as_stored = t.dtype == TORCH_DTYPE[info.dtype]
         return write_numbers(path, t, "," if fmt == "csv" else " ", sha256=True, on_chunk=on_values,
                              file_slice=(info.shard, job.entry["tensors"][0]["offsets"][0]) if as_stored else None)
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as f:
         if fmt == "npy":
             (_, info), = job.members
-            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temp name
-                np.save(f, _load(info, dtype, fmt).numpy(), allow_pickle=False)
+            np.save(f, _load(info, dtype, fmt).numpy(), allow_pickle=False)
             on_values(info.numel)
         elif fmt == "ckpt":  # torch.save needs the whole state dict at once
             state = {}
             for key, info in job.members:
                 state[key] = _load(info, dtype, fmt)
                 on_values(info.numel)
-            torch.save(state, tmp)
+            torch.save(state, f)
             del state
         else:  # safetensors: header first, then tensor by tensor
             entries = [(key, written_dtype(info, dtype, fmt), info.shape) for key, info in job.members]
@@ -276,23 +275,10 @@ def write_job(path: Path, job: Job, fmt: str, dtype: str | None, on_values: Call
                 for _, info in job.members:
                     yield _load(info, dtype, fmt)
                     on_values(info.numel)
-            with open(tmp, "wb") as f:
-                write_safetensors_streaming(f, entries, tensors(), metadata={"format": "pt"})
-        size = tmp.stat().st_size
-        return size, sha256_file(tmp)
-
-
-def remove_stale_temp_files(out_dir: Path) -> None:
-    """Temp files of an export that was killed (its pid is gone) are ours to delete."""
-    for p in out_dir.glob(".*.tmp-*"):
-        pid = p.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                p.unlink(missing_ok=True)
-            except PermissionError:
-                pass
+            write_safetensors_streaming(f, entries, tensors(), metadata={"format": "pt"})
+        f.flush()
+        f.seek(0)
+        return os.fstat(f.fileno()).st_size, sha256_stream(f)
 
 
 @dataclass
@@ -317,7 +303,7 @@ def export(model_dir: Path, out_dir: Path, fmt: str, dtype: str | None, jobs: li
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create {out_dir}: {e.strerror}: choose another --out-dir") from None
-    remove_stale_temp_files(out_dir)
+    clean_stale_temps(out_dir)
     recorded = manifest.read_manifest(out_dir)
     summary = Summary()
     todo = []

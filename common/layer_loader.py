@@ -31,7 +31,8 @@ from common.atomic import write_json
 from common.cli import InputError
 from common.model_config import ModelConfig, load_config
 from common.prompts import position_ids_from_mask
-from common.safetensors_io import TensorInfo, read_header, read_tensor, shard_files, shard_signature
+from common.safetensors_io import (TensorInfo, merge_headers, read_header, read_tensor, shard_files,
+                                   shard_signature)
 
 CACHE_VERSION = 2  # 2: shard signatures as {size, mtime_ns}, as in step 1's manifest
 
@@ -92,10 +93,9 @@ class LayerCollector:
                     return {name: self.model_dir / shard for name, shard in cached["weight_map"].items()}
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
                 pass  # an unreadable cache is rebuilt below, never trusted
-        weight_map: dict[str, Path] = {}
         for shard in shards:
             self._headers[shard] = read_header(shard)
-            weight_map.update({name: shard for name in self._headers[shard]})
+        weight_map = {name: info.shard for name, info in merge_headers(self._headers).items()}
         if cache_path is not None:
             write_json(cache_path, {"version": CACHE_VERSION, "model_dir": str(self.model_dir),
                                     "shards": signature,

@@ -21,6 +21,7 @@ from common.atomic import read_json
 from common.attention import check_heads
 from common.cli import InputError
 from common.rope import check_scaling
+from common.step_files import check_meta_values
 
 # Default folders under outputs/<model folder>/ (paths.output_dir).
 WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
@@ -123,6 +124,7 @@ def check_meta(meta: dict, path: Path) -> None:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
+    check_meta_values(meta, path)  # types and ranges: positive sizes, finite rope_theta, a mapping for rope_scaling
     try:
         rope_type = check_scaling(meta["rope_scaling"])
         check_heads(meta["num_heads"], meta["num_kv_heads"])

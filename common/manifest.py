@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.atomic import write_json
+from common.atomic import open_lock, write_json
 
 MANIFEST_NAME = "manifest.json"
 # What a planned export and a recorded entry must agree on for the file to be reused.
@@ -45,12 +45,12 @@ def read_manifest(out_dir: Path) -> dict:
 @contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
     """Serialise read-merge-write of the manifest between exports sharing OUT_DIR."""
-    with open(Path(out_dir) / f".{MANIFEST_NAME}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = open_lock(Path(out_dir) / f".{MANIFEST_NAME}.lock")  # never follows a planted link
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def record(out_dir: Path, entries: dict[str, dict]) -> None:

@@ -35,26 +35,49 @@ def load_tokenizer(model_dir: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]}): "
+    except Exception as e:  # tokenizers raises bare Exceptions for a broken tokenizer.json
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{model_dir}: no usable tokenizer ({first}): "
                          "download the model again (tokenizer.json / tokenizer_config.json)") from None
 
 
+def chat_text(tokenizer, prompt: str) -> str:
+    """One user turn through the tokenizer's chat template (jinja2, sandboxed by transformers)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
+        said = " ".join(str(e).split())[:200]
+        raise InputError(f"the chat template (tokenizer_config.json / chat_template.jinja) failed: "
+                         f"{type(e).__name__}: {said}; fix the template or encode without it") from None
+    if not isinstance(text, str):
+        raise InputError("the chat template did not produce text: fix it or encode without it")
+    return text
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_side: str = "left",
-                   max_positions: int | None = None) -> PromptBatch:
-    """Tokenize prompts (through the chat template with `chat`) into one padded batch."""
+                   max_positions: int | None = None, vocab_size: int | None = None) -> PromptBatch:
+    """Tokenize prompts (through the chat template with `chat`) into one padded batch.
+
+    With vocab_size, every id (padding included) must fall inside the embedding.
+    """
     if not prompts:
         raise InputError("no prompt given: give at least one prompt")
     for i, p in enumerate(prompts):
-        if not p or not p.strip():
+        if not isinstance(p, str) or not p.strip():
             raise InputError(f"prompt {i} is empty: give it some text")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in argv arrive as lone surrogates
+            raise InputError(f"prompt {i} is not valid UTF-8: pass the text in UTF-8") from None
     if padding_side not in ("left", "right"):
         raise InputError(f"padding side {padding_side!r} is not left or right")
     if chat:
         if not tokenizer.chat_template:
             raise InputError("this tokenizer has no chat template (tokenizer_config.json): encode without it")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        texts = [chat_text(tokenizer, p) for p in prompts]
         add_special = False  # the template writes the BOS itself
     else:
         texts, add_special = list(prompts), True
@@ -76,6 +99,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_si
         s = T - len(row) if padding_side == "left" else 0
         input_ids[b, s:s + len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[b, s:s + len(row)] = 1
+    if vocab_size is not None:
+        too_big = [i for row in ids for i in row] + [pad_id]
+        if not all(0 <= i < vocab_size for i in too_big):
+            bad = next(i for i in too_big if not 0 <= i < vocab_size)
+            raise InputError(f"the tokenizer gives id {bad}, outside the embedding (vocab_size {vocab_size}): "
+                             "the tokenizer files do not belong to this model; download the model again")
     tokens = [tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist()]
     return PromptBatch(list(prompts), input_ids, attention_mask, position_ids_from_mask(attention_mask),
                        tokens, padding_side)

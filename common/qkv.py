@@ -13,14 +13,18 @@ from common import layout
 from common.atomic import read_json
 from common.attention import AttentionWeights
 from common.csv_io import read_csv, write_csv
+from common.step_files import check_batch, check_tokens
 from common.verify import QUANTITIES, compare
 
 
 def read_batch(acts_dir: Path, B: int, T: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """attention_mask (B, T), position_ids (B, T) and tokens.json of a step-2 folder."""
+    """attention_mask (B, T), position_ids (B, T) and tokens.json of a step-2 folder, checked (step_files)."""
     mask = read_csv(acts_dir / layout.ATTENTION_MASK, (B, T))
     position_ids = read_csv(acts_dir / layout.POSITION_IDS, (B, T))
-    return mask, position_ids, read_json(acts_dir / layout.TOKENS, "run 2_get_x.py again")
+    tokens = read_json(acts_dir / layout.TOKENS, "run 2_get_x.py again", kind=None)
+    check_batch(mask, position_ids, acts_dir / layout.ATTENTION_MASK, acts_dir / layout.POSITION_IDS)
+    check_tokens(tokens, acts_dir / layout.TOKENS, B, T)
+    return mask, position_ids, tokens
 
 
 def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWeights:

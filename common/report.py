@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common import layout
-from common.atomic import atomic_path, write_json, write_text
+from common.atomic import atomic_file, write_json, write_text
 from common.verify import QUANTITIES
 
 
@@ -115,8 +115,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_errors(path: Path, results: dict[int, dict[str, dict]], rtol: float) -> None:

@@ -346,6 +346,6 @@ def test_existing_output_dir_kept_unless_force(tmp_path):
     convert(tmp_path / "a.pt", "--output-dir", out, "--force")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
     torch.save({"w": torch.ones(4)}, out / "b.pt")  # --force must never delete the checkpoint itself
-    with pytest.raises(InputError, match="contains the checkpoint"):
+    with pytest.raises(InputError, match="contains the input file"):
         convert(out / "b.pt", "--output-dir", out, "--force")
     assert (out / "b.pt").is_file()

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import model_factory
 from common import cli
+from common.atomic import TEMP_SUFFIX
 from common.csv_io import read_csv
 from common.export import safe_file_name
 from common.layout import ATTENTION_FILTER
@@ -283,6 +284,11 @@ def test_cli_errors_and_exports_as_a_user_runs_it(llama32, tmp_path):
     assert r.stdout.splitlines()[-1].startswith("exported 12 tensors")
 
 
+def is_temp(name: str, final: str) -> bool:
+    """A temporary file of common/atomic.py for the file `final`: .<final>.<random>.tmp"""
+    return name.startswith(f".{final}.") and name.endswith(TEMP_SUFFIX)
+
+
 def test_a_kill_mid_export_leaves_only_complete_files(tmp_path):
     """SIGKILL during a large tensor: every file under a final name is complete, and a rerun finishes."""
     g = torch.Generator().manual_seed(0)
@@ -294,7 +300,7 @@ def test_a_kill_mid_export_leaves_only_complete_files(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "1_model_weights.py"), "--model-dir", str(model),
                              "--out-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".w1.csv.tmp-") and p.stat().st_size > 4e6
+    while time.time() < deadline and not any(is_temp(p.name, "w1.csv") and p.stat().st_size > 4e6
                                              for p in (out.iterdir() if out.exists() else [])):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
@@ -304,14 +310,14 @@ def test_a_kill_mid_export_leaves_only_complete_files(tmp_path):
     time.sleep(0.3)
     assert {p.name: p.stat().st_size for p in out.iterdir()} == sizes  # nothing is still writing
     final = sorted(n for n in sizes if not n.startswith("."))
-    assert any(n.startswith(".w1.csv.tmp-") for n in sizes) and "w1.csv" not in final
+    assert any(is_temp(n, "w1.csv") for n in sizes) and "w1.csv" not in final
     for n in final:
         if n.endswith(".csv"):
             np.testing.assert_array_equal(read_csv(out / n, (2048, 2048)), tensors[n[:-4]].numpy())
         else:
             json.loads((out / n).read_text())
     r = step1("--model-dir", model, "--out-dir", out)
-    assert r.code == 0 and not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert r.code == 0 and not [p for p in out.iterdir() if p.name.endswith(TEMP_SUFFIX)]
     for n, t in tensors.items():
         np.testing.assert_array_equal(read_csv(out / f"{n}.csv", (2048, 2048)), t.numpy())
 
