@@ -13,19 +13,21 @@ import argparse
 from pathlib import Path
 
 from common import hub, paths
-from common.cli import print_settings, run
+from common.atomic import output_folder
+from common.cli import InputError, path_arg, print_settings, run
 from common.demo_model import build_demo_model
 
 HF_TOKEN = None  # None: the HF_TOKEN environment variable, else the stored login
 BASE_SAVE_DIR = paths.MODEL_PATHS
 MODELS_TO_DOWNLOAD = ["meta-llama/Llama-3.2-1B-Instruct"]
 DEMO_DIR_NAME = paths.DEMO_MODEL_DIR.name
+TIMEOUT = hub.READ_TIMEOUT_S  # seconds the Hub may stay silent (no answer, or no byte) before we give up
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", type=Path, default=BASE_SAVE_DIR,
+    p.add_argument("--model-path", type=path_arg, default=BASE_SAVE_DIR,
                    help="folder that receives one subfolder per model (default: model_paths/)")
     p.add_argument("--models", nargs="+", default=MODELS_TO_DOWNLOAD, metavar="ID",
                    help="Hub repo ids, e.g. meta-llama/Llama-3.2-1B-Instruct")
@@ -34,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-original", action="store_true",
                    help="also download original/ (Meta's consolidated .pth; doubles the download)")
     p.add_argument("--force", action="store_true", help="download or rebuild even if already complete")
+    p.add_argument("--timeout", type=float, default=TIMEOUT,
+                   help="seconds the Hub may stay silent before the download gives up (default %(default)s)")
     args = p.parse_args(argv)
+    if not args.timeout > 0:
+        raise InputError(f"--timeout {args.timeout}: give a number of seconds > 0")
+    output_folder(args.model_path, flag="--model-path", create=False)  # a file there, an empty path: refused
 
     if args.demo:
         out = args.model_path / DEMO_DIR_NAME
@@ -46,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                     "include original/": args.include_original,
                     "token": "given in HF_TOKEN constant" if HF_TOKEN else "environment or stored login"})
     for repo_id in args.models:
+        hub.check_repo_id(repo_id)  # all of them, before the first download starts
+    for repo_id in args.models:
         dest = args.model_path / hub.folder_name(repo_id)
         if hub.download(repo_id, dest, token=HF_TOKEN, include_original=args.include_original,
-                        force=args.force):
+                        force=args.force, timeout_s=args.timeout):
             print(f"{repo_id}: downloaded to {dest}")
         else:
             print(f"{repo_id}: already complete in {dest} (--force to download again)")

@@ -15,13 +15,19 @@ import warnings
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x transport: its connection errors surface as these
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+from huggingface_hub import constants, get_session, snapshot_download
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import validate_repo_id
 
 from common.cli import InputError
 
 COMPLETE_MARKER = ".complete"
+# huggingface_hub asks for its repo listing with no timeout at all: a Hub (or proxy) that accepts the
+# connection and never answers would hold the download forever. Every request gets these bounds
+# (seconds) wherever the library left them unset: to connect, and between two bytes of an answer.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
 # config, generation config, tokenizer files, weights and their index; nothing else.
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "*.safetensors",
@@ -29,9 +35,63 @@ ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "to
 ORIGINAL_PATTERNS = ["original/*"]  # Meta's consolidated .pth: doubles the download
 
 
+def check_repo_id(repo_id: str) -> str:
+    """A Hub repo id as the Hub accepts it ("name" or "org/name"; letters, digits, - _ .), else InputError."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise InputError(f"{repo_id!r} is not a Hub repo id ({str(e).split('.')[0]}): write it as "
+                         "org/name, e.g. meta-llama/Llama-3.2-1B-Instruct") from None
+    return repo_id
+
+
+def bound_timeouts(connect_s: float = CONNECT_TIMEOUT_S, read_s: float = READ_TIMEOUT_S) -> None:
+    """Give every Hub request of this process a connect and read timeout where none was set."""
+    session = get_session()
+
+    def bound(request: httpx2.Request) -> None:
+        limits = {"connect": connect_s, "read": read_s, "write": read_s, "pool": connect_s}
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {k: given.get(k) if given.get(k) is not None else v for k, v in limits.items()}
+
+    hooks = session.event_hooks
+    session.event_hooks = {"request": [h for h in hooks["request"] if getattr(h, "__name__", "") != "bound"] + [bound],
+                           "response": hooks["response"]}
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """An error and its causes, outermost first."""
+    out = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _http_error(e: BaseException) -> HfHubHTTPError | None:
+    """The Hub's HTTP answer behind an error (snapshot_download wraps it in LocalEntryNotFoundError)."""
+    return next((x for x in _chain(e) if isinstance(x, HfHubHTTPError) and x.response is not None), None)
+
+
+def _answered(repo_id: str, e: HfHubHTTPError) -> InputError:
+    status = e.response.status_code
+    said = " ".join((e.server_message or e.response.reason_phrase or "").split())[:200]
+    if status == 401:
+        return InputError("the Hugging Face token was rejected (401): set a valid HF_TOKEN or run "
+                          "`hf auth login` again")
+    hint = "this account or address may not access it" if status == 403 else "try again later"
+    return InputError(f"the Hub at {constants.ENDPOINT} answered {status} for {repo_id}"
+                      f"{f' ({said})' if said else ''}: {hint}")
+
+
 def folder_name(repo_id: str) -> str:
     """meta-llama/Llama-3.2-1B-Instruct -> meta-llama_Llama-3.2-1B-Instruct"""
     return repo_id.replace("/", "_")
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The innermost cause (a timeout inside LocalEntryNotFoundError, say)."""
+    return _chain(e)[-1]
 
 
 def is_complete(dest: Path) -> bool:
@@ -39,12 +99,16 @@ def is_complete(dest: Path) -> bool:
 
 
 def download(repo_id: str, dest: Path, token: str | None = None, include_original: bool = False,
-             force: bool = False) -> bool:
-    """Download repo_id into dest; return False when dest was already complete and left alone."""
+             force: bool = False, timeout_s: float = READ_TIMEOUT_S) -> bool:
+    """Download repo_id into dest; return False when dest was already complete and left alone.
+
+    `timeout_s`: the longest wait for an answer, or between two bytes of one, before giving up."""
+    check_repo_id(repo_id)
     if is_complete(dest) and not force:
         return False
     (dest / COMPLETE_MARKER).unlink(missing_ok=True)
     patterns = ALLOW_PATTERNS + (ORIGINAL_PATTERNS if include_original else [])
+    bound_timeouts(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s)
     try:
         with warnings.catch_warnings():  # its low-disk warning is said once, below, as an error
             warnings.filterwarnings("ignore", message="Not enough free disk space")
@@ -61,14 +125,20 @@ def download(repo_id: str, dest: Path, token: str | None = None, include_origina
             f"{repo_id} was not found on the Hub (check the spelling; a private repo also needs HF_TOKEN)"
         ) from None
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status == 401:
-            raise InputError("the Hugging Face token was rejected (401): set a valid HF_TOKEN or run "
-                             "`hf auth login` again") from None
-        raise InputError(f"the Hub answered {status} for {repo_id}: try again later") from None
+        if e.response is None:
+            raise InputError(f"the Hub gave no usable answer for {repo_id}: try again later") from None
+        raise _answered(repo_id, e) from None
     except (LocalEntryNotFoundError, httpx2.TransportError) as e:
-        raise InputError(f"cannot reach the Hugging Face Hub to download {repo_id} ({type(e).__name__}): "
-                         "check the network, or run with --demo for the offline demo model") from None
+        answer = _http_error(e)
+        if answer is not None:  # it answered, with an error: say what it said
+            raise _answered(repo_id, answer) from None
+        timed_out = any(isinstance(x, (httpx2.TimeoutException, TimeoutError)) for x in _chain(e))
+        what = f"no answer within {timeout_s:g} s" if timed_out else type(_cause(e)).__name__
+        raise InputError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to download {repo_id} "
+                         f"({what}): check the network, or run with --demo for the offline demo model") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise InputError(f"the Hub at {constants.ENDPOINT} answered something that is not a Hub API answer "
+                         f"for {repo_id} ({type(e).__name__}): check HF_ENDPOINT and any proxy, then retry") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             free = shutil.disk_usage(dest.parent).free / 1e9

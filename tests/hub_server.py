@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
@@ -41,6 +42,10 @@ class HubServer:
         self.valid_tokens = set(valid_tokens)
         self.log: list[Request] = []
         self.truncate: set[str] = set()  # file paths whose GETs are cut halfway (a dropped connection)
+        # A misbehaving Hub, for every request: an HTTP status (403, 500, ...), "not_json" (an HTML page),
+        # "bad_listing" (siblings and tree of the wrong JSON type), or "hang" (accept, never answer).
+        self.fault: int | str | None = None
+        self.hang_s = 30.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +81,14 @@ class HubServer:
         auth = h.headers.get("Authorization")
         path = unquote(urlparse(h.path).path)
         self.log.append(Request("HEAD" if head else "GET", path, auth))
+        if self.fault == "hang":
+            time.sleep(self.hang_s)
+            return
+        if isinstance(self.fault, int):
+            msg = {403: "Forbidden: this IP is blocked", 500: "Internal Server Error"}.get(self.fault, "error")
+            return self.reply(h, self.fault, {"error": msg}, {"X-Error-Message": msg}, head)
+        if self.fault == "not_json" and path.startswith("/api/"):
+            return self.reply(h, 200, None, {}, head, raw=b"<html><body>Welcome to the captive portal</body></html>")
         m = (re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
              or re.fullmatch(r"/([^/]+/[^/]+)/(resolve)/([^/]+)/(.+)", path))
         if not m:
@@ -95,9 +108,12 @@ class HubServer:
             info = {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": False,
                     "gated": "manual" if repo.gated else False,
                     "siblings": [{"rfilename": p} for p in repo.files]}
+            if self.fault == "bad_listing":
+                info["siblings"] = 42
             return self.reply(h, 200, info, {}, head)
         if kind == "tree":
-            return self.reply(h, 200, [self.tree_entry(p, b) for p, b in repo.files.items()], {}, head)
+            listing = [self.tree_entry(p, b) for p, b in repo.files.items()]
+            return self.reply(h, 200, {"files": 42} if self.fault == "bad_listing" else listing, {}, head)
         return self.send_file(h, repo, rest, head)
 
     @staticmethod
@@ -137,8 +153,8 @@ class HubServer:
         h.wfile.write(body)
 
     @staticmethod
-    def reply(h: BaseHTTPRequestHandler, status: int, obj, headers: dict, head: bool) -> None:
-        body = json.dumps(obj).encode()
+    def reply(h: BaseHTTPRequestHandler, status: int, obj, headers: dict, head: bool, raw: bytes | None = None) -> None:
+        body = json.dumps(obj).encode() if raw is None else raw
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
