@@ -301,6 +301,9 @@ def write_weights(folder: Path, plan: list[OutTensor], max_shard_size: int,
 def check_output_dir(output_dir: Path, checkpoint: Path, force: bool) -> None:
     """Refuse to touch a folder that holds files unless force; never a folder that holds the checkpoint."""
     output_folder(output_dir, input_files=[checkpoint], flag="--output-dir", create=False)
+    if Path.cwd().is_relative_to(output_dir.resolve()):  # replacing it would leave the shell in a deleted folder
+        raise InputError(f"--output-dir {output_dir} is (or contains) the current folder, which the converter "
+                         "replaces as a whole: give the name of a new folder, e.g. --output-dir model")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
         raise InputError(f"--output-dir {output_dir} already holds files: pass --force to replace the folder, "
                          "or choose another --output-dir")

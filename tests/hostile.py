@@ -57,13 +57,15 @@ def run_main(name: str, *args, cwd: Path | None = None) -> Result:
 
 
 def one_line(r: Result, *words: str) -> str:
-    """Exit 2, exactly one line on stderr, an `error:` that contains every word given."""
+    """Exit 2, one `error:` line, last on stderr (progress bars may come before it), holding every word given."""
     assert r.code == 2, (r.code, r.out[-2000:], r.err[-3000:])
-    lines = [l for l in r.err.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.err, r.err[-3000:]
+    lines = [l for l in r.err.replace("\r", "\n").splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in r.err, r.err[-3000:]
+    assert all("it/s]" in l or "%|" in l for l in lines[:-1]), r.err[-3000:]
     for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
 
 
 def fingerprint(*folders: Path) -> dict[str, str]:
