@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
                     "out dir": out_dir})
 
-    output_folder(out_dir, inputs=[args.model_dir])  # never into (or around) the model folder
+    output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
     written: set[str] = set()
     nbytes = 0

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {args.rtol:g} (which is for float32 captures)")
     plot_layer = check_plot_choice(args, layers, metas)
     layout.check_attention_weights(weights_dir, metas)
-    output_folder(out_dir, inputs=[acts_dir, weights_dir])  # never into (or around) what is read
+    output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
 
