@@ -135,7 +135,7 @@ def check_model_args(path: Path, args: dict, sd: dict[str, torch.Tensor]) -> Non
     if not isinstance(args.get("bias", True), bool):
         raise InputError(f"{path}: nanoGPT model_args bias={args['bias']!r} is not true or false: fix model_args")
     layers = {int(m.group(1)) for k in sd if (m := NANOGPT_LAYER.match(k))}
-    if layers != set(range(args["n_layer"])):
+    if len(layers) != args["n_layer"] or (layers and (min(layers), max(layers)) != (0, args["n_layer"] - 1)):
         held = f"layers 0..{max(layers)}" if layers else "no layers"
         raise InputError(f"{path}: model_args n_layer={args['n_layer']} but the state dict holds {held}: "
                          "fix model_args or the checkpoint")
