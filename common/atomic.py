@@ -180,6 +180,15 @@ def output_folder(path: str | os.PathLike, inputs: list = (), input_files: list 
         probe = probe.parent
     if os.path.lexists(probe) and not probe.is_dir():
         raise InputError(f"{flag} {path}: {probe} is a file, not a folder: choose a folder")
+    if path.is_dir():  # a link in it that leads to an input: a final name that resolves to an input file
+        guarded = [Path(f).resolve() for f in inputs if f is not None and Path(f).exists()]
+        guarded_files = [Path(f).resolve() for f in input_files if f is not None]
+        for entry in os.scandir(path):
+            if entry.is_symlink():
+                target = Path(entry.path).resolve()
+                if target in guarded_files or any(target.is_relative_to(g) for g in guarded):
+                    raise InputError(f"{entry.path} is a link to the input {target}: remove it (a step never "
+                                     "writes where it reads)")
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,18 @@ def test_a_link_at_a_final_name_is_replaced_never_followed(model, tmp_path):
     assert not (out / "manifest.json").is_symlink()
 
 
+def test_a_final_name_that_resolves_to_an_input_file_is_refused(model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").symlink_to(model / "model.safetensors")
+    before = fingerprint(model)
+    one_line(step1(model, out, "--layer", "a", "--format", "safetensors"), "link to the input")
+    (out / "model.safetensors").unlink()
+    (out / "a.weight.csv").symlink_to(model)
+    one_line(step1(model, out), "link to the input")
+    assert fingerprint(model) == before
+
+
 def test_a_link_at_the_manifest_lock_is_refused(model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
