@@ -30,7 +30,6 @@ from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run
 from common.model_config import load_config
 from common.prompts import encode_prompts, load_tokenizer
-from common.safetensors_io import shard_files
 from common.weights_check import check_weights
 
 MODEL_DIR = paths.MODEL_DIR
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
-    shard_files(args.model_dir)  # InputError: no weights
-    check_weights(args.model_dir, cfg)  # InputError: files that disagree with config.json (both paths)
+    check_weights(args.model_dir, cfg)  # InputError: no weights, or files that disagree with config.json
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
     layers = parse_layers(args.layers, cfg.num_layers) or list(range(cfg.num_layers))
     device = resolve_device(args.device)

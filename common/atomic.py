@@ -45,7 +45,10 @@ def _lock_held(fd: int) -> bool:
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[tuple[BinaryIO, str]]:
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a new, exclusively created binary file (read-write) beside `path`; rename it over `path`
+    only if the block succeeds. A write fault becomes an InputError naming `path`."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -56,32 +59,19 @@ def _atomic(path: Path) -> Iterator[tuple[BinaryIO, str]]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the file as being written
         with os.fdopen(fd, "w+b") as f:
-            yield f, tmp
+            yield f
             f.flush()
             os.fchmod(f.fileno(), FILE_MODE)
             os.replace(tmp, path)
     except OSError as e:
-        if e.errno in WRITE_FAULTS:
+        # Only faults of this file (a write names no file; the rename names the temp file). A fault
+        # naming another file (a source read inside the block) is left to cli.run, which names it.
+        if e.errno in WRITE_FAULTS and e.filename in (None, tmp, str(path)):
             raise write_fault(e, path) from None
         raise
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Yield a new, exclusively created binary file (read-write) beside `path`; rename it over `path`
-    only if the block succeeds. A write fault becomes an InputError naming `path`."""
-    with _atomic(Path(path)) as (f, _):
-        yield f
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """As atomic_file, for writers that want a path: the temporary file exists (empty) when yielded."""
-    with _atomic(Path(path)) as (_, tmp):
-        yield Path(tmp)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ manifest.json (common/manifest.py); a rerun skips files that still match their s
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -41,7 +40,6 @@ LAYER_FILE_FORMATS = ("ckpt", "safetensors")  # with --layer: one file for the w
 DTYPES = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "source": "source"}
 UNSAFE_CHARS = set('/\\%:*?"<>|')
-USER_FIXABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the extension and the temp prefix
 
 NameFilter = Callable[[str], bool]
@@ -324,13 +322,7 @@ def export(model_dir: Path, out_dir: Path, fmt: str, dtype: str | None, jobs: li
 
             def on_values(n: int) -> None:
                 bar.update(round(n * bytes_per_value))
-            try:
-                nbytes, sha = write_job(path, job, fmt, dtype, on_values)
-            except OSError as e:
-                if e.errno in USER_FIXABLE:  # disk full, read-only, no permission: say so in one line
-                    raise InputError(f"cannot write {path}: {os.strerror(e.errno)}: free some space or "
-                                     "choose another --out-dir") from None
-                raise
+            nbytes, sha = write_job(path, job, fmt, dtype, on_values)  # write faults: one line (common.atomic)
             manifest.record(out_dir, {job.file_name: {**job.entry, "bytes": nbytes, "sha256": sha}})
             summary.tensors += len(job.members)
             summary.values += job.values

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import os
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common import cli
-from conftest import ROOT
+from conftest import load_script
 
 _MODULES: dict[str, object] = {}
 
@@ -30,10 +29,7 @@ class Result:
 def script(name: str):
     """A numbered script as a module (loaded once)."""
     if name not in _MODULES:
-        spec = importlib.util.spec_from_file_location(name.removesuffix(".py").replace("-", "_"), ROOT / name)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _MODULES[name] = mod
+        _MODULES[name] = load_script(name)
     return _MODULES[name]
 
 

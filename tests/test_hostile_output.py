@@ -186,7 +186,8 @@ def dead_pid() -> int:
 def plant_leftovers(folder, final: str):
     """An unlocked temp file, a legacy one of a dead pid, a planted link, and a locked one (a live writer)."""
     folder.mkdir(parents=True, exist_ok=True)
-    stale = [folder / f".{final}.k2j4h5g6.tmp", folder / f".{final}.tmp-{dead_pid()}", folder / f".{final}.zz.tmp"]
+    legacy = f".{final}" + ".tmp-" + str(dead_pid())  # the name the pid-named temp files of older versions had
+    stale = [folder / f".{final}.k2j4h5g6.tmp", folder / legacy, folder / f".{final}.zz.tmp"]
     stale[0].write_text("half")
     stale[1].write_text("half")
     stale[2].symlink_to(folder.parent / "elsewhere")
