@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.timeout > 0:
         raise InputError(f"--timeout {args.timeout}: give a number of seconds > 0")
-    output_folder(args.model_path, flag="--model-path", create=False)  # a file there, an empty path: refused
+    output_folder(args.model_path, flag="--model-path", create=False, clean=False)  # a file there: refused
 
     if args.demo:
         out = args.model_path / DEMO_DIR_NAME

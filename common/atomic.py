@@ -145,9 +145,9 @@ def _related(a: Path, b: Path) -> bool:
 
 
 def output_folder(path: str | os.PathLike, inputs: list = (), input_files: list = (), flag: str = "--out-dir",
-                  create: bool = True) -> Path:
+                  create: bool = True, clean: bool = True) -> Path:
     """Check (and with `create`, create) an output folder before anything is written; remove the leftovers
-    of killed runs. Without `create` the folder appears with the first file written into it.
+    of killed runs (unless not `clean`). Without `create` the folder appears with the first file written into it.
 
     Refused: an empty path; a path that is a file, or lies under one; a folder that is, contains or
     lies inside one of `inputs` (folders read by the step: writing there could replace what is read);
@@ -186,7 +186,8 @@ def output_folder(path: str | os.PathLike, inputs: list = (), input_files: list 
             if e.errno in WRITE_FAULTS:
                 raise InputError(f"cannot create {flag} {path}: {os.strerror(e.errno)}: choose another folder") from None
             raise
-    clean_stale_temps(path)
+    if clean:
+        clean_stale_temps(path)
     return path
 
 

@@ -62,7 +62,7 @@ def tolerance(text: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise InputError(f"tolerance {text!r} must be a finite number >= 0")
+        raise InputError(f"--atol/--rtol {text!r}: give a finite number >= 0")
     return value
 
 

@@ -42,7 +42,7 @@ def test_layer_ranges_are_checked_before_they_are_expanded(pipeline, tmp_path, s
 @pytest.mark.parametrize("value", ["nan", "-1e-5", "inf", "-inf", "x", ""])
 @pytest.mark.parametrize("flag", ["--atol", "--rtol"])
 def test_tolerances_are_finite_and_not_negative(pipeline, tmp_path, flag, value):
-    one_line(step3(pipeline, tmp_path / "q", f"{flag}={value}"), "tolerance")
+    one_line(step3(pipeline, tmp_path / "q", f"{flag}={value}"), "finite number >= 0")
     assert not (tmp_path / "q").exists()
 
 
