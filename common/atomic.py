@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -24,6 +25,7 @@ from typing import BinaryIO, Iterator
 from common.cli import FS_FAULTS, InputError
 
 TEMP_SUFFIX = ".tmp"  # temp names: .<final name>.<random><TEMP_SUFFIX> (files) or ...<TEMP_SUFFIX>d (folders)
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmpd?")  # what mkstemp/mkdtemp make with our prefix and suffix
 FILE_MODE = 0o644  # mkstemp creates 0600; finished outputs are readable like any other file
 # Write faults a user can fix (disk full, read-only, permissions, a folder or file in the way).
 WRITE_FAULTS = FS_FAULTS
@@ -35,13 +37,62 @@ def write_fault(e: OSError, path: str | os.PathLike) -> InputError:
                       "permissions, or choose another output folder")
 
 
-def _lock_held(fd: int) -> bool:
+def _locked_temp(make, flags: int) -> tuple[int, str]:
+    """A new temporary file or folder (make() -> (fd or None, name)), flock()ed, and still under its name.
+
+    Between its creation and the lock, a cleaner may take it for a leftover and remove it (it removes
+    only what it could lock, while holding the lock): then the name no longer leads to it, and we
+    make another.
+    """
+    while True:
+        fd, name = make()
+        if fd is None:
+            fd = os.open(name, flags | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks it as being written
+        try:
+            if os.stat(name, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd, name
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Lock fd's file unless another process holds it; True when we now hold the lock."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return False
+    return True
+
+
+def _remove_unless_locked(p: Path) -> bool:
+    """Remove a temporary file or folder nobody holds a lock on (its writer is gone); True if removed."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not _try_lock(fd):
+            return False  # its writer still runs
+        _remove(p)  # while holding its lock: see _locked_temp
+        return True
+    finally:
+        os.close(fd)
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -51,13 +102,13 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        fd, tmp = _locked_temp(lambda: tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX),
+                               os.O_RDWR)
     except OSError as e:
         if e.errno in WRITE_FAULTS:
             raise write_fault(e, path) from None
         raise
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the file as being written
         with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
@@ -77,10 +128,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
 @contextmanager
 def temp_folder(final: Path) -> Iterator[Path]:
     """A new private folder beside `final` (mkdtemp), locked while in use, removed afterwards unless renamed."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=TEMP_SUFFIX + "d"))
-    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd, name = _locked_temp(lambda: (None, tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.",
+                                                            suffix=TEMP_SUFFIX + "d")), os.O_RDONLY | os.O_DIRECTORY)
+    tmp = Path(name)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
     finally:
         os.close(fd)
@@ -97,33 +148,18 @@ def clean_stale_temps(folder: Path, final: str | None = None) -> list[Path]:
         name = p.name
         if final is not None and not name.startswith(f".{final}."):
             continue
-        ours = name.startswith(".") and (name.endswith(TEMP_SUFFIX) or name.endswith(TEMP_SUFFIX + "d"))
+        ours = TEMP_NAME.fullmatch(name) is not None
         legacy = name.startswith(".") and ".tmp-" in name and name.rsplit(".tmp-", 1)[1].isdigit()
         if not (ours or legacy):
             continue
         if p.is_symlink():  # planted: drop the link itself, never what it points at
             p.unlink()
-            removed.append(p)
+        elif legacy:
+            if _pid_alive(int(name.rsplit(".tmp-", 1)[1])):
+                continue
+            _remove(p)
+        elif not _remove_unless_locked(p):
             continue
-        if legacy:
-            try:
-                os.kill(int(name.rsplit(".tmp-", 1)[1]), 0)
-                continue  # its writer still runs
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        else:
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                if _lock_held(fd):
-                    continue
-            finally:
-                os.close(fd)
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 

@@ -187,7 +187,7 @@ def plant_leftovers(folder, final: str):
     """An unlocked temp file, a legacy one of a dead pid, a planted link, and a locked one (a live writer)."""
     folder.mkdir(parents=True, exist_ok=True)
     legacy = f".{final}" + ".tmp-" + str(dead_pid())  # the name the pid-named temp files of older versions had
-    stale = [folder / f".{final}.k2j4h5g6.tmp", folder / legacy, folder / f".{final}.zz.tmp"]
+    stale = [folder / f".{final}.k2j4h5g6.tmp", folder / legacy, folder / f".{final}.zz_9ab7x.tmp"]
     stale[0].write_text("half")
     stale[1].write_text("half")
     stale[2].symlink_to(folder.parent / "elsewhere")
@@ -195,15 +195,16 @@ def plant_leftovers(folder, final: str):
     live.write_text("being written")
     fd = os.open(live, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    return stale, live, fd
+    return stale, [live], fd
 
 
-def check_cleaned(stale, live, fd):
+def check_cleaned(stale, kept, fd):
     try:
         assert not [p for p in stale if os.path.lexists(p)]
-        assert live.exists()  # a writer still holds it
+        assert all(p.exists() for p in kept)  # a writer holds it, or may soon
     finally:
         os.close(fd)
+
 
 
 def test_every_step_removes_its_leftovers(model, pipeline, checkpoint, tmp_path):
@@ -217,7 +218,7 @@ def test_every_step_removes_its_leftovers(model, pipeline, checkpoint, tmp_path)
     assert step3(pipeline, tmp_path / "q").code == 0
     check_cleaned(*left)
     (tmp_path / "models").mkdir()
-    stale = tmp_path / "models" / ".conv.abcd.tmpd"
+    stale = tmp_path / "models" / ".conv.abcd1234.tmpd"
     (stale / "sub").mkdir(parents=True)
     assert convert(checkpoint, tmp_path / "models" / "conv").code == 0
     assert not stale.exists()
@@ -241,3 +242,26 @@ def test_read_only_is_one_line_for_steps_1_2_3_and_the_converter(model, pipeline
         one_line(step2(pipeline[0], disk / "x"), "Read-only")
         one_line(step3(pipeline, disk / "q"), "Read-only")
         one_line(convert(checkpoint, disk / "conv"), "Read-only")
+
+
+def test_a_temp_file_a_cleaner_removes_before_it_is_locked_is_made_again(tmp_path):
+    """mkstemp, then flock: a cleaner running in between removes the file; the writer notices and retries."""
+    import tempfile
+
+    from common import atomic
+
+    made = []
+
+    def make():
+        fd, name = tempfile.mkstemp(dir=tmp_path, prefix=".f.csv.", suffix=atomic.TEMP_SUFFIX)
+        made.append(name)
+        if len(made) == 1:
+            assert atomic.clean_stale_temps(tmp_path) != []  # another run's cleaner gets there first
+        return fd, name
+
+    fd, name = atomic._locked_temp(make, os.O_RDWR)
+    try:
+        assert name == made[1] and os.path.exists(name) and not os.path.exists(made[0])
+        assert atomic.clean_stale_temps(tmp_path) == [] and os.path.exists(name)  # locked: kept
+    finally:
+        os.close(fd)
