@@ -4,6 +4,7 @@
     python 2_get_x.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1 --prompt "Hi" --prompt "Hello there"
     python 2_get_x.py --chat --layers 0,5-7 --dtype bfloat16
     python 2_get_x.py --streaming                           # one decoder layer in memory at a time
+    python 2_get_x.py --position-offset 100000              # positions 100000.. (long-context RoPE)
 
 Reads a model folder (config.json, safetensors, tokenizer). Writes to OUT_DIR
 (default outputs/<model folder>/x_all_layers), for every decoder layer N, with B prompts padded to
@@ -16,8 +17,11 @@ T tokens and rows batch-major (row = b*T + t):
     ref_attn_layerN.csv [B*T, d]  the attention block's output (after o_proj)
     attention_mask.csv, position_ids.csv [B, T], tokens.json
 Everything is captured by hooks on the running model (eager attention), never recomputed.
-Positions count each prompt's real tokens from 0, as generate() does, so a padded batch matches
-each prompt run alone. Files left by an earlier run with other settings are removed.
+Positions count each prompt's real tokens from POSITION_OFFSET (default 0), as generate() does, so a
+padded batch matches each prompt run alone; an offset K feeds positions K.. as position_ids, as if K
+tokens came before (checks RoPE far into the context window). The total size is printed before
+anything is written, with a warning above WARN_WRITE_GB. Files left by an earlier run with other
+settings are removed.
 """
 import argparse
 import time
@@ -44,6 +48,8 @@ DEVICE = "auto"  # cpu, cuda, auto (cuda when available)
 CHAT = False  # wrap each prompt in the tokenizer's chat template (user turn + assistant header)
 STREAMING = False  # load, run and free one decoder layer at a time (capture.stream_capture)
 PADDING_SIDE = "left"  # left (as generate() pads) or right
+POSITION_OFFSET = 0  # first position of every prompt: 0 .. max_position_embeddings - prompt length
+WARN_WRITE_GB = 5.0  # warn when the layer CSVs will take more than this
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -73,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=CHAT)
     p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=STREAMING)
     p.add_argument("--padding-side", choices=("left", "right"), default=PADDING_SIDE)
+    p.add_argument("--position-offset", type=int, default=POSITION_OFFSET, metavar="K",
+                   help="positions start at K (default: POSITION_OFFSET)")
+    p.add_argument("--warn-write-gb", type=float, default=WARN_WRITE_GB)
     args = p.parse_args(argv)
 
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
@@ -89,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
                          "(tokenizer_config.json); drop --chat")
     batch = encode_prompts(tokenizer, prompts, chat=args.chat,
                            padding_side=args.padding_side, max_positions=cfg.max_position_embeddings,
-                           vocab_size=cfg.vocab_size)
+                           vocab_size=cfg.vocab_size, position_offset=args.position_offset)
     B, T = batch.input_ids.shape
+    size = capture.csv_bytes_estimate(cfg, B * T, len(layers), args.save_x_norm, args.save_reference)
     print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,
+                    "positions": f"from {args.position_offset}",
                     "layers": f"{len(layers)} of {cfg.num_layers}", "dtype": args.dtype, "device": device,
                     "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
-                    "out dir": out_dir})
+                    "out dir": out_dir, "about to write": f"~{size / 1e9:.2f} GB of layer CSVs"})
+    if size > args.warn_write_gb * 1e9:
+        print(f"warning: this capture writes ~{size / 1e9:.1f} GB to {out_dir} ({B} x {T} tokens, "
+              f"{len(layers)} layers); fewer --layers or a shorter prompt write less", flush=True)
 
     output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)

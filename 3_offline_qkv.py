@@ -112,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         meta = metas[n]
         xnorm, w = qkv.read_xnorm(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
+        # Attention runs in blocks of query rows (common/attention.py) and keeps only the plotted
+        # head's (T, T) probabilities: memory stays O(T x block) however long the prompt.
+        keep = (args.plot_prompt, args.plot_head) if n == plot_layer else None
         out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
-                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"])
+                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep)
+        del xnorm, w  # before the references are read: a long prompt's peak memory is here
         if n == plot_layer:
-            plot_probs = out["probs"][args.plot_prompt, args.plot_head]  # (T, T)
+            plot_probs = out["probs"]  # (T, T)
         qkv.write_outputs(out_dir, n, out)
         checked, missing = qkv.verify(acts_dir, n, out, real_rows, args.atol, args.rtol)
         if checked:

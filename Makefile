@@ -8,6 +8,10 @@ STAMP     := $(VENV)/.installed-requirements
 common     = $(shell $(PY) -c 'import os; from common import layout, paths; print($(1))')
 DEMO_DIR   = $(call common,os.path.relpath(paths.DEMO_MODEL_DIR))
 MODEL_DIR ?= $(call common,os.path.relpath(paths.MODEL_DIR))
+# The second capture starts every prompt at this position, far into the model's window
+# (max_position_embeddings: Llama-3.2 131072, the demo model 8192), where RoPE is hard.
+LONG_OFFSET ?= 100000
+long_dir   = $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.offset_folder(layout.$(1), $(LONG_OFFSET)))))
 # Step 3 needs only the attention projections (and their biases, when a model has them).
 ATTN_FILTER = '$(call common,layout.ATTENTION_FILTER)'
 
@@ -20,20 +24,27 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Offline: build the demo model, then run steps 1 -> 2 -> 3 on it and print the verification table.
+# Offline: build the demo model, run steps 1 -> 2 -> 3 on it at positions 0.. and again at 8000.. (near
+# the end of its 8192-token window), and print the verification tables.
 demo: $(STAMP)
 	$(PY) 0_download_models.py --demo
-	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR)
+	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000
 
 # Llama-3.2 from the Hub (needs HF_TOKEN with access): make pipeline [MODEL_DIR=model_paths/<org>_<name>]
 pipeline: $(STAMP)
 	$(PY) 0_download_models.py
 	$(MAKE) --no-print-directory steps MODEL_DIR=$(MODEL_DIR)
 
+# Steps 1 -> 2 -> 3, then a second capture at positions LONG_OFFSET.. checked by step 3 into its own
+# folders. Step 4 (4_offline_forward.py) goes here once it exists, after each step 3, checking both
+# captures: its default folders, then --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,FORWARD).
 steps: $(STAMP)
 	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR) --filter $(ATTN_FILTER)
 	$(PY) 2_get_x.py --model-dir $(MODEL_DIR)
 	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR)
+	@echo "== the same check at positions $(LONG_OFFSET).. (2_get_x.py --position-offset)"
+	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --position-offset $(LONG_OFFSET) --out-dir $(call long_dir,ACTS)
+	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR) --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,QKV)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -3,7 +3,8 @@
     q = xnorm Wq^T (+ bq),  k = xnorm Wk^T (+ bk),  v = xnorm Wv^T (+ bv)
     q, k = rope(q), rope(k)                      (common.rope, rotate-half layout)
     query head h reads KV head h // (H / Hkv)   (grouped-query attention)
-    p = softmax(q k^T / sqrt(Dh) + mask)         (causal by index, padded keys masked)
+    p = softmax(q k^T / sqrt(Dh) + mask)         (causal by index, padded keys masked;
+                                                  QUERY_BLOCK query rows at a time)
     attn = concat_h(p v) Wo^T (+ bo)
 
 No transformers here: this is the independent recomputation that step 3 checks the model against.
@@ -16,6 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import rope  # called as rope.f(...) so that tests can swap one equation for a buggy one
+
+# Query rows per block. Attention is computed QUERY_BLOCK rows at a time, so its memory is a few
+# B x H x QUERY_BLOCK x T arrays, never the B x H x T x T score tensor (2.1 GB for one 4096-token
+# prompt on Llama-3.2-1B's 32 heads): a long prompt runs in bounded memory, and every row is
+# computed as in one T x T block. Speed: small blocks stay in cache (T = 2048 on one BLAS thread:
+# 1.0 s, unblocked 4.8 s), but they are many small products, which OpenBLAS's threads slow down
+# badly on a busy machine (30 s against 8 s); there OPENBLAS_NUM_THREADS=1 helps.
+QUERY_BLOCK = 32
+# Above this many tokens the full probabilities (B*H*T x T values, keep_probs="all") are not kept
+# or written: at 2048 tokens and 32 heads they are 134M values, ~1.7 GB of CSV per layer.
+PROBS_MAX_SEQ_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -48,45 +60,77 @@ def check_heads(num_heads: int, num_kv_heads: int) -> None:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
 
 
-def attention_allowed(attention_mask: np.ndarray) -> np.ndarray:
-    """Which key each query may see: causal by index (j <= i) and not padding. (B, T) -> (B, T, T) bool."""
+def attention_allowed(attention_mask: np.ndarray, rows: slice = slice(None), keys: int | None = None) -> np.ndarray:
+    """Which key each query may see: causal by index (j <= i) and not padding.
+
+    attention_mask (B, T) -> (B, t, n) bool for the query rows `rows` and the first n = keys keys.
+    """
     T = attention_mask.shape[1]
-    causal = np.tril(np.ones((T, T), dtype=bool))  # (T_query, T_key)
-    return causal[None, :, :] & (attention_mask[:, None, :] > 0)
+    n = T if keys is None else keys
+    i = np.arange(T)[rows]  # (t,) query indices
+    causal = np.arange(n)[None, :] <= i[:, None]  # (t, n)
+    return causal[None, :, :] & (attention_mask[:, None, :n] > 0)
 
 
 def softmax(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis among allowed entries; a row with nothing allowed gives all zeros."""
-    s = np.where(allowed, scores, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0).astype(np.float32)  # rows with nothing allowed: avoid inf - inf
-    e = np.exp(s - m)  # exp(-inf) = 0 for masked entries
+    """Softmax over the last axis among allowed entries; a row with nothing allowed gives all zeros.
+
+    Works in place on `scores` (a fresh array per block): a block's few temporaries are its memory.
+    """
+    np.copyto(scores, -np.inf, where=~allowed)
+    m = scores.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0  # rows with nothing allowed: avoid inf - inf
+    e = np.exp(np.subtract(scores, m, out=scores), out=scores)  # exp(-inf) = 0 for masked entries
     total = e.sum(axis=-1, keepdims=True)
     return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scaled dot-product attention with GQA.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attention_mask: np.ndarray,
+              keep_probs: str | tuple[int, int] | None = None, block: int | None = None):
+    """Scaled dot-product attention with GQA, QUERY_BLOCK query rows at a time.
 
-    q (B, T, H, Dh), k/v (B, T, Hkv, Dh), allowed (B, T, T) -> context (B, T, H, Dh), probs (B, H, T, T).
+    q (B, T, H, Dh), k/v (B, T, Hkv, Dh), attention_mask (B, T) -> context (B, T, H, Dh), probs.
+    probs: None; with keep_probs="all" every head's (B, H, T, T); with keep_probs=(b, h) that
+    prompt's and head's (T, T) only (what a plot needs). Only "all" ever holds B x H x T x T.
     """
-    H, Hkv, Dh = q.shape[2], k.shape[2], q.shape[3]
-    k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, T, H, Dh)
-    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, Dh)
-    scores = (qh @ kh.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(Dh))  # (B, H, T, T)
-    probs = softmax(scores, allowed[:, None, :, :])
-    context = probs @ vh  # (B, H, T, Dh)
+    B, T, H, Dh = q.shape
+    Hkv = k.shape[2]
+    block = block or QUERY_BLOCK
+    if keep_probs == "all" and T > PROBS_MAX_SEQ_LEN:
+        raise ValueError(f"every head's probabilities of {T} tokens ({B * H * T * T * 4 / 1e9:.1f} GB): "
+                         f"kept up to PROBS_MAX_SEQ_LEN = {PROBS_MAX_SEQ_LEN} tokens only")
+    # Keys and values contiguous per head (and each query block below): BLAS multiplies those up to
+    # three times faster than strided views.
+    kh = np.ascontiguousarray(repeat_kv(k, H // Hkv).transpose(0, 2, 1, 3))  # (B, T, H, Dh) -> (B, H, T, Dh)
+    vh = np.ascontiguousarray(repeat_kv(v, H // Hkv).transpose(0, 2, 1, 3))
+    qh = q.transpose(0, 2, 1, 3)  # (B, H, T, Dh), a view
+    scale = np.float32(1.0 / np.sqrt(Dh))
+    context = np.empty((B, H, T, Dh), np.float32)
+    probs = (np.zeros((B, H, T, T), np.float32) if keep_probs == "all"
+             else np.zeros((T, T), np.float32) if keep_probs is not None else None)
+    for s in range(0, T, block):
+        rows = slice(s, min(s + block, T))
+        n = rows.stop  # causal: the rows of this block see keys 0 .. rows.stop - 1 only
+        q_rows = np.ascontiguousarray(qh[:, :, rows])  # (B, H, t, Dh)
+        scores = (q_rows @ kh[:, :, :n].transpose(0, 1, 3, 2)) * scale  # (B, H, t, n)
+        p = softmax(scores, attention_allowed(attention_mask, rows, n)[:, None])  # (B, H, t, n)
+        context[:, :, rows] = p @ vh[:, :, :n]  # (B, H, t, Dh)
+        if keep_probs == "all":
+            probs[:, :, rows, :n] = p
+        elif keep_probs is not None:
+            probs[rows, :n] = p[keep_probs]
     return context.transpose(0, 2, 1, 3), probs  # (B, T, H, Dh)
 
 
 def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
                     num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
-                    rope_scaling: dict | None) -> dict[str, np.ndarray]:
+                    rope_scaling: dict | None, keep_probs: str | tuple[int, int] | None = None
+                    ) -> dict[str, np.ndarray]:
     """Recompute one layer's attention from its normalised input.
 
     xnorm (B*T, d) batch-major; position_ids, attention_mask (B, T). Returns q (B*T, H*Dh) and
     k, v (B*T, Hkv*Dh) after RoPE (v has none), head-major columns (h*Dh + j) like the model's
-    projections; attn (B*T, d) after o_proj; probs (B, H, T, T).
+    projections; attn (B*T, d) after o_proj; probs as `attention` keeps them (keep_probs).
     """
     B, T = attention_mask.shape
     H, Hkv, Dh = num_heads, num_kv_heads, head_dim
@@ -96,7 +140,7 @@ def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.nda
     v = linear(xnorm, w.wv, w.bv).reshape(B, T, Hkv, Dh)
     cos, sin = rope.rope_cos_sin(position_ids, rope.rope_inv_freq(Dh, rope_theta, rope_scaling))
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    context, probs = attention(q, k, v, attention_allowed(attention_mask))
+    context, probs = attention(q, k, v, attention_mask, keep_probs)
     attn = linear(context.reshape(B * T, H * Dh), w.wo, w.bo)  # (B, T, H, Dh) -> (B*T, H*Dh) -> (B*T, d)
     return {"q": q.reshape(B * T, H * Dh), "k": k.reshape(B * T, Hkv * Dh), "v": v.reshape(B * T, Hkv * Dh),
             "attn": attn, "probs": probs}

@@ -44,6 +44,15 @@ ATTN_IMPLEMENTATION = "eager"
 # attention module -> callback(q, k, v); only modules inside an active capture are here.
 _RECORDERS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
+CSV_BYTES_PER_VALUE = 13  # what common.csv_io writes on average (shortest round-trip float32 + comma)
+
+
+def csv_bytes_estimate(cfg, tokens: int, layers: int, save_x_norm: bool, save_reference: bool) -> int:
+    """About how many bytes of layer CSV a capture of `tokens` rows (B*T) over `layers` layers writes."""
+    per_row = cfg.d_model * (1 + save_x_norm + save_reference)  # x, xnorm, ref_attn
+    if save_reference:
+        per_row += (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim  # ref_q, ref_k, ref_v
+    return CSV_BYTES_PER_VALUE * per_row * tokens * layers
 
 
 def _capture_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -213,6 +222,7 @@ def layer_meta(cfg, batch, model_dir: Path, dtype: torch.dtype, device: torch.de
         "max_position_embeddings": cfg.max_position_embeddings,
         "attention_bias": cfg.attention_bias,
         "padding_side": batch.padding_side,
+        "position_offset": batch.position_offset,
         "dtype": str(dtype).removeprefix("torch."),
         "model_dir": str(model_dir),
         "provenance": {

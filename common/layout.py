@@ -5,6 +5,7 @@ One home for the on-disk contract (SPEC): no other module builds these names.
     outputs/<model folder>/weights/        step 1: <tensor name>.csv, manifest.json
                            x_all_layers/   step 2: <stem>_layerN.csv, meta_layerN.json, batch files
                            qkv/            step 3: q/k/v/attn_layerN.csv, report.json, report.md, PNGs
+                           x_all_layers_offsetK/, qkv_offsetK/   the same at positions K.. (make demo)
 
 Per-layer files are `<stem>_layer<N>.<ext>`; the model's own value of a quantity that a later
 step recomputes is its `ref_` twin (`ref_q_layerN.csv` beside step 3's `q_layerN.csv`). A new
@@ -49,6 +50,12 @@ META_KEYS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "h
 def default_dir(model_dir: str | Path, folder: str) -> Path:
     """outputs/<model folder>/<folder>, folder one of WEIGHTS, ACTS, QKV, FORWARD, GOLDEN."""
     return paths.output_dir(model_dir, folder)
+
+
+def offset_folder(folder: str, offset: int) -> str:
+    """A capture at positions offset.. and its checks live beside the default ones:
+    x_all_layers, 100000 -> x_all_layers_offset100000 (qkv -> qkv_offset100000)."""
+    return f"{folder}_offset{offset}"
 
 
 def layer_file(stem: str, n: int, ext: str = "csv") -> str:

@@ -3,6 +3,9 @@
 Positions follow transformers' generate(): each row counts its own real tokens from 0
 (cumsum of the mask - 1), so a left- or right-padded prompt gets the same positions as the
 prompt alone; padding slots get position 1, a value that nothing real ever attends to.
+A position offset K starts every prompt at K instead (K + cumsum - 1): the same tokens as if a
+context of K tokens came before them, without computing it, so that a check reaches the long
+positions where RoPE's scaling and float32 angles are hard (common/rope.py).
 """
 from __future__ import annotations
 
@@ -22,12 +25,22 @@ class PromptBatch:
     position_ids: torch.Tensor  # (B, T) int64
     tokens: list[list[str]]  # (B, T) token strings, padding included
     padding_side: str
+    position_offset: int = 0  # the first real token's position in every prompt
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions as generate() builds them: 0.. over real tokens, 1 on padding."""
-    pos = attention_mask.long().cumsum(-1) - 1
+def position_ids_from_mask(attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """(B, T) positions as generate() builds them, shifted by offset: offset.. over real tokens, 1 on padding."""
+    pos = attention_mask.long().cumsum(-1) - 1 + offset
     return pos.masked_fill(attention_mask == 0, 1)
+
+
+def check_position_offset(offset: int, length: int, max_positions: int | None) -> None:
+    """The offset K must leave room for the longest prompt: 0 <= K <= max_position_embeddings - T."""
+    if offset < 0:
+        raise InputError(f"position offset {offset} is negative: give 0 or more")
+    if max_positions is not None and offset + length > max_positions:
+        raise InputError(f"position offset {offset} + {length} tokens passes max_position_embeddings "
+                         f"({max_positions}, config.json): use an offset of at most {max(max_positions - length, 0)}")
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -58,8 +71,10 @@ def chat_text(tokenizer, prompt: str) -> str:
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_side: str = "left",
-                   max_positions: int | None = None, vocab_size: int | None = None) -> PromptBatch:
-    """Tokenize prompts (through the chat template with `chat`) into one padded batch.
+                   max_positions: int | None = None, vocab_size: int | None = None,
+                   position_offset: int = 0) -> PromptBatch:
+    """Tokenize prompts (through the chat template with `chat`) into one padded batch; positions from
+    position_offset.
 
     With vocab_size, every id (padding included) must fall inside the embedding.
     """
@@ -93,6 +108,7 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_si
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     B, T = len(ids), max(len(r) for r in ids)
+    check_position_offset(position_offset, T, max_positions)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     for b, row in enumerate(ids):
@@ -106,5 +122,5 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False, padding_si
             raise InputError(f"the tokenizer gives id {bad}, outside the embedding (vocab_size {vocab_size}): "
                              "the tokenizer files do not belong to this model; download the model again")
     tokens = [tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist()]
-    return PromptBatch(list(prompts), input_ids, attention_mask, position_ids_from_mask(attention_mask),
-                       tokens, padding_side)
+    position_ids = position_ids_from_mask(attention_mask, position_offset)
+    return PromptBatch(list(prompts), input_ids, attention_mask, position_ids, tokens, padding_side, position_offset)

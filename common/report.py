@@ -13,6 +13,20 @@ from common import layout
 from common.atomic import atomic_file, write_json, write_text
 from common.verify import QUANTITIES
 
+PLOT_LABELLED_TOKENS = 160  # the attention plot labels every token up to this prompt length
+PLOT_MAX_CELLS = 512  # a longer prompt's attention is drawn max-pooled to this many cells a side
+
+
+def max_pool(probs: np.ndarray, cells: int) -> tuple[np.ndarray, int]:
+    """(n, n) -> (m, m) with m <= cells, each cell the max of an f x f tile (a lone strong link
+    stays visible); returns the pooled array and f."""
+    n = probs.shape[0]
+    f = -(-n // cells)
+    m = -(-n // f)
+    padded = np.zeros((m * f, m * f), probs.dtype)
+    padded[:n, :n] = probs
+    return padded.reshape(m, f, m, f).max(axis=(1, 3)), f
+
 
 def worst(results: dict[int, dict[str, dict]]) -> tuple[int, str, dict]:
     """(layer, quantity, metrics) with the largest max_rel (NaN counts as the worst)."""
@@ -151,14 +165,20 @@ def plot_attention(path: Path, probs: np.ndarray, tokens: list[str], layer: int,
     plt = _pyplot()
     n = len(tokens)
     labels = [_label(t) for t in tokens]
-    size = min(4 + 0.22 * n, 40)
+    size = min(4 + 0.22 * n, 40) if n <= PLOT_LABELLED_TOKENS else 12
     fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(probs, cmap="viridis", vmin=0, vmax=max(float(probs.max()), 1e-12))
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), labels, fontsize=7)
+    pooled, f = max_pool(probs, PLOT_MAX_CELLS) if n > PLOT_MAX_CELLS else (probs, 1)
+    # Drawn from at most PLOT_MAX_CELLS^2 cells: a 4096-token prompt's 16M would take GBs to render.
+    im = ax.imshow(pooled, cmap="viridis", vmin=0, vmax=max(float(probs.max()), 1e-12),
+                   extent=(-0.5, pooled.shape[1] * f - 0.5, pooled.shape[0] * f - 0.5, -0.5))
+    if n <= PLOT_LABELLED_TOKENS:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+    # else: thousands of labels would take minutes to draw and be unreadable; the axes show indices
     ax.set_xlabel("key token")
     ax.set_ylabel("query token")
-    ax.set_title(f"Attention, layer {layer} head {head}, prompt {prompt} (recomputed offline)")
+    pooling = f", max over {f}x{f} tiles" if f > 1 else ""
+    ax.set_title(f"Attention, layer {layer} head {head}, prompt {prompt} (recomputed offline{pooling})")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     _save(fig, path)
     plt.close(fig)

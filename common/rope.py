@@ -11,8 +11,28 @@ rows of Wq and Wk so that this pairing is the right one (llama2.c's export.py un
     out[j]        = x[j] cos(angle[j]) - x[j + Dh/2] sin(angle[j])      j < Dh/2
     out[j + Dh/2] = x[j + Dh/2] cos(angle[j]) + x[j] sin(angle[j])
 
-Every step is done in float32 in the same order as the model does it, so the angles match the
-model's bit for bit (an error of one ulp in an angle at position p is p times larger).
+Long positions (what the offline angle arithmetic must do to match the model there).
+An angle is position * inv_freq in float32, and at position p one ulp of inv_freq moves the angle by
+p ulps: at p = 100000 one float32 step of inv_freq ~ 0.66 is 0.006 rad, a relative error of ~6e-3
+in Q and K, far above the check's 1e-5. So the angles must equal the model's bit for bit, and that
+takes three things, each mirrored below:
+  1. inv_freq bit for bit. transformers computes it in float32 (arange as int64 -> float32,
+     exponent 2i/Dh rounded once, theta ** exponent, then 1.0 / that) and the Llama-3 scaling
+     with torch's own operator order: `2 * pi / inv_freq` and `L / wavelen` are
+     Tensor.__rtruediv__, i.e. reciprocal(x) * c (two roundings, not one division), every Python
+     scalar is rounded to float32 first, and comparisons are in float32.
+  2. The angle as one float32 product: float32(position) * inv_freq, rounded once (transformers'
+     LlamaRotaryEmbedding.forward: position_ids.float() * inv_freq, no float64, no matmul
+     accumulation). Positions stay exact in float32 up to 2**24.
+  3. cos and sin of that float32 angle, with a correct range reduction (numpy's and torch's both
+     are; their results differ in the last ulp at most, a 6e-8 error that does not grow with p).
+One thing cannot be mirrored: torch's float32 pow (theta ** exponent) runs through a SIMD powf
+(SLEEF, accurate to 1 ulp, not correctly rounded) on the vectorised part of the array and libm's
+powf on the rest, so its last bit depends on the CPU. We compute the correctly rounded power (float64,
+rounded once). On Llama-3.2 (theta 500000, Dh 64), SmolLM2 (100000, 64), Llama-3.1 (500000, 128)
+and Llama-2 (10000, 128) the two agree on every frequency (inv_freq bit for bit); on random
+configs ~4% of the frequencies differ by one or two ulps after 1 / pow (theta 1e6, Dh 128: one of
+64), and there the check FAILs at long positions. tests/test_long_positions.py pins both facts.
 """
 from __future__ import annotations
 
@@ -47,8 +67,8 @@ def check_scaling(scaling: dict | None) -> str:
 def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """theta ** (-2i / Dh) for i < Dh/2, float32: the frequencies of plain RoPE. (Dh/2,)"""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    # The power in float64, rounded once: a correctly rounded float32 pow, as torch's is. numpy's
-    # float32 powf is one ulp off for some exponents, and p * (one ulp) is a visible angle error.
+    # The power in float64, rounded once: a correctly rounded float32 pow. numpy's float32 powf is
+    # an ulp off for some exponents, and so, rarely, is torch's (module docstring: what can't be mirrored).
     power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
     return np.float32(1.0) / power
 
@@ -61,15 +81,17 @@ def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
                                wavelen < L / high_freq_factor  -> inv_freq
                                else (1 - s) inv_freq / factor + s inv_freq,
                                     s = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    with L = original_max_position_embeddings.
+    with L = original_max_position_embeddings. Every operation in float32 and in transformers' order
+    (module docstring, point 1): `c / x` is reciprocal(x) * c there, so it is here.
     """
+    f32 = np.float32
     L = original_max_position_embeddings
-    low_freq_wavelen, high_freq_wavelen = L / low_freq_factor, L / high_freq_factor
-    wavelen = np.float32(2 * math.pi) / inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
-    s = (np.float32(L) / wavelen - np.float32(low_freq_factor)) / np.float32(high_freq_factor - low_freq_factor)
-    smoothed = (1 - s) * scaled / np.float32(factor) + s * scaled
-    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    low_freq_wavelen, high_freq_wavelen = f32(L / low_freq_factor), f32(L / high_freq_factor)
+    wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / f32(factor), inv_freq)
+    s = ((f32(1) / wavelen) * f32(L) - f32(low_freq_factor)) / f32(high_freq_factor - low_freq_factor)
+    smoothed = (f32(1) - s) * scaled / f32(factor) + s * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
@@ -78,8 +100,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
 
     Any other rope_type raises ValueError: a silent fallback to plain RoPE would be a wrong answer.
     """
+    return scale_inv_freq(default_inv_freq(head_dim, theta), scaling)
+
+
+def scale_inv_freq(inv_freq: np.ndarray, scaling: dict | None) -> np.ndarray:
+    """Plain RoPE frequencies (Dh/2,) -> those of the rope_scaling (None/default, linear or llama3)."""
     rope_type = check_scaling(scaling)
-    inv_freq = default_inv_freq(head_dim, theta)
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":  # positions divided by factor == frequencies divided by factor
@@ -89,6 +115,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
 
 def rope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of position * inv_freq: (B, T) positions -> two (B, T, Dh/2) arrays."""
+    # One float32 product per angle, as the model does (module docstring, point 2).
     angle = position_ids.astype(np.float32)[..., None] * inv_freq  # (B, T, 1) * (Dh/2,) -> (B, T, Dh/2)
     return np.cos(angle), np.sin(angle)
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 QUANTITIES = ("q", "k", "v", "attn")
+COMPARE_ROWS = 256  # rows compared at a time
 
 # Written into report.md and report.json, so the numbers there say what they mean.
 DEFINITION = """Over the real (non-padding) token rows only, for one layer and one quantity (q, k, v, attn):
@@ -26,18 +27,24 @@ def compare(actual: np.ndarray, ref: np.ndarray, real_rows: np.ndarray, atol: fl
     """Error metrics of `actual` vs `ref` (both (B*T, n)) over rows where real_rows (B*T,) is true."""
     if actual.shape != ref.shape:
         raise ValueError(f"shapes differ: recomputed {actual.shape}, reference {ref.shape}")
-    a = actual[real_rows].astype(np.float64)
-    r = ref[real_rows].astype(np.float64)
-    if a.size == 0:
+    rows = np.flatnonzero(real_rows)
+    if rows.size == 0:
         raise ValueError("no real tokens to compare (the attention mask is all padding)")
-    finite = bool(np.isfinite(a).all() and np.isfinite(r).all())
-    diff = np.abs(a - r)
-    max_abs = float(diff.max()) if finite else math.nan
-    scale = float(np.abs(r).max()) if finite else math.nan
+    max_abs, scale, finite, worst = 0.0, 0.0, True, (int(rows[0]), 0)
+    for i in range(0, rows.size, COMPARE_ROWS):  # float64 copies of a long prompt's rows would be GBs
+        idx = rows[i:i + COMPARE_ROWS]
+        a, r = actual[idx].astype(np.float64), ref[idx].astype(np.float64)
+        diff = np.abs(a - r)
+        diff[~np.isfinite(diff)] = np.inf  # NaN or inf anywhere: the worst element
+        finite = finite and bool(np.isfinite(diff).all())
+        scale = max(scale, float(np.abs(r).max()))
+        # Where the worst element is (the first, if several), so a failure can be looked at.
+        k = int(np.argmax(diff))
+        if i == 0 or diff.flat[k] > max_abs:
+            max_abs, worst = float(diff.flat[k]), (int(idx[k // diff.shape[1]]), k % diff.shape[1])
+    if not finite:
+        max_abs = scale = math.nan
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     passed = finite and max_abs <= atol + rtol * scale
-    # Where the worst element is, so a failure can be looked at: (row, column) in the CSV.
-    worst = np.unravel_index(int(np.argmax(np.where(np.isfinite(diff), diff, np.inf))), diff.shape)
-    worst_row = int(np.flatnonzero(real_rows)[worst[0]])
     return {"max_abs": max_abs, "max_rel": max_rel, "max_ref": scale, "tol": atol + rtol * scale,
-            "pass": bool(passed), "worst_row": worst_row, "worst_col": int(worst[1])}
+            "pass": bool(passed), "worst_row": worst[0], "worst_col": int(worst[1])}

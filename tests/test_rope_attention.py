@@ -110,7 +110,7 @@ def test_attention_matches_torch_sdpa_with_gqa_and_padding():
     mask = np.ones((B, T), np.float32)
     mask[1, :3] = 0  # left padding in prompt 1
     allowed = attention.attention_allowed(mask)
-    ctx, probs = attention.attention(q, k, v, allowed)
+    ctx, probs = attention.attention(q, k, v, mask, keep_probs="all")
 
     tq, tk, tv = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))  # (B, heads, T, Dh)
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -126,3 +126,26 @@ def test_attention_matches_torch_sdpa_with_gqa_and_padding():
 def test_repeat_kv_maps_query_head_h_to_kv_head_h_div_group():
     k = np.arange(3, dtype=np.float32).reshape(1, 1, 3, 1)  # 3 KV heads holding their own index
     assert attention.repeat_kv(k, 4)[0, 0, :, 0].tolist() == [h // 4 for h in range(12)]
+
+
+def test_blocked_attention_equals_one_block_and_keeps_only_the_asked_probs():
+    """Query rows in blocks of 5 (with a ragged last block) give what one T x T block gives."""
+    B, T, H, Hkv, Dh = 2, 37, 4, 2, 16
+    g = np.random.default_rng(1)
+    q, k, v = (g.standard_normal((B, T, n, Dh)).astype(np.float32) for n in (H, Hkv, Hkv))
+    mask = np.ones((B, T), np.float32)
+    mask[0, :6] = 0  # left padding
+    mask[1, -4:] = 0  # right padding
+    ctx_full, probs_full = attention.attention(q, k, v, mask, keep_probs="all", block=T)
+    ctx, probs = attention.attention(q, k, v, mask, keep_probs="all", block=5)
+    np.testing.assert_allclose(ctx, ctx_full, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(probs, probs_full, rtol=0, atol=1e-7)
+    assert (probs[0, :, :, :6] == 0).all() and (np.triu(probs[1, 2], 1) == 0).all()
+    _, one = attention.attention(q, k, v, mask, keep_probs=(1, 3), block=5)
+    np.testing.assert_array_equal(one, probs[1, 3])  # (T, T) of prompt 1, head 3 only
+    ctx_none, none = attention.attention(q, k, v, mask, block=5)
+    assert none is None and np.array_equal(ctx_none, ctx)
+    with pytest.raises(ValueError, match="PROBS_MAX_SEQ_LEN"):
+        n = attention.PROBS_MAX_SEQ_LEN + 1
+        attention.attention(np.zeros((1, n, 1, 2), np.float32), *[np.zeros((1, n, 1, 2), np.float32)] * 2,
+                            np.ones((1, n)), keep_probs="all")
