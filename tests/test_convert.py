@@ -8,6 +8,7 @@ tied wte/lm_head), and checkpoints are saved the way its train.py saves them.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -349,3 +350,42 @@ def test_existing_output_dir_kept_unless_force(tmp_path):
     with pytest.raises(InputError, match="contains the input file"):
         convert(out / "b.pt", "--output-dir", out, "--force")
     assert (out / "b.pt").is_file()
+
+
+def pinned_state_dict() -> dict[str, torch.Tensor]:
+    """Values from arange (the same on every torch), every dtype the writer takes, in an order its
+    widest-first sort has to change."""
+    ramp = torch.arange(-600, 600, dtype=torch.float64) / 7
+    return {
+        "a.bool": ramp[:11] > 0,
+        "b.bf16": ramp[:120].reshape(12, 10).bfloat16(),
+        "c.f8": ramp[:9].to(torch.float8_e4m3fn),
+        "d.f64": ramp[:33],
+        "e.f16": ramp[:64].reshape(8, 8).half().t(),  # non-contiguous
+        "f.i8": torch.arange(-5, 5, dtype=torch.int8),
+        "g.u16": torch.arange(0, 40000, 1000, dtype=torch.int32).to(torch.uint16),
+        "h.f32": ramp[:1200].reshape(30, 40).float(),
+        "i.scalar": torch.tensor(7, dtype=torch.int64),
+        "j.empty": torch.zeros(0, 4),
+    }
+
+
+# sha256 of every file written for pinned_state_dict(): a change to the writer must not change a byte.
+PINNED = {
+    "single": {"model.safetensors": "4539772f69de32402f0722fa36357fe2a0464c42813a0e6cb675efe862720774"},
+    "sharded": {"model-00001-of-00003.safetensors": "4d4680805e456ca490a9d70691f62d13f71c3907e324aaaa0626ccb5d5b05300",
+                "model-00002-of-00003.safetensors": "32d9777fff366556be3bc4c631ee9b528453c873070e53bcbc889dc62f70f322",
+                "model-00003-of-00003.safetensors": "57b1e4d6e58719de93b18a217788cff23e9a094bbb6d46bd530a2b8b68779fe9",
+                "model.safetensors.index.json": "15d979a1da1db93bda7d5199bb99b30a65dde2e98a61360e05571a31512b0a07"},
+}
+
+
+@pytest.mark.parametrize("layout", list(PINNED))
+def test_output_bytes_are_pinned(tmp_path, layout):
+    torch.save(pinned_state_dict(), tmp_path / "pytorch_model.bin")
+    out = tmp_path / "out"
+    convert(tmp_path / "pytorch_model.bin", "--output-dir", out, "--dtype", "keep",
+            *(["--max-shard-size", "4KB"] if layout == "sharded" else []))
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+           if p.name.startswith("model")}
+    assert got == PINNED[layout]
