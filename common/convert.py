@@ -29,13 +29,9 @@ import torch
 from common.atomic import clean_stale_temps, output_folder, temp_folder
 from common.checkpoint import Checkpoint
 from common.cli import FS_FAULTS, InputError
+from common.safetensors_io import INDEX_NAME, SAFETENSORS_DTYPE, write_safetensors_streaming
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
-ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-            torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # HF files that make a converted .bin folder usable; copied when they sit beside the checkpoint.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -247,32 +243,24 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                       on_tensor: Callable[[int], None] | None = None) -> None:
     """Write a .safetensors file tensor by tensor: the header from the plan, then each tensor's bytes."""
     for t in tensors:
-        if t.dtype not in ST_DTYPE:
+        if t.dtype not in SAFETENSORS_DTYPE:
             raise InputError(f"tensor {t.name} has dtype {t.dtype}, which safetensors cannot store: "
                              "convert it to a float or integer dtype first")
     # Widest dtypes first, so every tensor's data starts aligned to its item size (as safetensors does).
     tensors = sorted(tensors, key=lambda t: -t.dtype.itemsize)
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the format allows trailing spaces; 8-byte alignment for the data
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
+
+    def made():
         for t in tensors:
             x = t.make()
-            if tuple(x.shape) != t.shape or x.dtype != t.dtype or not x.is_contiguous():
-                raise AssertionError(f"{t.name}: planned {t.shape} {t.dtype}, made {tuple(x.shape)} {x.dtype}")
-            if t.nbytes:
-                f.write(x.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
-            del x
+            yield x
+            del x  # written: dropped before the next one is made
             if on_tensor:
                 on_tensor(t.nbytes)
-    if os.path.getsize(path) != 8 + len(blob) + offset:
-        raise AssertionError(f"{path}: wrote {os.path.getsize(path)} bytes, expected {8 + len(blob) + offset}")
+    with open(path, "wb") as f:
+        size = write_safetensors_streaming(f, [(t.name, t.dtype, t.shape) for t in tensors], made(),
+                                           metadata={"format": "pt", **(metadata or {})})
+    if os.path.getsize(path) != size:
+        raise AssertionError(f"{path}: wrote {os.path.getsize(path)} bytes, expected {size}")
 
 
 def write_weights(folder: Path, plan: list[OutTensor], max_shard_size: int,

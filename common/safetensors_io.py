@@ -231,34 +231,40 @@ def _check_inside(model_dir: Path, shard: str, where: Path) -> None:
         raise InputError(f"{where}: shard {shard!r} lies outside the model folder {model_dir}: refusing to read it")
 
 
-SAFETENSORS_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}  # torch.bfloat16 -> "BF16", ...
+# The writer's table (torch -> safetensors name): every dtype safetensors stores that torch has.
+SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's raw little-endian bytes (numpy has no bfloat16: go through int16)."""
+    """A CPU tensor's raw little-endian bytes, C order (viewed as uint8: numpy lacks bf16 and fp8)."""
     t = t.detach().cpu().contiguous().reshape(-1)
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def write_safetensors_streaming(f, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors,
-                                metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file to the open binary file `f`, one tensor at a time.
+                                metadata: dict[str, str] | None = None) -> int:
+    """Write a .safetensors file to the open binary file `f`, one tensor at a time; return its size.
 
     `entries` gives (key, dtype, shape) of every tensor up front (the header comes first);
     `tensors` then yields the tensors in the same order, so only one is in memory at a time.
+    Data is laid out in the order given (put the widest dtypes first to keep every tensor aligned
+    to its item size, as safetensors itself does).
     """
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key, dtype, shape in entries:
-        nbytes = math.prod(shape) * ITEMSIZE[SAFETENSORS_DTYPE[dtype]]
+        nbytes = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors itself writes
+    head += b" " * (-len(head) % 8)  # the format allows trailing spaces; the data starts 8-byte aligned
     f.write(struct.pack("<Q", len(head)) + head)
     for (key, dtype, shape), t in zip(entries, tensors, strict=True):
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise ValueError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, the header says {dtype} {shape}")
         f.write(tensor_bytes(t))
+        del t  # before the next tensor is made: one in memory at a time
+    return 8 + len(head) + offset
