@@ -200,10 +200,10 @@ def bench_memory(tmp: Path) -> bool:
 
 
 def child_full(model_dir: Path, out_dir: Path) -> None:
-    from common import csv_io
+    from common import csv_pool
     with sampled_peak(tree_pss_mb, 0.05) as peak:
         s = export_csv(model_dir, out_dir, progress=None)
-    workers = [peak_rss_mb(pid) for pid in (csv_io._pool.pids if csv_io._pool else [])]
+    workers = [peak_rss_mb(pid) for pid in (csv_pool._pool.pids if csv_pool._pool else [])]
     print(json.dumps({"line": s.line(), "seconds": s.seconds, "bytes": s.bytes, "values": s.values,
                       "tensors": s.tensors, "peak_rss_mb": peak_rss_mb(), "worker_rss_mb": max(workers, default=0),
                       "peak_tree_pss_mb": peak[0]}))

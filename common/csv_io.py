@@ -1,4 +1,4 @@
-"""The exact CSV reader/writer: plain numbers, no header, one line per row, comma-separated.
+"""The exact CSV format: plain numbers, no header, one line per row, comma-separated.
 
 Values are written as the shortest decimal that parses back to the same float32 (orjson formats
 numpy float32 with ryu's shortest round-trip algorithm), so every value reads back bit-exact with
@@ -7,27 +7,19 @@ A 1-D tensor is one line. NaN is written `NaN` and infinities `inf` / `-inf` (wh
 pandas write, and what numpy, pandas and Python read back); a NaN's sign and payload are not kept.
 
 Speed: formatting is the cost (~13 bytes per value), so a large tensor is cut into row chunks
-that all available cores format at once (_Pool: workers forked once per process, handed each
-array through a memfd; each writes its own chunks with pwritev straight into the temporary file,
-so no text is copied between processes). bf16/fp16 are widened chunk by chunk in the workers.
-The file appears under its final name only once complete (common.atomic).
+(chunks) that the forked workers of common/csv_pool.py format at once, each writing its own
+chunks into the file. The file appears under its final name only once complete (common.atomic).
 Reading: polars parses straight to float32 (correctly rounded) on every core.
+
+This module does not import torch (step 3 stays a numpy-only process): it accepts a torch tensor
+only from a caller that has torch loaded already.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import io
-import math
-import mmap
 import os
-import pickle
-import signal
-import socket
-import struct
 import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -61,14 +53,13 @@ def _is_tensor(x) -> bool:
 def to_float32_numpy(x) -> np.ndarray:
     if _is_tensor(x):
         import torch
-
         x = x.detach().to("cpu", torch.float32).numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _source_array(x) -> np.ndarray:
     """A C-contiguous numpy array of float32, float16, or bfloat16 bits (as uint16), unwidened:
-    the workers widen chunk by chunk (exactly), so the whole float32 copy never exists."""
+    the writers widen chunk by chunk (exactly), so the whole float32 copy never exists."""
     if _is_tensor(x):
         import torch
         x = x.detach().cpu()
@@ -130,7 +121,7 @@ def format_block(block: np.ndarray, col_sep: bytes, row_sep: bytes, end: bytes) 
     return pieces
 
 
-def _chunks(a: np.ndarray, col_sep: bytes, chunk_values: int) -> list[tuple[np.ndarray, bytes, bytes, bytes]]:
+def chunks(a: np.ndarray, col_sep: bytes, chunk_values: int) -> list[tuple[np.ndarray, bytes, bytes, bytes]]:
     """format_block arguments covering the whole file in order: blocks of about `chunk_values`
     values, whole rows of a 2-D array, or segments of a 1-D one (one line: joined by `col_sep`)."""
     if a.ndim == 2:
@@ -150,7 +141,7 @@ def _chunks(a: np.ndarray, col_sep: bytes, chunk_values: int) -> list[tuple[np.n
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _pwrite_all(fd: int, pieces: list, offset: int) -> None:
+def pwrite_all(fd: int, pieces: list, offset: int) -> None:
     """pwritev every piece at `offset`, resuming after short writes."""
     views = [memoryview(p) for p in pieces]
     while views:
@@ -173,229 +164,11 @@ def _write_serial(fd: int, chunks: list, digest, on_chunk) -> int:
         if digest is not None:
             for p in pieces:
                 digest.update(p)
-        _pwrite_all(fd, pieces, offset)
+        pwrite_all(fd, pieces, offset)
         offset += sum(map(len, pieces))
         if on_chunk:
             on_chunk(block.size)
     return offset
-
-
-def _worker(fd: int, chunks: list, rank: int, nworkers: int, recv_fd: int, send_fd: int, done_fd: int) -> None:
-    """Format chunks rank, rank+W, ...; chunk i's file offset comes from the worker of chunk i-1
-    (around the ring), and (i, offset, nbytes) goes to the parent once chunk i is on disk."""
-    for i in range(rank, len(chunks), nworkers):
-        pieces = format_block(*chunks[i])
-        nbytes = sum(map(len, pieces))
-        offset = 0
-        if i > 0:
-            msg = os.read(recv_fd, 8)
-            if len(msg) != 8:
-                raise OSError("a CSV worker stopped before passing on its file offset")
-            (offset,) = struct.unpack("<q", msg)
-        if i + 1 < len(chunks):
-            os.write(send_fd, struct.pack("<q", offset + nbytes))
-        _pwrite_all(fd, pieces, offset)
-        os.write(done_fd, _DONE.pack(i, offset, nbytes))  # < PIPE_BUF: atomic among writers
-
-
-def _set_up_worker(parent: int) -> None:
-    """Linux/glibc: SIGKILL this worker when the parent dies (a killed export leaves no writer
-    behind), and keep freed chunk buffers in the heap for the next chunk instead of handing them
-    back to the kernel (each fresh ~14 MB buffer would cost thousands of page faults)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD: serve buffers up to 256 MB from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and do not give the freed heap back
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _close_inherited(keep) -> None:
-    """In a worker: close every descriptor but stdio and `keep`. The pool is forked while the
-    caller has the first output file open: kept open by the workers for their whole life, a
-    deleted or replaced output's page cache and disk space would not be freed."""
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-
-
-def _hash_range(digest, fd: int, offset: int, nbytes: int) -> None:
-    """Hash bytes of the file straight from the page cache (a mapping: no copy into this process)."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, offset + nbytes - start, prot=mmap.PROT_READ, offset=start) as mm:
-        with memoryview(mm) as view:
-            digest.update(view[offset - start:])
-
-
-_DONE = struct.Struct("<qqq")  # worker -> parent: (chunk, offset, nbytes); chunk -1: failed (errno, 0)
-_TASK_DONE = -2  # worker -> parent: this task is over and its file descriptors are closed
-
-
-def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_fd: int, done_fd: int) -> None:
-    """A worker's life: take a task (the array's bytes in a file or memfd, the output file), write
-    its chunks, repeat; a closed control socket means the parent is done with the pool."""
-    while True:
-        msg, fds, _, _ = socket.recv_fds(control, 1 << 16, 2)
-        if not msg:
-            return
-        src_fd, out_fd = fds
-        try:
-            shape, dtype, offset, col_sep, chunk_values = pickle.loads(msg)
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            mm = mmap.mmap(src_fd, offset - start + nbytes, prot=mmap.PROT_READ, offset=start)
-            a = np.frombuffer(mm, dtype, math.prod(shape), offset - start).reshape(shape)
-            _worker(out_fd, _chunks(a, col_sep, chunk_values), rank, nworkers, recv_fd, send_fd, done_fd)
-            del a
-            mm.close()
-        except OSError as e:
-            os.write(done_fd, _DONE.pack(-1, e.errno or 0, 0))
-            raise
-        except BaseException:
-            os.write(done_fd, _DONE.pack(-1, 0, 0))
-            raise
-        finally:
-            _close_all([src_fd, out_fd])
-        os.write(done_fd, _DONE.pack(_TASK_DONE, 0, 0))
-
-
-class _Pool:
-    """Formatting workers forked once per process and reused for every large write (a fork of a
-    process that has torch loaded costs ~10 ms, as much as formatting a million values).
-
-    They pass each other the next file offset around a ring of pipes, so each writes its own
-    chunks with pwritev straight into the file; the parent hashes the file in order as it fills.
-    """
-
-    def __init__(self, nworkers: int):
-        self.owner, self.nworkers, self.pids = os.getpid(), nworkers, []
-        ring = [os.pipe() for _ in range(nworkers)]  # ring[w]: offsets from worker w to worker w+1
-        self.done_r, done_w = os.pipe()
-        pairs = [socket.socketpair() for _ in range(nworkers)]
-        gc.freeze()  # the workers' collector leaves the parent's objects alone: no copy-on-write
-        try:
-            for rank in range(nworkers):
-                pid = os.fork()
-                if pid == 0:  # worker: keep only its own ends, never return into the caller
-                    code = 1
-                    try:
-                        gc.disable()
-                        _set_up_worker(self.owner)
-                        keep = (ring[rank - 1][0], ring[rank][1], done_w, pairs[rank][1].fileno())
-                        for r, (mine, theirs) in enumerate(pairs):
-                            mine.close()
-                            if r != rank:
-                                theirs.close()
-                        _close_inherited(keep)
-                        _serve(rank, nworkers, pairs[rank][1], *keep[:3])
-                        code = 0
-                    finally:
-                        os._exit(code)
-                self.pids.append(pid)
-        finally:
-            gc.unfreeze()
-            _close_all([e for p in ring for e in p] + [done_w])
-            for _, theirs in pairs:
-                theirs.close()
-        self.controls = [mine for mine, _ in pairs]
-
-    def write(self, out_fd: int, a: np.ndarray, col_sep: bytes, chunk_values: int, digest, on_chunk,
-              file_slice: tuple[Path, int] | None = None) -> int:
-        """Write the whole file for `a`; return its size. Any failure closes the pool.
-
-        The workers map the array's bytes from `file_slice` (file, offset) when given, else from
-        a memfd copy.
-        """
-        chunks = _chunks(a, col_sep, chunk_values)  # the same plan the workers compute
-        if file_slice is not None:
-            src, offset = os.open(file_slice[0], os.O_RDONLY | os.O_CLOEXEC), file_slice[1]
-        else:
-            src, offset = os.memfd_create("llama-xray-csv", os.MFD_CLOEXEC), 0
-        try:
-            if file_slice is None:
-                os.ftruncate(src, a.nbytes)
-                with mmap.mmap(src, a.nbytes) as mm:
-                    np.frombuffer(mm, a.dtype, a.size).reshape(a.shape)[...] = a
-            task = pickle.dumps((a.shape, a.dtype.str, offset, col_sep, chunk_values))
-            for control in self.controls:
-                socket.send_fds(control, [task], [src, out_fd])
-            # Returns only once every worker is through with the task, so that none still holds
-            # the file (a worker with no chunk of a small array may lag behind the others).
-            finished, hashed, size, over = {}, 0, 0, 0
-            while hashed < len(chunks) or over < self.nworkers:
-                msg = os.read(self.done_r, _DONE.size)
-                if len(msg) != _DONE.size:
-                    raise OSError("a CSV worker died")
-                i, offset, nbytes = _DONE.unpack(msg)
-                if i == _TASK_DONE:
-                    over += 1
-                    continue
-                if i < 0:
-                    raise OSError(offset, f"a CSV worker failed: {os.strerror(offset) if offset else 'see above'}")
-                finished[i] = (offset, nbytes)
-                while hashed in finished:  # hash the finished prefix of the file, in order
-                    offset, nbytes = finished.pop(hashed)
-                    if digest is not None:
-                        _hash_range(digest, out_fd, offset, nbytes)
-                    if on_chunk:
-                        on_chunk(chunks[hashed][0].size)
-                    size = offset + nbytes
-                    hashed += 1
-            return size
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            os.close(src)
-
-    def close(self) -> None:
-        for control in self.controls:
-            control.close()  # a worker between tasks exits on this
-        for pid in self.pids:  # one in the middle of a task is stopped
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ChildProcessError, ProcessLookupError):
-                pass
-        _close_all([self.done_r])
-        self.pids, self.controls = [], []
-
-
-_pool: _Pool | None = None
-_pool_lock = threading.Lock()
-
-
-def close_pool() -> None:
-    """Stop the formatting workers (they start again on the next large write)."""
-    global _pool
-    if _pool is not None and _pool.owner == os.getpid():
-        _pool.close()
-    _pool = None
-
-
-def _get_pool(nworkers: int) -> _Pool:
-    global _pool
-    if _pool is None or _pool.owner != os.getpid() or _pool.nworkers != nworkers or not _pool.pids:
-        close_pool()
-        _pool = _Pool(nworkers)
-    return _pool
-
-
-def _can_fork_workers() -> bool:
-    return all(hasattr(m, f) for m, f in ((os, "fork"), (os, "memfd_create"), (socket, "send_fds")))
 
 
 def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | None = None,
@@ -416,7 +189,7 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
     workers = workers or cpu_workers()
     digest = hashlib.sha256() if sha256 else None
     with atomic_file(path) as f:
-        fd = os.dup(f.fileno())  # read-write: the parent re-reads to hash
+        fd = os.dup(f.fileno())  # read-write: the pool's parent re-reads to hash
         try:
             if a.size == 0:
                 text = b"\n" * (a.shape[0] if a.ndim == 2 else 1)
@@ -424,17 +197,22 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
                 if digest is not None:
                     digest.update(text)
                 size = len(text)
-            elif workers > 1 and a.size >= PARALLEL_MIN_VALUES and _can_fork_workers():
+            elif workers > 1 and a.size >= PARALLEL_MIN_VALUES and _pool_available():
+                from common import csv_pool  # imports this module: loaded on first use
                 # several chunks per worker, so that one slow chunk does not hold up the end
                 chunk_values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, a.size // (4 * workers)))
-                with _pool_lock:
-                    size = _get_pool(workers).write(fd, a, sep.encode(), chunk_values, digest, on_chunk,
-                                                    file_slice if sys.byteorder == "little" else None)
+                size = csv_pool.write(workers, fd, a, sep.encode(), chunk_values, digest, on_chunk,
+                                      file_slice if sys.byteorder == "little" else None)
             else:
-                size = _write_serial(fd, _chunks(a, sep.encode(), CHUNK_VALUES), digest, on_chunk)
+                size = _write_serial(fd, chunks(a, sep.encode(), CHUNK_VALUES), digest, on_chunk)
         finally:
             os.close(fd)
     return size, digest.hexdigest() if digest is not None else None
+
+
+def _pool_available() -> bool:
+    import socket
+    return all(hasattr(m, f) for m, f in ((os, "fork"), (os, "memfd_create"), (socket, "send_fds")))
 
 
 def write_csv(path: str | os.PathLike, x, workers: int | None = None) -> int:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common import csv_io
+from common import csv_io, csv_pool
 from common.cli import InputError
 from common.csv_io import read_csv, write_csv, write_numbers
 
@@ -134,9 +134,9 @@ def test_parallel_writer_writes_the_same_bytes(tmp_path, monkeypatch):
     write_numbers(tmp_path / "l1.csv", one_line, workers=1)
     write_numbers(tmp_path / "l2.csv", one_line, workers=2)
     assert (tmp_path / "l1.csv").read_bytes() == (tmp_path / "l2.csv").read_bytes()
-    pids = list(csv_io._pool.pids)
+    pids = list(csv_pool._pool.pids)
     write_numbers(tmp_path / "again.csv", a, workers=2)
-    assert csv_io._pool.pids == pids  # the workers are forked once and reused
+    assert csv_pool._pool.pids == pids  # the workers are forked once and reused
     write_numbers(tmp_path / "t.txt", a[:3, :4], sep=" ")
     assert (tmp_path / "t.txt").read_text().splitlines()[0] == " ".join(
         (tmp_path / "s.csv").read_text().splitlines()[0].split(",")[:4])
@@ -147,12 +147,12 @@ def test_workers_keep_no_output_file_open(tmp_path, monkeypatch):
     # The pool is forked inside the first large write, while that output file is open: a worker that
     # kept it open would pin a deleted or replaced output's disk space and page cache.
     monkeypatch.setattr(csv_io, "PARALLEL_MIN_VALUES", 0)
-    csv_io.close_pool()
+    csv_pool.close_pool()
     a = np.ones((64, 64), np.float32)
     write_numbers(tmp_path / "a.csv", a, workers=2)
     write_numbers(tmp_path / "b.csv", a, workers=2)  # every worker has closed its a.csv task by now
-    assert csv_io._pool.pids
-    for pid in csv_io._pool.pids:
+    assert csv_pool._pool.pids
+    for pid in csv_pool._pool.pids:
         fd_dir = f"/proc/{pid}/fd"
         targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
         assert str(tmp_path / "a.csv") not in targets, targets
@@ -169,7 +169,7 @@ def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
         if len(calls) == 3:  # in a forked worker this raises there, and the parent must notice
             raise MemoryError("planted")
         return real(block, *seps)
-    csv_io.close_pool()  # workers forked from now on run the planted failure
+    csv_pool.close_pool()  # workers forked from now on run the planted failure
     monkeypatch.setattr(csv_io, "format_block", failing)
     a = np.ones((100, 50), np.float32)
     for workers in (1, 2):
@@ -177,7 +177,7 @@ def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
         with pytest.raises((MemoryError, OSError)):
             write_csv(tmp_path / "x.csv", a, workers=workers)
         assert list(tmp_path.iterdir()) == []  # neither the final name nor a temp file
-    assert csv_io._pool is None or not csv_io._pool.pids  # a failed pool is closed, never reused
+    assert csv_pool._pool is None or not csv_pool._pool.pids  # a failed pool is closed, never reused
 
 
 def test_read_errors_name_the_file_and_both_shapes(tmp_path):

@@ -324,7 +324,7 @@ def test_a_kill_mid_export_leaves_only_complete_files(tmp_path):
 
 def test_large_tensors_go_through_the_parallel_writer_exactly(tmp_path):
     """Above PARALLEL_MIN_VALUES the forked workers read the values straight from the shard."""
-    from common import csv_io
+    from common import csv_io, csv_pool
     if csv_io.cpu_workers() < 2:
         pytest.skip("one core: the writer runs in-process")
     g = torch.Generator().manual_seed(5)
@@ -335,9 +335,9 @@ def test_large_tensors_go_through_the_parallel_writer_exactly(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     save_file(tensors, model / "model.safetensors")
-    csv_io.close_pool()
+    csv_pool.close_pool()
     r = step1("--model-dir", model, "--out-dir", tmp_path / "out")
     assert r.code == 0, r.err
-    assert csv_io._pool is not None and len(csv_io._pool.pids) > 1  # the parallel path ran
+    assert csv_pool._pool is not None and len(csv_pool._pool.pids) > 1  # the parallel path ran
     for name, t in tensors.items():
         np.testing.assert_array_equal(f32_bits(read_csv(tmp_path / "out" / f"{name}.csv", tuple(t.shape))), f32_bits(t))
