@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_script, run_script
+from conftest import ROOT, load_script, run_script
 from model_factory import VARIANTS
 
 from common import attention, rope
@@ -281,3 +283,23 @@ def test_demo_model_every_layer_passes(demo_model, tmp_path):
     assert sorted(map(int, report["layers"])) == list(range(30))
     assert report["pass"] and max(max_rel(report).values()) <= RTOL, max_rel(report)
     assert "PASS: 30 layers x 4 quantities" in r.stdout
+
+
+def test_step_3_never_imports_torch(pipeline, tmp_path):
+    """Step 3 is a numpy-only process: run as a user runs it, torch is never loaded into it."""
+    model, weights, acts = pipeline("llama32")
+    argv = ["3_offline_qkv.py", "--model-dir", str(model), "--weights-dir", str(weights), "--acts-dir", str(acts),
+            "--out-dir", str(tmp_path / "qkv")]
+    wrapper = ("import runpy, sys\n"
+               f"sys.argv = {argv!r}\n"
+               "try:\n"
+               "    runpy.run_path('3_offline_qkv.py', run_name='__main__')\n"
+               "except SystemExit as e:\n"
+               "    code = e.code\n"
+               "print('exit', code, 'torch loaded:', 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip().splitlines()[-1] == "exit 0 torch loaded: False", r.stdout + r.stderr
+    # The check has teeth: the same wrapper sees torch once anything imports it.
+    r = subprocess.run([sys.executable, "-c", "import sys; import common.csv_io, torch; "
+                        "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip() == "True", r.stderr
