@@ -15,14 +15,22 @@ output is deleted first, untimed, and nothing written earlier is still waiting f
 Replacing the previous run's 211 MB file inside the timing would add ext4's cost of dropping it and
 of flushing a file renamed over another (auto_da_alloc), 0.02-0.13 s here; a re-export over existing
 files (--force) does pay that, so it is shown too, as information.
+Pool: common/csv_pool.py against a plain ProcessPoolExecutor.map of the same row chunks (the
+parent writing and hashing each chunk's text in order), alternated, best of REPEATS (information;
+the figures are in csv_pool's docstring).
 Memory: peak RSS (each export in its own process) for models whose size and largest tensor
 differ, next to loading the whole model: export memory follows the largest tensor.
 Full (--full): the random model with exactly Llama-3.2-1B's config (1.24 B parameters, bf16, tied;
-the same one bench_streaming.py builds in outputs/bench_models/) exported whole: time, GB, peak RSS.
+the same one bench_streaming.py builds in outputs/bench_models/) exported whole: time, GB, peak RSS,
+CPU seconds. Goal: the export within FULL_GOAL (1.25) x of the larger of the disk's sequential
+write time for its bytes (an O_DIRECT probe of the same folder, just before) and the time its
+values take at this run's one-tensor bf16 rate (all cores): the whole model at the machine's limit.
 The CSV files are deleted afterwards.
 """
 import argparse
+import hashlib
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -39,8 +47,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from common import export, paths  # noqa: E402
-from common.csv_io import read_csv  # noqa: E402
+from common import csv_io, export, paths  # noqa: E402
+from common.csv_io import read_csv, write_numbers  # noqa: E402
 from common.safetensors_io import list_tensors, read_tensor  # noqa: E402
 from memory import peak_rss_mb, sampled_peak, tree_pss_mb  # noqa: E402
 
@@ -52,6 +60,8 @@ GOAL_VS_9G = 5.0  # x np.savetxt(fmt='%.9g')
 GOAL_READ_MVALUES = 15.0
 FULL_MODEL_DIR = paths.OUTPUTS / "bench_models" / "llama-3.2-1b-random"  # shared with bench_streaming.py
 FULL_MIN_FREE_GB = 25  # ~17 GB of CSV, plus headroom
+FULL_GOAL = 1.25  # full export time / max(disk time for its bytes, its values at the one-tensor rate)
+DISK_PROBE_BYTES = 2 << 30
 
 
 def load() -> str:
@@ -85,9 +95,10 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def bench_speed(tmp: Path) -> bool:
+def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
+    """The one-tensor export; returns (goals met, best M values/s by source dtype)."""
     n = SHAPE[0] * SHAPE[1]
-    ok = True
+    ok, rates = True, {}
     g = torch.Generator().manual_seed(0)
     base = torch.randn(*SHAPE, generator=g) * 0.02  # Llama-like weights
     print(f"CSV export of one {SHAPE[0]}x{SHAPE[1]} tensor ({n / 1e6:.1f} M values), {os.cpu_count()} cores, {load()}")
@@ -115,6 +126,7 @@ def bench_speed(tmp: Path) -> bool:
         t_read = min(timed(read_csv, csv, SHAPE) for _ in range(REPEATS))
         rate, rate_med, read_rate = n / best / 1e6, n / med / 1e6, n / t_read / 1e6
         name = str(dtype).replace("torch.", "")
+        rates[name] = rate
         print(f"  {name:<9} step 1: {best:.3f} s best, {med:.3f} s median -> {rate:.1f} M values/s best, "
               f"{rate_med:.1f} median (goal >= {GOAL_MVALUES:.0f}); {gb * 1e3:.0f} MB, {gb * 1e9 / n:.2f} bytes/value")
         print(f"  {'':<9} over the previous file (--force re-export): {t_over:.3f} s best of 3 -> "
@@ -131,7 +143,57 @@ def bench_speed(tmp: Path) -> bool:
                and read_rate >= GOAL_READ_MVALUES and exact)
         shutil.rmtree(out)
     print(f"  ({load()})")
-    return ok
+    return ok, rates
+
+
+# --- the pool against a plain executor -------------------------------------------------------
+
+
+def _executor_chunk(args) -> bytes:
+    return b"".join(csv_io.format_block(*args))
+
+
+def executor_write(ex, path: Path, t: torch.Tensor, workers: int) -> str:
+    """The plain alternative to csv_pool: ProcessPoolExecutor.map over the same row chunks, in
+    order; the parent writes each chunk's text and hashes it (the same file and sha256)."""
+    a = csv_io._source_array(t)
+    chunk_values = min(csv_io.CHUNK_VALUES, max(csv_io.MIN_CHUNK_VALUES, a.size // (4 * workers)))
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for text in ex.map(_executor_chunk, csv_io.chunks(a, b",", chunk_values)):
+            digest.update(text)
+            f.write(text)
+    return digest.hexdigest()
+
+
+def bench_pool(tmp: Path) -> None:
+    """Information (the figures in csv_pool's docstring): both ways, alternated, best of REPEATS."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    workers = csv_io.cpu_workers()
+    t = (torch.randn(*SHAPE, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    n = t.numel()
+    times: dict[str, list[float]] = {"pool": [], "executor": []}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        list(ex.map(abs, range(workers)))  # started before timing, as the pool is after its first use
+        write_numbers(tmp / "warm.csv", t, sha256=True)
+        for _ in range(REPEATS):
+            for way in times:
+                path = tmp / f"{way}.csv"
+                path.unlink(missing_ok=True)
+                t0 = time.perf_counter()
+                sha = (write_numbers(path, t, sha256=True)[1] if way == "pool" else executor_write(ex, path, t, workers))
+                times[way].append(time.perf_counter() - t0)
+                assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    same = (tmp / "pool.csv").read_bytes() == (tmp / "executor.csv").read_bytes()
+    best = {w: min(v) for w, v in times.items()}
+    print(f"CSV pool vs ProcessPoolExecutor.map of the same row chunks, one {SHAPE[0]}x{SHAPE[1]} bf16 tensor, "
+          f"{workers} workers, sha256 included, best of {REPEATS}: pool {n / best['pool'] / 1e6:.1f} M values/s, "
+          f"executor {n / best['executor'] / 1e6:.1f} M values/s -> pool x{best['executor'] / best['pool']:.2f} "
+          f"(medians x{statistics.median(times['executor']) / statistics.median(times['pool']):.2f}); "
+          f"same bytes: {same} ({load()})")
+    for f in ("warm.csv", "pool.csv", "executor.csv"):
+        (tmp / f).unlink(missing_ok=True)
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -199,17 +261,52 @@ def bench_memory(tmp: Path) -> bool:
 # --- full scale ------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int | str) -> tuple[float, float]:
+    """(user, kernel) CPU seconds a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def child_full(model_dir: Path, out_dir: Path) -> None:
     from common import csv_pool
     with sampled_peak(tree_pss_mb, 0.05) as peak:
         s = export_csv(model_dir, out_dir, progress=None)
-    workers = [peak_rss_mb(pid) for pid in (csv_pool._pool.pids if csv_pool._pool else [])]
-    print(json.dumps({"line": s.line(), "seconds": s.seconds, "bytes": s.bytes, "values": s.values,
+    pids = csv_pool._pool.pids if csv_pool._pool else []
+    workers = [peak_rss_mb(pid) for pid in pids]
+    cpu = [cpu_seconds(pid) for pid in ["self", *pids]]
+    print(json.dumps({"cpu_s": sum(u + k for u, k in cpu), "cpu_sys_s": sum(k for _, k in cpu), "line": s.line(), "seconds": s.seconds, "bytes": s.bytes, "values": s.values,
                       "tensors": s.tensors, "peak_rss_mb": peak_rss_mb(), "worker_rss_mb": max(workers, default=0),
                       "peak_tree_pss_mb": peak[0]}))
 
 
-def bench_full() -> bool:
+def disk_write_rate(folder: Path, nbytes: int = DISK_PROBE_BYTES) -> float:
+    """The disk's sequential write speed (GB/s): O_DIRECT writes of 16 MB from one buffer, then
+    fsync, so neither the page cache nor memory bandwidth is measured. Buffered + fsync where
+    O_DIRECT is refused."""
+    block = 16 << 20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(1 << 20) * 16)
+    path = folder / ".disk_probe"
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except (AttributeError, OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        t0 = time.perf_counter()
+        for off in range(0, nbytes, block):
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+        seconds = time.perf_counter() - t0
+        os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return nbytes / seconds / 1e9
+
+
+def bench_full(one_tensor_rate: float) -> bool:
+    """All of the 1B model; goal: within FULL_GOAL x of max(the disk's time for its bytes, its values
+    at `one_tensor_rate` (M values/s, bf16, this run's best))."""
     if not (FULL_MODEL_DIR / ".complete").is_file():
         import model_factory
         print(f"building a random Llama-3.2-1B-shaped model in {FULL_MODEL_DIR} (~1 min, ~8 GB RAM) ...", flush=True)
@@ -224,6 +321,7 @@ def bench_full() -> bool:
           f"values, {sum(i.nbytes for i in infos.values()) / 1e9:.2f} GB bf16, tied ({load()})", flush=True)
     out = Path(tempfile.mkdtemp(prefix="bench_full_csv_", dir=paths.OUTPUTS))
     try:
+        disk = disk_write_rate(out)
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, "--child-full", str(FULL_MODEL_DIR), str(out)],
                            capture_output=True, text=True, cwd=ROOT)
@@ -231,14 +329,21 @@ def bench_full() -> bool:
         if p.returncode != 0:
             sys.exit(f"full export failed:\n{p.stderr[-3000:]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"  {r['line']}")
-        print(f"  total {wall:.1f} s with process start; {r['bytes'] / 1e9:.2f} GB written "
-              f"({r['bytes'] / r['values']:.2f} bytes/value); peak RSS {r['peak_rss_mb']:.0f} MB, each CSV worker "
-              f"<= {r['worker_rss_mb']:.0f} MB (RSS counts shared and mapped-shard pages); all together "
-              f"<= {r['peak_tree_pss_mb']:.0f} MB PSS; {load()}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return True
+    t_disk, t_format = r["bytes"] / 1e9 / disk, r["values"] / 1e6 / one_tensor_rate
+    limit = max(t_disk, t_format)
+    print(f"  {r['line']}")
+    print(f"  total {wall:.1f} s with process start; {r['bytes'] / 1e9:.2f} GB written "
+          f"({r['bytes'] / r['values']:.2f} bytes/value); peak RSS {r['peak_rss_mb']:.0f} MB, each CSV worker "
+          f"<= {r['worker_rss_mb']:.0f} MB (RSS counts shared and mapped-shard pages); all together "
+          f"<= {r['peak_tree_pss_mb']:.0f} MB PSS; {load()}")
+    print(f"  CPU: {r['cpu_s']:.1f} s in all ({r['cpu_sys_s']:.1f} s kernel), "
+          f"{r['cpu_s'] / r['values'] * 1e9:.1f} ns/value")
+    print(f"  limits: disk {disk:.2f} GB/s (O_DIRECT probe) -> {t_disk:.1f} s for the bytes; formatting at the "
+          f"one-tensor rate {one_tensor_rate:.1f} M values/s -> {t_format:.1f} s; export {r['seconds']:.1f} s = "
+          f"{r['seconds'] / limit:.2f}x the larger (goal <= {FULL_GOAL})")
+    return r["seconds"] <= FULL_GOAL * limit
 
 
 def main() -> int:
@@ -255,10 +360,11 @@ def main() -> int:
         child_full(Path(args.child_full[0]), Path(args.child_full[1]))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_model_weights_") as d:
-        ok = bench_speed(Path(d))
+        ok, rates = bench_speed(Path(d))
+        bench_pool(Path(d))
         ok &= bench_memory(Path(d))
     if args.full:
-        ok &= bench_full()
+        ok &= bench_full(rates["bfloat16"])
     print("goals met" if ok else "goal MISSED")
     return 0 if ok else 1
 

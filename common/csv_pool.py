@@ -29,7 +29,7 @@ import numpy as np
 
 from common import csv_io
 
-DROP_BEHIND_BYTES = 512 << 20  # written output kept in the page cache before it is dropped
+DROP_BEHIND_BYTES = 256 << 20  # written output kept in the page cache before it is dropped
 DROP_BEHIND_FILES = 64  # files held open for dropping, at most
 _SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # sync_file_range: start writeback; wait, write, wait
 
@@ -79,9 +79,13 @@ class _DropBehind:
         self.pending += nbytes
         while self.pending > DROP_BEHIND_BYTES or len(self.files) > DROP_BEHIND_FILES:
             f = self.files[0]
-            n = f[2] - f[1]
-            if len(self.files) == 1:
-                n = min(n, self.pending - DROP_BEHIND_BYTES // 2)  # drop in large steps
+            if len(self.files) > 1 and os.fstat(f[0]).st_nlink == 0:  # deleted: closing frees it, no writeback
+                self.pending -= f[2] - f[1]
+                os.close(self.files.popleft()[0])
+                continue
+            # Only the excess, oldest first: freed pages are reused while still warm (a large
+            # block left free for a few seconds may be handed back to the hypervisor).
+            n = f[2] - f[1] if len(self.files) > DROP_BEHIND_FILES else min(f[2] - f[1], self.pending - DROP_BEHIND_BYTES)
             if n > 0:
                 _sync_file_range(f[0], f[1], n, _SYNC_WAIT)
                 os.posix_fadvise(f[0], f[1], n, os.POSIX_FADV_DONTNEED)
