@@ -13,6 +13,7 @@ POOL_FIGURES
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import mmap
@@ -34,19 +35,17 @@ DROP_BEHIND_FILES = 64  # files held open for dropping, at most
 _SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # sync_file_range: start writeback; wait, write, wait
 
 
-def _libc():
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
 
-_LIBC = _libc()
-
-
 def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
     """Linux: start (or finish) writeback of a byte range; elsewhere nothing."""
-    fn = getattr(_LIBC, "sync_file_range", None)
+    fn = getattr(_libc(), "sync_file_range", None)
     if fn is not None:
         fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
         fn(fd, offset, nbytes, flags)
@@ -126,7 +125,7 @@ def _set_up_worker(parent: int) -> None:
     behind), and keep freed chunk buffers in the heap for the next chunk instead of handing them
     back to the kernel (each fresh ~14 MB buffer would cost thousands of page faults)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD: serve buffers up to 256 MB from the heap
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and do not give the freed heap back

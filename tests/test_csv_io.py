@@ -191,3 +191,31 @@ def test_read_errors_name_the_file_and_both_shapes(tmp_path):
         p.write_text(bad)
         with pytest.raises(InputError, match=r"m\.csv.*not a plain numeric CSV"):
             read_csv(p)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_dropping_written_output_from_the_cache_keeps_every_byte(tmp_path, monkeypatch):
+    # A window of a few bytes: every chunk is waited for and dropped, files are let go in order,
+    # and a deleted one is closed at once; the files are exactly the serial writer's.
+    monkeypatch.setattr(csv_io, "CHUNK_VALUES", 700)
+    monkeypatch.setattr(csv_io, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setattr(csv_pool, "DROP_BEHIND_BYTES", 10)
+    monkeypatch.setattr(csv_pool, "DROP_BEHIND_FILES", 2)
+    csv_pool.close_pool()
+    a = np.random.default_rng(4).standard_normal((300, 90)).astype(np.float32)
+    for k in range(5):
+        write_numbers(tmp_path / f"p{k}.csv", a * (k + 1), workers=2)
+        if k == 1:
+            (tmp_path / "p1.csv").unlink()
+    for k in (0, 2, 3, 4):
+        write_numbers(tmp_path / "serial.csv", a * (k + 1), workers=1)
+        assert (tmp_path / f"p{k}.csv").read_bytes() == (tmp_path / "serial.csv").read_bytes()
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    assert sum(str(tmp_path) in t for t in held) <= 2, held  # at most DROP_BEHIND_FILES outputs still open
+    assert csv_pool._pool.behind.pending <= 10
+    csv_pool.close_pool()
