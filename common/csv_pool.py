@@ -6,9 +6,20 @@ straight into the output file, so no text is copied between processes. The paren
 file in order as it fills (plain sha256 of the file) and drops written output from the page cache
 once it is on disk (_DropBehind).
 
-Measured (benchmarks/bench_model_weights.py --pool; 2 cores, shared, best of 5; the 16-core
-figure is not yet measured), one 8192x2048 tensor to CSV, sha256 included, M values/s:
-POOL_FIGURES
+Why a pool of our own rather than ProcessPoolExecutor.map over the same row chunks (each chunk's
+text returned to the parent, which writes and hashes it in order): measured side by side by
+benchmarks/bench_model_weights.py (one 8192x2048 bf16 tensor, sha256 included, best of 5,
+alternated), on the 2-core machine shared with other jobs (load 5-10), four runs:
+    pool 8.0 / 11.6 / 11.5 / 14.5 M values/s, executor 5.5 / 8.7 / 9.4 / 8.9
+    -> the pool x1.45 / x1.33 / x1.22 / x1.63 faster (medians x1.22 / x1.23 / x1.42 / x1.49).
+With the executor every byte of text also crosses a pipe and is copied into the file by the one
+parent, a serial stage that grows with the core count; here the parent only hashes.
+Not yet measured on 16 cores.
+
+Whole model (a random Llama-3.2-1B, 1.24 B values, 15.6 GB of CSV, 2 cores): before _DropBehind
+52.8 s at load 1.4, 76 CPU-seconds of which 38 in the kernel (the workers' copies into fresh
+page-cache pages); with it 55.7 s at load 4-6, 64 CPU-seconds of which 22 in the kernel. On a
+6-layer slice the CPU per value now matches the one-tensor export's (32 ns user + 7-10 ns kernel).
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ import numpy as np
 
 from common import csv_io
 
-DROP_BEHIND_BYTES = 256 << 20  # written output kept in the page cache before it is dropped
+DROP_BEHIND_BYTES = 512 << 20  # written output kept in the page cache; writeback starts at half
 DROP_BEHIND_FILES = 64  # files held open for dropping, at most
 _SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # sync_file_range: start writeback; wait, write, wait
 
@@ -52,54 +63,70 @@ def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
 
 
 class _DropBehind:
-    """Keeps the export's footprint in the page cache to DROP_BEHIND_BYTES: each finished chunk's
-    writeback starts at once, and output further behind is waited for and dropped.
+    """Keeps the export's footprint in the page cache to DROP_BEHIND_BYTES: output older than the
+    newest half of that starts its writeback, and output older than all of it is waited for and
+    dropped from the cache, oldest chunk first.
 
     Why: pages the kernel takes fresh from free memory cost ~10x more to fill than recycled ones
-    on the VMs measured (2.3 s of kernel time per GB written into a new file vs 0.2 s into pages
-    just freed; a whole-model export touched 15.6 GB of fresh pages, 37 of its 66 CPU-seconds),
+    on the VM measured (2.3 s of kernel time per GB written into a new file vs 0.2 s into pages
+    just freed; the whole-model export spent 37 of its 76 CPU-seconds copying into fresh pages),
     and buffered writes into one file hold the inode's lock, so that copy does not scale with
     workers. Dropped pages are reused at once by the next chunks. The files themselves are
-    complete and unchanged: only their cached copy goes.
+    complete and unchanged: only their cached copy goes. An export smaller than half the window
+    is left alone, and a deleted file is let go without being written back.
     """
 
     def __init__(self):
-        self.files: deque[list[int]] = deque()  # [fd (a dup), dropped up to, written up to]
-        self.pending = 0
+        self.ranges: deque[tuple[list[int], int, int]] = deque()  # (file, offset, nbytes), oldest first
+        # file: [fd (a dup), its ranges still held, bytes written]
+        self.files: deque[list[int]] = deque()  # files with ranges, oldest first
+        self.started = 0  # leftmost ranges whose writeback has started
+        self.pending = 0  # bytes in ranges
+        self.fresh = 0  # bytes in ranges not started
 
     def start(self, fd: int) -> None:
+        if self.files and not self.files[-1][1]:  # the previous file, already all dropped
+            os.close(self.files.pop()[0])
         self.files.append([os.dup(fd), 0, 0])
 
     def written(self, nbytes: int) -> None:
         """The newest file grew by nbytes (in order, from its start)."""
         f = self.files[-1]
-        _sync_file_range(f[0], f[2], nbytes, _SYNC_WRITE)
+        self.ranges.append((f, f[2], nbytes))
+        f[1] += 1
         f[2] += nbytes
         self.pending += nbytes
-        while self.pending > DROP_BEHIND_BYTES or len(self.files) > DROP_BEHIND_FILES:
-            f = self.files[0]
-            if len(self.files) > 1 and os.fstat(f[0]).st_nlink == 0:  # deleted: closing frees it, no writeback
-                self.pending -= f[2] - f[1]
-                os.close(self.files.popleft()[0])
-                continue
-            # Only the excess, oldest first: freed pages are reused while still warm (a large
-            # block left free for a few seconds may be handed back to the hypervisor).
-            n = f[2] - f[1] if len(self.files) > DROP_BEHIND_FILES else min(f[2] - f[1], self.pending - DROP_BEHIND_BYTES)
-            if n > 0:
-                _sync_file_range(f[0], f[1], n, _SYNC_WAIT)
-                os.posix_fadvise(f[0], f[1], n, os.POSIX_FADV_DONTNEED)
-                f[1] += n
-                self.pending -= n
-            if len(self.files) > 1 and f[1] == f[2]:
-                os.close(self.files.popleft()[0])
-            elif n <= 0:
-                break
+        self.fresh += nbytes
+        while self.fresh > DROP_BEHIND_BYTES // 2:
+            g, offset, n = self.ranges[self.started]
+            if os.fstat(g[0]).st_nlink:
+                _sync_file_range(g[0], offset, n, _SYNC_WRITE)
+            self.started += 1
+            self.fresh -= n
+        while self.ranges and (self.pending > DROP_BEHIND_BYTES or len(self.files) > DROP_BEHIND_FILES):
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        g, offset, n = self.ranges.popleft()
+        if self.started:
+            self.started -= 1
+        else:
+            self.fresh -= n
+        self.pending -= n
+        if os.fstat(g[0]).st_nlink:  # a deleted file's pages go when it is closed, unwritten
+            _sync_file_range(g[0], offset, n, _SYNC_WAIT)
+            os.posix_fadvise(g[0], offset, n, os.POSIX_FADV_DONTNEED)
+        g[1] -= 1
+        if not g[1] and g is not self.files[-1]:
+            self.files.remove(g)
+            os.close(g[0])
 
     def close(self) -> None:
         """Forget the rest (what is still cached stays cached)."""
         _close_all(f[0] for f in self.files)
         self.files.clear()
-        self.pending = 0
+        self.ranges.clear()
+        self.started = self.pending = self.fresh = 0
 
 
 def _worker(fd: int, chunks: list, rank: int, nworkers: int, recv_fd: int, send_fd: int, done_fd: int) -> None:
