@@ -16,10 +16,12 @@ With the executor every byte of text also crosses a pipe and is copied into the 
 parent, a serial stage that grows with the core count; here the parent only hashes.
 Not yet measured on 16 cores.
 
-Whole model (a random Llama-3.2-1B, 1.24 B values, 15.6 GB of CSV, 2 cores): before _DropBehind
-52.8 s at load 1.4, 76 CPU-seconds of which 38 in the kernel (the workers' copies into fresh
-page-cache pages); with it 55.7 s at load 4-6, 64 CPU-seconds of which 22 in the kernel. On a
-6-layer slice the CPU per value now matches the one-tensor export's (32 ns user + 7-10 ns kernel).
+Whole model (a random Llama-3.2-1B, 1.24 B values, 15.6 GB of CSV, 2 cores, shared): before
+_DropBehind 52.8 s at load 1.4, 76 CPU-seconds of which 38 in the kernel (2.4 s/GB: the workers'
+copies into fresh page-cache pages); with it 49.8 s at load 4, 46 CPU-seconds of which 8 in the
+kernel (0.53 s/GB). Per value that is the one-tensor export's CPU (~33 ns user + ~8 ns kernel):
+on 2 free cores, ~23 s, the one-tensor rate. The parent's plain sha256 runs at ~1.9 GB/s (SHA-NI)
+beside the workers; on many cores it, not the formatting, bounds a disk faster than that.
 """
 from __future__ import annotations
 
