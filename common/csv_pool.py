@@ -9,9 +9,9 @@ once it is on disk (_DropBehind).
 Why a pool of our own rather than ProcessPoolExecutor.map over the same row chunks (each chunk's
 text returned to the parent, which writes and hashes it in order): measured side by side by
 benchmarks/bench_model_weights.py (one 8192x2048 bf16 tensor, sha256 included, best of 5,
-alternated), on the 2-core machine shared with other jobs (load 5-10), four runs:
-    pool 8.0 / 11.6 / 11.5 / 14.5 M values/s, executor 5.5 / 8.7 / 9.4 / 8.9
-    -> the pool x1.45 / x1.33 / x1.22 / x1.63 faster (medians x1.22 / x1.23 / x1.42 / x1.49).
+alternated), on the 2-core machine shared with other jobs (load 4-10), six runs:
+    pool 8.0 / 11.6 / 11.5 / 14.5 / 16.8 / 15.6 M values/s, executor 5.5 / 8.7 / 9.4 / 8.9 / 7.3 / 12.2
+    -> the pool x1.45 / x1.33 / x1.22 / x1.63 / x2.31 / x1.28 faster (medians x1.22 to x1.49).
 With the executor every byte of text also crosses a pipe and is copied into the file by the one
 parent, a serial stage that grows with the core count; here the parent only hashes.
 Not yet measured on 16 cores.
