@@ -271,7 +271,7 @@ def cpu_seconds(pid: int | str) -> tuple[float, float]:
 def child_full(model_dir: Path, out_dir: Path) -> None:
     from common import csv_pool
     # Sampled once a second: each reading walks every mapping of the three processes (the mapped
-    # shards too), ~17 CPU-seconds over this export when sampled every 50 ms.
+    # shards too): ~10 CPU-seconds over this export when sampled every 50 ms.
     with sampled_peak(tree_pss_mb, 1.0) as peak:
         s = export_csv(model_dir, out_dir, progress=None)
     pids = csv_pool._pool.pids if csv_pool._pool else []
