@@ -1,0 +1,117 @@
+"""Step 5: golden vectors: write references in the formats hardware testbenches and provers read.
+
+Reads the CSV files of IN_DIR (any step 1/2/3/4 output folder; meta_layerN.json there, when
+present, adds the sizes B, T, H, Dh to the layouts), those whose name SELECT matches (re.search).
+Writes to OUT_DIR one file per tensor (npz: one archive per layer) in FORMAT, its numbers in
+ENCODING, and golden_manifest.json: for every file its source CSV and sha256, tensor name, shape,
+layout (row order, head-major columns h*Dh + d), encoding, scale, rounding, how many values rounding
+and saturation changed, and the file's own sha256. Nothing is written unless everything succeeds.
+Exit code: 0 done, 2 bad input (or, with --on-overflow error, a value that does not fit).
+
+    python 5_golden.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1          # float32 .bin of step 2
+    python 5_golden.py --select '_layer0\\.csv$' --format hex --encoding fixed --bits 32 --frac-bits 16
+    python 5_golden.py --in-dir outputs/M/qkv --format npz --encoding bfloat16 --out-dir golden_bf16
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common import golden, paths
+from common.atomic import read_json
+from common.cli import InputError, print_settings, run
+from common.paths import output_dir
+
+# --- constants (each has a flag of the same name: IN_DIR -> --in-dir) ---------------------------
+MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None
+IN_DIR = None  # any step 1/2/3/4 output folder; None -> outputs/<model folder>/x_all_layers (step 2)
+SELECT = None  # a regex searched in the CSV file names (as step 1's --filter); None = every CSV
+OUT_DIR = None  # None -> outputs/<model folder>/golden
+FORMAT = "bin"  # bin (raw little-endian) | hex | mem ($readmemh; mem with a comment header) | npy | npz
+ENCODING = "float32"  # float32 | bfloat16 | float16 (bit patterns, round to nearest even) | fixed
+BITS = 32  # fixed point: word size, 8 | 16 | 32
+FRAC_BITS = 16  # fixed point: value = word / 2^FRAC_BITS (Q16.16: --bits 32 --frac-bits 16)
+ON_OVERFLOW = "saturate"  # saturate (counted and reported) | error (exit 2, nothing written)
+# -------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
+    p.add_argument("--in-dir", default=IN_DIR, type=Path, help="a step 1/2/3/4 output folder")
+    p.add_argument("--select", default=SELECT, help="regex searched in the CSV file names (default: all)")
+    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
+    p.add_argument("--format", default=FORMAT, choices=golden.FORMATS)
+    p.add_argument("--encoding", default=ENCODING, choices=golden.ENCODINGS)
+    p.add_argument("--bits", default=BITS, type=int, help="fixed point word size: 8, 16 or 32")
+    p.add_argument("--frac-bits", default=FRAC_BITS, type=int, help="fixed point fraction bits")
+    p.add_argument("--on-overflow", default=ON_OVERFLOW, choices=golden.ON_OVERFLOW)
+    return p.parse_args(argv)
+
+
+def select_sources(in_dir: Path, select: str | None) -> list[Path]:
+    if not in_dir.is_dir():
+        raise InputError(f"input folder {in_dir} does not exist: run the step that writes it, or pass --in-dir")
+    try:
+        pattern = re.compile(select or "")
+    except re.error as e:
+        raise InputError(f"--select {select!r} is not a regex ({e})") from None
+    sources = sorted(p for p in in_dir.glob("*.csv") if pattern.search(p.name))
+    if not sources:
+        raise InputError(f"no CSV file in {in_dir} matches --select {select!r}: check the folder and the regex")
+    return sources
+
+
+def layer_metas(in_dir: Path) -> dict[int | None, dict]:
+    """meta_layerN.json by layer (step 2 folders have them), and None -> any one of them."""
+    metas: dict[int | None, dict] = {}
+    for path in sorted(in_dir.glob("meta_layer*.json")):
+        if (n := golden.layer_of(path.stem)) is not None:
+            metas[n] = read_json(path, "run 2_get_x.py again")
+    if metas:
+        metas[None] = metas[min(k for k in metas if k is not None)]
+    return metas
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    in_dir = args.in_dir or output_dir(args.model_dir, "x_all_layers")
+    out_dir = args.out_dir or output_dir(args.model_dir, "golden")
+    enc = golden.make_encoding(args.encoding, args.bits, args.frac_bits)
+    settings = {"MODEL_DIR": str(args.model_dir), "IN_DIR": str(in_dir), "SELECT": args.select or "(all)",
+                "OUT_DIR": str(out_dir), "FORMAT": args.format, "ENCODING": enc.describe(),
+                "ON_OVERFLOW": args.on_overflow}
+    print("5_golden.py: golden vectors in hardware formats")
+    print_settings(settings)
+    if golden.same_file(in_dir, out_dir):
+        raise InputError(f"--out-dir {out_dir} is the input folder: choose another (never write where we read)")
+
+    t0 = time.perf_counter()
+    sources = select_sources(in_dir, args.select)
+    bar = tqdm(total=len(sources), desc="files", unit="file", disable=len(sources) < 8, file=sys.stdout)
+    manifest, stats = golden.write_golden(sources, out_dir, args.format, enc, args.on_overflow, layer_metas(in_dir),
+                                          settings, on_file=bar.update)
+    bar.close()
+    dt = time.perf_counter() - t0
+
+    print(f"wrote {stats.files} tensors ({stats.values:,} values, {stats.bytes / 1e6:.1f} MB of {args.format}) "
+          f"and {golden.MANIFEST} to {out_dir} in {dt:.2f} s")
+    if enc.name != "float32":
+        print(f"rounding ({golden.ROUNDING[enc.name]}) changed {stats.rounded:,} of {stats.values:,} values")
+    if stats.saturated:
+        verb = "were clipped to the largest word" if enc.name == "fixed" else "became inf"
+        print(f"warning: {stats.saturated:,} values do not fit {enc.describe()} and {verb} (worst {stats.worst[0]:g} "
+              f"in {stats.worst[1]}); the manifest counts them per file. --on-overflow error refuses instead")
+    else:
+        print(f"saturation: none (every value fits {enc.describe()})")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
