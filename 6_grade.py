@@ -1,0 +1,101 @@
+"""Step 6: grade another implementation's outputs against the model's references, node by node.
+
+Reads CANDIDATE_DIR: files named as steps 3/4 write them (q_layerN, k_layerN, v_layerN, probs_layerN,
+attn_layerN, xnorm/h/hnorm/act/mlp/out_layerN, norm, logits) as CSV or float npy, or in any format
+and encoding 5_golden.py writes (its golden_manifest.json beside them says which; every sha256 must
+match). Reads REFERENCE_DIR (step 2: the ref_ files and attention_mask.csv).
+For every candidate file, over real tokens only: max_abs, max_rel (as step 3), cosine similarity and
+NMSE in dB, PASS/FAIL against ATOL/RTOL; names the first failing node in forward order.
+Writes to OUT_DIR: report.json, report.md, errors.png. Prints the table, the first failing node last.
+Exit code: 0 all PASS, 1 any FAIL, 2 bad input (unknown name, wrong shape, manifest that does not match).
+
+    python 6_grade.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1     # grades step 3's own outputs
+    python 6_grade.py --candidate-dir my_accelerator_out --reference-dir outputs/M/x_all_layers --out-dir R
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common import grade, paths
+from common.cli import InputError, print_settings, run
+from common.csv_io import read_csv
+from common.golden import same_file
+from common.paths import output_dir
+
+# --- constants (each has a flag of the same name: CANDIDATE_DIR -> --candidate-dir) -------------
+MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
+CANDIDATE_DIR = None  # the outputs to grade; None -> outputs/<model folder>/qkv (step 3's own)
+REFERENCE_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
+OUT_DIR = None  # None -> outputs/<model folder>/grade
+ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py)
+RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/grade.py)
+# -------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
+    p.add_argument("--candidate-dir", default=CANDIDATE_DIR, type=Path, help="the outputs to grade")
+    p.add_argument("--reference-dir", default=REFERENCE_DIR, type=Path, help="step 2's output folder")
+    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
+    p.add_argument("--atol", default=ATOL, type=float)
+    p.add_argument("--rtol", default=RTOL, type=float)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cand_dir = args.candidate_dir or output_dir(args.model_dir, "qkv")
+    ref_dir = args.reference_dir or output_dir(args.model_dir, "x_all_layers")
+    out_dir = args.out_dir or output_dir(args.model_dir, "grade")
+    settings = {"MODEL_DIR": args.model_dir, "CANDIDATE_DIR": cand_dir, "REFERENCE_DIR": ref_dir,
+                "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol}
+    print("6_grade.py: grade a candidate implementation's outputs against the model")
+    print_settings(settings)
+    for d in (cand_dir, ref_dir):
+        if same_file(d, out_dir):
+            raise InputError(f"--out-dir {out_dir} is an input folder: choose another (never write where we read)")
+    if not ref_dir.is_dir():
+        raise InputError(f"reference folder {ref_dir} does not exist: run 2_get_x.py, or pass --reference-dir")
+
+    t0 = time.perf_counter()
+    candidates, skipped = grade.find_candidates(cand_dir)
+    mask = read_csv(ref_dir / "attention_mask.csv")  # (B, T)
+    enc = candidates[0].enc
+    atol, rtol, note = grade.tolerances(enc, args.atol, args.rtol)
+    print(f"{len(candidates)} candidate files in {enc.describe()}" +
+          (f" (skipped the model inputs {', '.join(skipped)})" if skipped else ""))
+    if note:
+        print(f"note: the candidate is {enc.describe()}: tolerance {note}")
+
+    results = []
+    for c in tqdm(candidates, desc="nodes", unit="node", disable=len(candidates) < 40, file=sys.stdout):
+        ref_path = grade.reference_path(ref_dir, c)
+        ref, a = read_csv(ref_path), grade.load(c)
+        if a.shape != ref.shape:
+            raise InputError(f"{c.path} has shape {a.shape}, its reference {ref_path} {ref.shape}: "
+                             "write the candidate in the reference's shape and row order")
+        real = grade.real_rows(c.node, ref.shape[0], mask, ref_path)
+        results.append({"label": c.label, "layer": c.layer, "node": c.node, "file": c.path.name,
+                        "reference": ref_path.name, **grade.grade(a, ref, real, atol, rtol)})
+    t_grade = time.perf_counter() - t0
+
+    plot = out_dir / "errors.png"
+    grade.plot_errors(plot, results, rtol)
+    settings.update({"encoding": enc.describe(), "effective ATOL": atol, "effective RTOL": rtol,
+                     "tolerance note": note or "none", "skipped": ", ".join(skipped) or "none"})
+    grade.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, [plot.name],
+                        {"grade": round(t_grade, 4), "total": round(time.perf_counter() - t0, 4)}, atol, rtol)
+    print(f"wrote {out_dir / 'report.json'}, report.md, {plot.name}")
+    print(grade.console_table(results, atol, rtol))
+    return 0 if grade.first_failing(results) is None else 1
+
+
+if __name__ == "__main__":
+    run(main)
