@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     t_grade = time.perf_counter() - t0
 
     plot = out_dir / "errors.png"
-    grade.plot_errors(plot, results, rtol)
+    grade.plot_errors(plot, results)
     settings.update({"encoding": enc.describe(), "effective ATOL": atol, "effective RTOL": rtol,
                      "tolerance note": note or "none", "skipped": ", ".join(skipped) or "none"})
     grade.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, [plot.name],

@@ -133,11 +133,12 @@ def encode(x: np.ndarray, enc: Encoding, name: str) -> Encoded:
         at = tuple(int(i) for i in np.argwhere(np.isnan(x))[0])
         raise InputError(f"{name} has NaN at {at}: fixed point has no NaN; check that file")
     scaled = x.astype(np.float64) * enc.scale  # exact: float32 * 2^k fits a float64
-    k = np.rint(scaled)
     lo, hi = -(1 << (enc.bits - 1)), (1 << (enc.bits - 1)) - 1
-    over = (k < lo) | (k > hi)
+    k = np.clip(np.rint(scaled), lo, hi)
+    # Saturated: more than half a step from the nearest word (a tie just past an end is as close as rounding).
+    over = (scaled < lo - 0.5) | (scaled > hi + 0.5)
     rounded = int(np.count_nonzero(~over & (k != scaled)))
-    return _with_overflow(np.clip(k, lo, hi).astype(enc.dtype), rounded, over, x)
+    return _with_overflow(k.astype(enc.dtype), rounded, over, x)
 
 
 def _with_overflow(codes: np.ndarray, rounded: int, over: np.ndarray, x: np.ndarray) -> Encoded:

@@ -254,26 +254,31 @@ def write_reports(out_dir: Path, results: list[dict], settings: dict, plots: lis
     write_text(out_dir / "report.md", markdown(results, settings, plots, atol, rtol))
 
 
-def plot_errors(path: Path, results: list[dict], rtol: float) -> None:
-    """max_rel per layer, one line per node kind; the final nodes one step right of the last layer."""
+def plot_errors(path: Path, results: list[dict]) -> None:
+    """Per layer, one line per node kind: max_rel (left) and max_abs / tolerance (right, FAIL above 1).
+    The final nodes (norm, logits) sit one step right of the last layer."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
     layers = sorted({r["layer"] for r in results if r["layer"] is not None})
     final_x = (layers[-1] + 1) if layers else 0
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     markers = "osD^v<>phx*+"
     for i, node in enumerate(_columns(results)):
-        pts = [(final_x if r["layer"] is None else r["layer"], r["max_rel"]) for r in results if r["node"] == node]
-        xs = [p[0] for p in pts]
-        ys = [max(p[1], 1e-12) if math.isfinite(p[1]) else np.nan for p in pts]  # log scale: zeros at the floor
-        ax.plot(xs, ys, marker=markers[i % len(markers)], label=node, linewidth=1, markersize=4)
-    ax.axhline(rtol, color="red", linestyle="--", linewidth=1, label=f"RTOL {rtol:g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer" + (f" ({final_x}: after the last layer)" if any(r["layer"] is None for r in results) else ""))
-    ax.set_ylabel("max |a - ref| / max |ref|")
-    ax.set_title("Candidate vs the model, real tokens only")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(ncol=7, fontsize=8, loc="best")
-    ax.grid(True, which="both", alpha=0.3)
+        rs = [r for r in results if r["node"] == node]
+        xs = [final_x if r["layer"] is None else r["layer"] for r in rs]
+        for ax, ys in zip(axes, ([r["max_rel"] for r in rs], [r["max_abs"] / r["tol"] for r in rs])):
+            ys = [max(y, 1e-12) if math.isfinite(y) else np.nan for y in ys]  # log scale: zeros at the floor
+            ax.plot(xs, ys, marker=markers[i % len(markers)], label=node, linewidth=1, markersize=4)
+    axes[1].axhline(1.0, color="red", linestyle="--", linewidth=1, label="tolerance")
+    axes[0].set_ylabel("max |a - ref| / max |ref|")
+    axes[1].set_ylabel("max |a - ref| / (ATOL + RTOL max |ref|)")
+    axes[0].set_title("Candidate vs the model, real tokens only")
+    axes[1].set_title("Share of the tolerance used (FAIL above 1)")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("layer" + (f" ({final_x}: after the last layer)" if any(r["layer"] is None for r in results) else ""))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(ncol=7, fontsize=8, loc="best")
     _save(fig, path)
     plt.close(fig)
