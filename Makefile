@@ -14,6 +14,8 @@ LONG_OFFSET ?= 100000
 long_dir   = $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.offset_folder(layout.$(1), $(LONG_OFFSET)))))
 # Step 3 needs only the attention projections (and their biases, when a model has them).
 ATTN_FILTER = '$(call common,layout.ATTENTION_FILTER)'
+# Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
+GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
 .PHONY: venv demo pipeline steps test bench bench-full clean-outputs
 
@@ -25,7 +27,7 @@ $(STAMP): requirements.txt
 	touch $@
 
 # Offline: build the demo model, run steps 1 -> 2 -> 3 on it at positions 0.. and again at 8000.. (near
-# the end of its 8192-token window), and print the verification tables.
+# the end of its 8192-token window), write golden vectors (5) and grade step 3 (6).
 demo: $(STAMP)
 	$(PY) 0_download_models.py --demo
 	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000
@@ -45,6 +47,8 @@ steps: $(STAMP)
 	@echo "== the same check at positions $(LONG_OFFSET).. (2_get_x.py --position-offset)"
 	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --position-offset $(LONG_OFFSET) --out-dir $(call long_dir,ACTS)
 	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR) --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,QKV)
+	$(PY) 5_golden.py --model-dir $(MODEL_DIR) $(GOLDEN)
+	$(PY) 6_grade.py --model-dir $(MODEL_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

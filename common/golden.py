@@ -11,8 +11,8 @@ A container holds the codes of one tensor (npz: of one layer):
   npy   the codes as a numpy array (bfloat16 as its uint16 bit pattern: numpy has no bfloat16)
   npz   one archive per layer (layerN.npz; files of no layer in model.npz), member = tensor name
 
-Speed: hex text is made by table lookup (65536 four-digit strings), so nothing is formatted number
-by number; every file is hashed as it is written.
+Speed: hex text is made by table lookup (65536 four-digit strings) in cache-sized chunks, so nothing
+is formatted number by number; every file is hashed as it is written.
 """
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ FORMATS = ("bin", "hex", "mem", "npy", "npz")
 FIXED_BITS = (8, 16, 32)
 ON_OVERFLOW = ("saturate", "error")
 MANIFEST = "golden_manifest.json"
+HEX_CHUNK = 1 << 16  # words formatted at once: the temporaries stay in the CPU cache (3x faster than 1M)
+ENCODE_CHUNK = 1 << 16  # values encoded at once, for the same reason
 ROUNDING = {"float32": "none (exact)", "bfloat16": "nearest, ties to even", "float16": "nearest, ties to even",
             "fixed": "nearest, ties to even: round(x * 2^FRAC_BITS)"}
-CHUNK = 1 << 20  # words formatted at once
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,37 @@ def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def encode(x: np.ndarray, enc: Encoding, name: str) -> Encoded:
-    """float32 array -> codes in enc.dtype, with how many values rounding and saturation changed."""
+    """float32 array -> codes in enc.dtype, with how many values rounding and saturation changed.
+
+    Done in chunks of ENCODE_CHUNK values, so that the temporaries stay in the CPU cache."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    finite = np.isfinite(x)
     if enc.name == "float32":
-        return Encoded(x.astype(enc.dtype), 0, 0, None, None)
+        return Encoded(x, 0, 0, None, None)  # the bits as they are: no copy
+    if enc.name == "fixed" and np.isnan(x).any():
+        at = tuple(int(i) for i in np.argwhere(np.isnan(x))[0])
+        raise InputError(f"{name} has NaN at {at}: fixed point has no NaN; check that file")
+    flat = x.reshape(-1)
+    codes = np.empty(flat.size, enc.dtype)
+    rounded = saturated = 0
+    worst_i = None
+    for i in range(0, flat.size, ENCODE_CHUNK):
+        part = flat[i:i + ENCODE_CHUNK]
+        codes[i:i + ENCODE_CHUNK], n_rounded, over = _encode_chunk(part, enc)
+        rounded += n_rounded
+        if n := int(np.count_nonzero(over)):
+            saturated += n
+            j = i + int(np.argmax(np.where(over, np.abs(part), -1.0)))
+            if worst_i is None or abs(flat[j]) > abs(flat[worst_i]):
+                worst_i = j
+    codes = codes.reshape(x.shape)
+    if worst_i is None:
+        return Encoded(codes, rounded, 0, None, None)
+    at = tuple(int(j) for j in np.unravel_index(worst_i, x.shape))
+    return Encoded(codes, rounded, saturated, float(flat[worst_i]), at)
+
+
+def _encode_chunk(x: np.ndarray, enc: Encoding) -> tuple[np.ndarray, int, np.ndarray]:
+    """(codes, how many values rounding changed, mask of the values out of range) of a flat float32 chunk."""
     if enc.name in ("bfloat16", "float16"):
         if enc.name == "bfloat16":
             codes = _bfloat16_bits(x)
@@ -126,28 +153,23 @@ def encode(x: np.ndarray, enc: Encoding, name: str) -> Encoded:
             with np.errstate(over="ignore"):
                 codes = x.astype(np.float16)
             back = codes.astype(np.float32)
-        over = finite & ~np.isfinite(back)
-        rounded = int(np.count_nonzero(finite & (back != x)))
-        return _with_overflow(codes.astype(enc.dtype, copy=False), rounded, over, x)
-    if not finite.all() and np.isnan(x).any():
-        at = tuple(int(i) for i in np.argwhere(np.isnan(x))[0])
-        raise InputError(f"{name} has NaN at {at}: fixed point has no NaN; check that file")
-    scaled = x.astype(np.float64) * enc.scale  # exact: float32 * 2^k fits a float64
+        finite = np.isfinite(x)
+        over = finite & ~np.isfinite(back)  # overflowed to inf
+        return codes, int(np.count_nonzero(finite & (back != x))), over
+    # float32 * 2^FRAC_BITS is exact (or inf, which saturates); so is rint of a float32.
+    with np.errstate(over="ignore"):
+        scaled = x * np.float32(enc.scale)
+    k = np.rint(scaled)
     lo, hi = -(1 << (enc.bits - 1)), (1 << (enc.bits - 1)) - 1
-    k = np.clip(np.rint(scaled), lo, hi)
-    # Saturated: more than half a step from the nearest word (a tie just past an end is as close as rounding).
-    over = (scaled < lo - 0.5) | (scaled > hi + 0.5)
-    rounded = int(np.count_nonzero(~over & (k != scaled)))
-    return _with_overflow(k.astype(enc.dtype), rounded, over, x)
-
-
-def _with_overflow(codes: np.ndarray, rounded: int, over: np.ndarray, x: np.ndarray) -> Encoded:
-    n = int(np.count_nonzero(over))
-    if not n:
-        return Encoded(codes, rounded, 0, None, None)
-    i = int(np.argmax(np.where(over, np.abs(x), -1.0)))
-    at = tuple(int(j) for j in np.unravel_index(i, x.shape))
-    return Encoded(codes, rounded, n, float(x.reshape(-1)[i]), at)
+    # Saturated: more than half a step from the nearest word (a tie just past an end is as close as
+    # rounding). The limits are float64 scalars, so the comparison is exact even where hi + 0.5 is no float32.
+    over_hi, over_lo = scaled > np.float64(hi + 0.5), scaled < np.float64(lo - 0.5)
+    over = over_hi | over_lo
+    rounded = int(np.count_nonzero(k != scaled)) - int(np.count_nonzero(over))
+    hi32 = np.float32(hi) if float(np.float32(hi)) <= hi else np.nextafter(np.float32(hi), np.float32(0))
+    codes = np.clip(k, np.float32(lo), hi32).astype(enc.dtype)  # 2^31 - 1 is no float32: set it in integers
+    codes[over_hi] = hi
+    return codes, rounded, over
 
 
 def decode(codes: np.ndarray, enc: Encoding) -> np.ndarray:
@@ -165,7 +187,11 @@ def decode(codes: np.ndarray, enc: Encoding) -> np.ndarray:
 
 _DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 _i = np.arange(1 << 16)
-_HEX4 = _DIGITS[np.stack([(_i >> 12) & 15, (_i >> 8) & 15, (_i >> 4) & 15, _i & 15], axis=1)]  # (65536, 4)
+_HEX4 = np.ascontiguousarray(_DIGITS[np.stack([(_i >> 12) & 15, (_i >> 8) & 15, (_i >> 4) & 15, _i & 15], axis=1)])
+_HEX4_WORD = _HEX4.view("<u4").reshape(-1)  # 16-bit value -> its 4 hex digits as one 32-bit word (in memory order)
+_HEX2_WORD = np.ascontiguousarray(_HEX4[:256, 2:]).view("<u2").reshape(-1)  # 8-bit value -> 2 digits
+# One line of each word size as a packed record: the digits, then "\n"
+_LINE = {n: np.dtype([("digits", f"<u{2 * n}"), ("newline", "u1")]) for n in (1, 2, 4)}
 _VALUE = np.full(256, 255, np.uint8)  # hex digit (either case) -> its value; anything else -> 255
 for _c, _v in zip(b"0123456789abcdef", range(16)):
     _VALUE[_c] = _VALUE[bytes([_c]).upper()[0]] = _v
@@ -177,21 +203,21 @@ def words(codes: np.ndarray) -> np.ndarray:
     return codes.reshape(-1).view(f"<u{codes.dtype.itemsize}")
 
 
-def hex_text(w: np.ndarray) -> bytes:
-    """Unsigned words -> one fixed-width lowercase hex word per line (2, 4 or 8 digits)."""
-    n = w.size
-    if w.itemsize == 4:  # two table lookups per word, written as 32-bit words: "hhhh" "llll" "\n"
-        out = np.empty((n, 9), np.uint8)
-        out[:, :4] = _HEX4[w >> 16]
-        out[:, 4:8] = _HEX4[w & 0xFFFF]
+def hex_text(w: np.ndarray) -> np.ndarray:
+    """Unsigned words -> one fixed-width lowercase hex word per line (2, 4 or 8 digits), as records
+    whose bytes are the text: a table lookup per 16 bits, no number formatting."""
+    out = np.empty(w.size, _LINE[w.itemsize])
+    digits = out["digits"]
+    if w.itemsize == 4:  # 8 digits: the high half's 4 first in memory, so they sit in the low 32 bits
+        digits[...] = _HEX4_WORD[w & 0xFFFF]
+        digits <<= 32
+        digits |= _HEX4_WORD[w >> 16]
     elif w.itemsize == 2:
-        out = np.empty((n, 5), np.uint8)
-        out[:, :4] = _HEX4[w]
+        digits[...] = _HEX4_WORD[w]
     else:
-        out = np.empty((n, 3), np.uint8)
-        out[:, :2] = _HEX4[w][:, 2:]
-    out[:, -1] = 10
-    return out.tobytes()
+        digits[...] = _HEX2_WORD[w]
+    out["newline"] = 10
+    return out
 
 
 def parse_hex(text: bytes, nbytes: int, path: Path) -> np.ndarray:
@@ -222,42 +248,51 @@ def header(shape: tuple[int, ...], enc: Encoding, tensor: str) -> bytes:
 # --- files -------------------------------------------------------------------------------------
 
 
-class HashingWriter:
-    """A binary file that hashes what is written to it."""
+def write_chunks(path: Path, chunks) -> str:
+    """Write buffers to `path` atomically, hashing them on the way; returns the file's sha256."""
+    sha = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            sha.update(chunk)
+            f.write(chunk)
+    return sha.hexdigest()
 
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
 
-    def write(self, data) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
+def _binary_chunks(codes: np.ndarray, head: bytes = b"", chunk_bytes: int = 1 << 22):
+    if head:
+        yield head
+    data = memoryview(np.ascontiguousarray(codes)).cast("B")
+    for i in range(0, len(data), chunk_bytes):
+        yield data[i:i + chunk_bytes]
+
+
+def _text_chunks(codes: np.ndarray, head: bytes):
+    if head:
+        yield head
+    w = words(codes)
+    for i in range(0, w.size, HEX_CHUNK):
+        yield memoryview(hex_text(w[i:i + HEX_CHUNK])).cast("B")
+
+
+def npy_header(codes: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(codes))
+    return buf.getvalue()
 
 
 def write_tensor(path: Path, codes: np.ndarray, fmt: str, enc: Encoding, tensor: str) -> str:
     """One tensor's file in bin/hex/mem/npy, atomically; returns its sha256."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        out = HashingWriter(f)
-        if fmt == "npy":
-            np.save(out, codes, allow_pickle=False)
-        elif fmt == "bin":
-            out.write(memoryview(np.ascontiguousarray(codes)).cast("B"))
-        else:
-            if fmt == "mem":
-                out.write(header(codes.shape, enc, tensor))
-            w = words(codes)
-            for i in range(0, w.size, CHUNK):
-                out.write(hex_text(w[i:i + CHUNK]))
-        return out.sha.hexdigest()
+    if fmt in ("bin", "npy"):
+        return write_chunks(path, _binary_chunks(codes, npy_header(codes) if fmt == "npy" else b""))
+    return write_chunks(path, _text_chunks(codes, header(codes.shape, enc, tensor) if fmt == "mem" else b""))
 
 
 def write_archive(path: Path, members: dict[str, np.ndarray]) -> str:
     """One npz (uncompressed) of several tensors, atomically; returns its sha256."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        out = HashingWriter(f)
-        buf = io.BytesIO()  # np.savez needs a seekable file: build it, then write and hash at once
-        np.savez(buf, **members)
-        out.write(buf.getbuffer())
-        return out.sha.hexdigest()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **members)
+        return sha256_file(tmp)
 
 
 def read_tensor(path: Path, fmt: str, enc: Encoding, shape: tuple[int, ...], key: str | None = None) -> np.ndarray:

@@ -144,10 +144,10 @@ def test_layout_names_the_head_major_columns(tmp_path, pipeline):
 
 def test_golden_overflow_error_writes_nothing(source, tmp_path):
     out = tmp_path / "g"
-    r = run_script("5_golden.py", "--in-dir", source, "--out-dir", out, "--format", "bin", "--encoding", "fixed",
-                   "--bits", "16", "--frac-bits", "8", "--on-overflow", "error")
-    assert r.returncode == 2 and "q_layer2.csv" in r.stderr and "do not fit" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(InputError, match=r"q_layer2.csv: \d+ values do not fit fixed Q8.8"):
+        golden_script.main(["--in-dir", str(source), "--out-dir", str(out), "--format", "bin", "--encoding", "fixed",
+                            "--bits", "16", "--frac-bits", "8", "--on-overflow", "error"])
+    assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "g"]  # no staging folder left behind
 
 
