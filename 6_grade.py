@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     candidates, skipped = grade.find_candidates(cand_dir)
+    if not (ref_dir / "attention_mask.csv").is_file():
+        raise InputError(f"{ref_dir / 'attention_mask.csv'} is missing: it says which rows are real tokens; "
+                         "run 2_get_x.py with its masks saved (the default)")
     mask = read_csv(ref_dir / "attention_mask.csv")  # (B, T)
     enc = candidates[0].enc
     atol, rtol, note = grade.tolerances(enc, args.atol, args.rtol)

@@ -227,6 +227,8 @@ def parse_hex(text: bytes, nbytes: int, path: Path) -> np.ndarray:
         text = b"\n".join(line for line in lines if not line.startswith(b"//"))
         if text.startswith(b"\n"):
             text = text[1:]
+    if text and not text.endswith(b"\n"):
+        text += b"\n"  # a last line without its newline
     width = 2 * nbytes
     if len(text) % (width + 1):
         raise InputError(f"{path}: not {width}-digit hex words, one per line: write it as 5_golden.py does")
@@ -309,7 +311,7 @@ def read_tensor(path: Path, fmt: str, enc: Encoding, shape: tuple[int, ...], key
                 a = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise InputError(f"{path}: not a readable {fmt} file ({e})") from None
-        if a.dtype.newbyteorder("<") != enc.dtype and a.dtype != enc.dtype:
+        if (a.dtype.kind, a.dtype.itemsize) != (enc.dtype.kind, enc.dtype.itemsize):
             raise InputError(f"{path} holds {a.dtype}, but {enc.describe()} is stored as {enc.dtype}")
         a = a.astype(enc.dtype, copy=False)
     elif fmt == "bin":
@@ -473,6 +475,8 @@ def load_manifest(folder: Path) -> tuple[dict, Encoding]:
         checked: dict[str, str] = {}
         for e in entries:
             name, shape = e["file"], e["shape"]
+            if not isinstance(e["tensor"], str):
+                raise InputError(f"{path}: tensor name {e['tensor']!r} is not a string: {fix}")
             if not isinstance(name, str) or Path(name).name != name:
                 raise InputError(f"{path}: file {name!r} is not a plain file name in that folder: {fix}")
             if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):

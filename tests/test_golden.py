@@ -107,7 +107,7 @@ def test_fixed_point_rounds_half_to_even_and_words_are_twos_complement(tmp_path)
 def test_bfloat16_words_and_npz_archives_per_layer(tmp_path):
     src = tmp_path / "src"
     for n in (0, 1):
-        write_csv(src / f"ref_q_layer{n}.csv", np.full((2, 3), 1 + n, np.float32))
+        write_csv(src / (nodes.stem("q", n, ref=True) + ".csv"), np.full((2, 3), 1 + n, np.float32))
     write_csv(src / "attention_mask.csv", np.ones((1, 2), np.float32))
     out = tmp_path / "g"
     manifest, _ = golden.write_golden(sorted(src.glob("*.csv")), out, "npz", encoding("bfloat16", None, None), "saturate",
@@ -392,3 +392,42 @@ def test_real_rows_of_probs_and_last_token_logits():
     assert grade.real_rows("logits", 6, mask, Path("l")).tolist() == [False, True, True, True, True, True]
     with pytest.raises(InputError, match="has 5 rows"):
         grade.real_rows("out", 5, mask, Path("o"))
+
+
+def test_step2_golden_graded_against_itself_is_exact(pipeline, tmp_path):
+    """Golden float32 of a whole step 2 folder (ref_ names, x, xnorm, the masks) grades at exactly 0."""
+    _, _, acts, _ = pipeline
+    cand = tmp_path / "g"
+    assert golden_script.main(["--in-dir", str(acts), "--out-dir", str(cand), "--format", "npy"]) == 0
+    code, report = grade_run(cand, acts, tmp_path / "grade")
+    assert code == 0 and report["settings"]["skipped"] == "attention_mask, position_ids"
+    assert {n["node"] for n in report["nodes"]} == {"x", "xnorm", "q", "k", "v", "attn"}
+    assert all(n["max_abs"] == 0 and n["nmse_db"] == "-inf" for n in report["nodes"])
+    assert [n["reference"] for n in report["nodes"]][:3] == ["x_layer0.csv", "xnorm_layer0.csv", "ref_q_layer0.csv"]
+
+
+def test_probs_and_last_token_logits_grade_over_real_rows_only(tmp_path):
+    """probs rows (b*H + h)*T + t and one logits row per prompt: padding rows never count."""
+    B, T, H, V = 2, 3, 2, 5
+    rng = np.random.default_rng(1)
+    ref, cand = tmp_path / "ref", tmp_path / "cand"
+    mask = np.array([[0, 1, 1], [1, 1, 1]], np.float32)  # prompt 0 left-padded
+    write_csv(ref / "attention_mask.csv", mask)
+    probs, logits = rng.random((B * H * T, T), dtype=np.float32), rng.standard_normal((B, V), dtype=np.float32)
+    write_csv(ref / (nodes.stem("probs", 0, ref=True) + ".csv"), probs)
+    write_csv(ref / "ref_logits.csv", logits)
+    bad_probs = probs.copy()
+    bad_probs[(0 * H + 1) * T + 0] += 1.0  # prompt 0, head 1, the padded position 0
+    write_csv(cand / (nodes.stem("probs", 0) + ".csv"), bad_probs)
+    np.save(cand / "logits.npy", logits)
+    code, report = grade_run(cand, ref, tmp_path / "grade")
+    assert code == 0 and [n["label"] for n in report["nodes"]] == ["layer 0 probs", "logits"]
+
+    bad_probs[(1 * H + 1) * T + 0] += 1.0  # prompt 1, head 1, position 0: real
+    write_csv(cand / (nodes.stem("probs", 0) + ".csv"), bad_probs)
+    logits[1, 2] += 1.0
+    np.save(cand / "logits.npy", logits)
+    code, report = grade_run(cand, ref, tmp_path / "grade2")
+    assert code == 1 and report["first_failing"]["label"] == "layer 0 probs"
+    assert report["first_failing"]["worst_row"] == (1 * H + 1) * T + 0
+    assert [n["pass"] for n in report["nodes"]] == [False, False]
