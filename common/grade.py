@@ -24,12 +24,13 @@ from common.verify import compare
 NAMES = ("q_layerN, k_layerN, v_layerN, probs_layerN, attn_layerN, xnorm/h/hnorm/act/mlp/out_layerN, "
          "x_layerN, norm, logits")
 NEEDS_MANIFEST = ("bin", "hex", "mem", "npz")
-DEFINITION = VERIFY_DEFINITION.replace("(q, k, v, attn)", "(q, k, v, attn, ...)").replace(
-    "a = recomputed", "a = the candidate") + """
+DEFINITION = """Here a is the candidate's value and r step 2's (the model's own), node by node, as in step 3:
+
+""" + VERIFY_DEFINITION + """
 Also over the real rows, in float64:
 
     cosine  = sum(a*r) / (|a| |r|)                   (1 = same direction)
-    NMSE_dB = 10 log10( sum((a-r)^2) / sum(r^2) )    (-inf = identical; -20 dB = 10% error energy)
+    NMSE_dB = 10 log10( sum((a-r)^2) / sum(r^2) )    (-inf = identical; -20 dB: an error of 10% RMS)
 
 A fixed-point candidate (2^-FRAC_BITS per step) gets its quantisation step added to ATOL; a bfloat16 or
 float16 one its relative rounding (2^-8, 2^-11) added to RTOL: the encoding's own rounding is allowed.
