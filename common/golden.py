@@ -9,7 +9,8 @@ A container holds the codes of one tensor (npz: of one layer):
   hex   one word per line, fixed width (BITS/4 hex digits), two's complement: Verilog $readmemh
   mem   hex with a `// shape, encoding, scale` comment header ($readmemh skips // comments)
   npy   the codes as a numpy array (bfloat16 as its uint16 bit pattern: numpy has no bfloat16)
-  npz   one archive per layer (layerN.npz; files of no layer in model.npz), member = tensor name
+  npz   one archive per layer (layerN.npz; files of no layer in model.npz), members named without
+        the layer (ref_q, xnorm; step 1's weights: self_attn.q_proj.weight)
 
 Speed: hex text is made by table lookup (65536 four-digit strings) in cache-sized chunks, so nothing
 is formatted number by number; every file is hashed as it is written.
@@ -335,8 +336,10 @@ def file_name(tensor: str, fmt: str, layer: int | None) -> str:
 
 
 def member_name(tensor: str, layer: int | None) -> str:
-    """Inside layerN.npz a tensor is named without its _layerN suffix (ref_q, xnorm)."""
-    return tensor if layer is None else tensor[: tensor.rindex("_layer")]
+    """Inside layerN.npz a tensor is named without its layer: ref_q, xnorm; self_attn.q_proj.weight."""
+    if layer is None:
+        return tensor
+    return _WEIGHT_PREFIX.sub("", tensor) if _WEIGHT_PREFIX.search(tensor) else _LAYER_SUFFIX.sub("", tensor)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -345,11 +348,12 @@ def same_file(a: Path, b: Path) -> bool:
 
 # --- a whole folder: golden_manifest.json ------------------------------------------------------
 
-_LAYER_SUFFIX = re.compile(r"_layer(\d+)$")
+_LAYER_SUFFIX = re.compile(r"_layer(\d+)$")  # step 2/3/4 files: q_layer3
+_WEIGHT_PREFIX = re.compile(r"^model\.layers\.(\d+)\.")  # step 1 files: model.layers.3.self_attn.q_proj.weight
 
 
 def layer_of(tensor: str) -> int | None:
-    m = _LAYER_SUFFIX.search(tensor)
+    m = _LAYER_SUFFIX.search(tensor) or _WEIGHT_PREFIX.search(tensor)
     return int(m.group(1)) if m else None
 
 

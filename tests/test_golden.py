@@ -118,6 +118,15 @@ def test_bfloat16_words_and_npz_archives_per_layer(tmp_path):
     assert {e["file"]: e["key"] for e in manifest["files"]}["model.npz"] == "attention_mask"
 
 
+def test_step1_weights_go_into_one_archive_per_layer(tmp_path):
+    src = tmp_path / "weights"
+    write_csv(src / "model.layers.3.mlp.up_proj.weight.csv", np.ones((4, 2), np.float32))
+    write_csv(src / "model.norm.weight.csv", np.ones(2, np.float32))
+    golden_script.main(["--in-dir", str(src), "--out-dir", str(tmp_path / "g"), "--format", "npz"])
+    with np.load(tmp_path / "g" / "layer3.npz") as z, np.load(tmp_path / "g" / "model.npz") as m:
+        assert (z.files, m.files) == (["mlp.up_proj.weight"], ["model.norm.weight"])
+
+
 def test_layout_names_the_head_major_columns(tmp_path, pipeline):
     _, _, acts, _ = pipeline
     out = tmp_path / "g"
