@@ -22,10 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import golden, paths
+from common import golden, layout, paths
 from common.atomic import read_json
 from common.cli import InputError, print_settings, run
-from common.paths import output_dir
 
 # --- constants (each has a flag of the same name: IN_DIR -> --in-dir) ---------------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None
@@ -71,9 +70,9 @@ def select_sources(in_dir: Path, select: str | None) -> list[Path]:
 def layer_metas(in_dir: Path) -> dict[int | None, dict]:
     """meta_layerN.json by layer (step 2 folders have them), and None -> any one of them."""
     metas: dict[int | None, dict] = {}
-    for path in sorted(in_dir.glob("meta_layer*.json")):
-        if (n := golden.layer_of(path.stem)) is not None:
-            metas[n] = read_json(path, "run 2_get_x.py again")
+    for path in sorted(in_dir.glob(layout.meta_file("*"))):
+        if (parsed := layout.parse_layer_file(path.name)) and parsed[0] == "meta":
+            metas[parsed[1]] = read_json(path, layout.rerun_step2())
     if metas:
         metas[None] = metas[min(k for k in metas if k is not None)]
     return metas
@@ -81,8 +80,8 @@ def layer_metas(in_dir: Path) -> dict[int | None, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    in_dir = args.in_dir or output_dir(args.model_dir, "x_all_layers")
-    out_dir = args.out_dir or output_dir(args.model_dir, "golden")
+    in_dir = args.in_dir or layout.default_dir(args.model_dir, layout.ACTS)
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GOLDEN)
     enc = golden.make_encoding(args.encoding, args.bits, args.frac_bits)
     settings = {"MODEL_DIR": str(args.model_dir), "IN_DIR": str(in_dir), "SELECT": args.select or "(all)",
                 "OUT_DIR": str(out_dir), "FORMAT": args.format, "ENCODING": enc.describe(),

@@ -21,11 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import grade, paths
+from common import grade, layout, paths
 from common.cli import InputError, print_settings, run
 from common.csv_io import read_csv
 from common.golden import same_file
-from common.paths import output_dir
 
 # --- constants (each has a flag of the same name: CANDIDATE_DIR -> --candidate-dir) -------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -51,9 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cand_dir = args.candidate_dir or output_dir(args.model_dir, "qkv")
-    ref_dir = args.reference_dir or output_dir(args.model_dir, "x_all_layers")
-    out_dir = args.out_dir or output_dir(args.model_dir, "grade")
+    cand_dir = args.candidate_dir or layout.default_dir(args.model_dir, layout.QKV)
+    ref_dir = args.reference_dir or layout.default_dir(args.model_dir, layout.ACTS)
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GRADE)
     settings = {"MODEL_DIR": args.model_dir, "CANDIDATE_DIR": cand_dir, "REFERENCE_DIR": ref_dir,
                 "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol}
     print("6_grade.py: grade a candidate implementation's outputs against the model")
@@ -66,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     candidates, skipped = grade.find_candidates(cand_dir)
-    if not (ref_dir / "attention_mask.csv").is_file():
-        raise InputError(f"{ref_dir / 'attention_mask.csv'} is missing: it says which rows are real tokens; "
+    mask_path = ref_dir / layout.ATTENTION_MASK
+    if not mask_path.is_file():
+        raise InputError(f"{mask_path} is missing: it says which rows are real tokens; "
                          "run 2_get_x.py with its masks saved (the default)")
-    mask = read_csv(ref_dir / "attention_mask.csv")  # (B, T)
+    mask = read_csv(mask_path)  # (B, T)
     enc = candidates[0].enc
     atol, rtol, note = grade.tolerances(enc, args.atol, args.rtol)
     print(f"{len(candidates)} candidate files in {enc.describe()}" +
@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                         "reference": ref_path.name, **grade.grade(a, ref, real, atol, rtol)})
     t_grade = time.perf_counter() - t0
 
-    plot = out_dir / "errors.png"
+    plot = out_dir / layout.ERRORS_PLOT
     grade.plot_errors(plot, results)
     settings.update({"encoding": enc.describe(), "effective ATOL": atol, "effective RTOL": rtol,
                      "tolerance note": note or "none", "skipped": ", ".join(skipped) or "none"})
-    grade.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, [plot.name],
-                        {"grade": round(t_grade, 4), "total": round(time.perf_counter() - t0, 4)}, atol, rtol)
-    print(f"wrote {out_dir / 'report.json'}, report.md, {plot.name}")
+    grade.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, [plot.name], atol, rtol)
+    print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}, {plot.name}; graded in {t_grade:.2f} s, "
+          f"{time.perf_counter() - t0:.2f} s in all")
     print(grade.console_table(results, atol, rtol))
     return 0 if grade.first_failing(results) is None else 1
 

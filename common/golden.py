@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import nodes
+from common import layout, nodes
 from common.atomic import atomic_path, read_json, sha256_file, write_json
 from common.cli import InputError
 from common.csv_io import read_csv
@@ -39,7 +39,7 @@ ENCODINGS = ("float32", "bfloat16", "float16", "fixed")
 FORMATS = ("bin", "hex", "mem", "npy", "npz")
 FIXED_BITS = (8, 16, 32)
 ON_OVERFLOW = ("saturate", "error")
-MANIFEST = "golden_manifest.json"
+MANIFEST = layout.GOLDEN_MANIFEST
 HEX_CHUNK = 1 << 16  # words formatted at once: the temporaries stay in the CPU cache (3x faster than 1M)
 ENCODE_CHUNK = 1 << 16  # values encoded at once, for the same reason
 ROUNDING = {"float32": "none (exact)", "bfloat16": "nearest, ties to even", "float16": "nearest, ties to even",
@@ -328,18 +328,12 @@ def read_tensor(path: Path, fmt: str, enc: Encoding, shape: tuple[int, ...], key
     return a.reshape(shape)
 
 
-def file_name(tensor: str, fmt: str, layer: int | None) -> str:
-    """The file a tensor goes into: <tensor>.<fmt>, or for npz its layer's archive."""
-    if fmt == "npz":
-        return "model.npz" if layer is None else "layer%d.npz" % layer
-    return f"{tensor}.{fmt}"
-
-
 def member_name(tensor: str, layer: int | None) -> str:
     """Inside layerN.npz a tensor is named without its layer: ref_q, xnorm; self_attn.q_proj.weight."""
     if layer is None:
         return tensor
-    return _WEIGHT_PREFIX.sub("", tensor) if _WEIGHT_PREFIX.search(tensor) else _LAYER_SUFFIX.sub("", tensor)
+    parsed = layout.parse_layer_file(tensor + ".csv")
+    return parsed[0] if parsed else _WEIGHT_PREFIX.sub("", tensor)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -348,12 +342,14 @@ def same_file(a: Path, b: Path) -> bool:
 
 # --- a whole folder: golden_manifest.json ------------------------------------------------------
 
-_LAYER_SUFFIX = re.compile(r"_layer(\d+)$")  # step 2/3/4 files: q_layer3
 _WEIGHT_PREFIX = re.compile(r"^model\.layers\.(\d+)\.")  # step 1 files: model.layers.3.self_attn.q_proj.weight
 
 
 def layer_of(tensor: str) -> int | None:
-    m = _LAYER_SUFFIX.search(tensor) or _WEIGHT_PREFIX.search(tensor)
+    """The layer of a step 2/3/4 file (q_layer3) or of a step 1 weight (model.layers.3.*); None for others."""
+    if parsed := layout.parse_layer_file(tensor + ".csv"):
+        return parsed[1]
+    m = _WEIGHT_PREFIX.search(tensor)
     return int(m.group(1)) if m else None
 
 
@@ -427,11 +423,11 @@ def _encode_all(sources, staging, fmt, enc, on_overflow, metas, on_file) -> tupl
         if e.saturated and on_overflow == "error":
             raise InputError(f"{src}: {e.saturated} values do not fit {enc.describe()} (worst {e.worst:g} at "
                              f"{e.worst_at}): choose more --bits or fewer --frac-bits, or --on-overflow saturate")
-        name = file_name(tensor, fmt, layer)
+        name = layout.golden_file(tensor, fmt, layer)
         node = node_of(tensor)
         entry = {"tensor": tensor, "file": name, "key": member_name(tensor, layer) if fmt == "npz" else None,
                  "source": src.name, "source_sha256": sha256_file(src), "shape": list(x.shape),
-                 "dtype": enc.dtype.str, "layout": nodes.layout(node, metas.get(layer)),
+                 "dtype": enc.dtype.str, "layout": nodes.describe_layout(node, metas.get(layer)),
                  **{k: v for k, v in enc.as_dict().items() if k in ("encoding", "scale", "rounding")},
                  "rounded": e.rounded, "saturated": e.saturated, "worst_saturated": e.worst,
                  "worst_saturated_at": list(e.worst_at) if e.worst_at else None, "sha256": None}
@@ -446,7 +442,7 @@ def _encode_all(sources, staging, fmt, enc, on_overflow, metas, on_file) -> tupl
         if fmt == "npz":
             archive[entry["key"]] = e.codes
             pending.append(entry)
-            last = i + 1 == len(order) or file_name(order[i + 1].stem, fmt, layer_of(order[i + 1].stem)) != name
+            last = i + 1 == len(order) or layout.golden_file(order[i + 1].stem, fmt, layer_of(order[i + 1].stem)) != name
             if last:
                 sha = write_archive(staging / name, archive)
                 stats.bytes += (staging / name).stat().st_size

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import golden, nodes
+from common import golden, layout, nodes
 from common.atomic import write_json, write_text
 from common.cli import InputError
 from common.csv_io import read_csv
@@ -123,8 +123,8 @@ def load(c: Candidate) -> np.ndarray:
 
 def reference_path(ref_dir: Path, c: Candidate) -> Path:
     """Step 2's file for a node: ref_<name>.csv (x and xnorm: also the unprefixed capture)."""
-    path = ref_dir / (nodes.stem(c.node, c.layer, ref=True) + ".csv")
-    plain = ref_dir / (nodes.stem(c.node, c.layer) + ".csv")
+    path = ref_dir / nodes.csv_name(c.node, c.layer, ref=True)
+    plain = ref_dir / nodes.csv_name(c.node, c.layer)
     if not path.is_file() and c.node in nodes.UNPREFIXED_REFS and plain.is_file():
         return plain
     if not path.is_file():
@@ -245,14 +245,14 @@ def markdown(results: list[dict], settings: dict, plots: list[str], atol: float,
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out_dir: Path, results: list[dict], settings: dict, plots: list[str], timing: dict,
-                  atol: float, rtol: float) -> None:
+def write_reports(out_dir: Path, results: list[dict], settings: dict, plots: list[str], atol: float,
+                  rtol: float) -> None:
     first = first_failing(results)
-    write_json(out_dir / "report.json", _json_safe({
+    write_json(out_dir / layout.REPORT_JSON, _json_safe({
         "pass": first is None, "first_failing": first, "atol": atol, "rtol": rtol,
-        "definition": DEFINITION.strip(), "nodes": results, "settings": settings, "timing_s": timing, "plots": plots,
+        "definition": DEFINITION.strip(), "nodes": results, "settings": settings, "plots": plots,
     }))
-    write_text(out_dir / "report.md", markdown(results, settings, plots, atol, rtol))
+    write_text(out_dir / layout.REPORT_MD, markdown(results, settings, plots, atol, rtol))
 
 
 def plot_errors(path: Path, results: list[dict]) -> None:

@@ -171,3 +171,16 @@ def check_attention_weights(weights_dir: Path, metas: dict[int, dict]) -> None:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise InputError(f"{missing[0]} is missing{more}: run python 1_model_weights.py --model-dir {src} "
                      f"--out-dir {shlex.quote(str(weights_dir))} {select}")
+
+
+# --- steps 5 and 6 -----------------------------------------------------------------------------
+
+GRADE = "grade"  # step 6's default folder under outputs/<model folder>/ (beside GOLDEN, step 5's)
+GOLDEN_MANIFEST = "golden_manifest.json"  # step 5's record of every file it wrote
+
+
+def golden_file(tensor: str, fmt: str, layer: int | None) -> str:
+    """Step 5's file of a tensor: <tensor>.<fmt>; npz: one archive per layer, layerN.npz (model.npz: no layer)."""
+    if fmt == "npz":
+        return "model.npz" if layer is None else f"layer{layer}.npz"
+    return f"{tensor}.{fmt}"

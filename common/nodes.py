@@ -3,28 +3,39 @@ columns are laid out. Steps 3/4 write `<node>_layerN.csv` / `<node>.csv`, step 2
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+from common import layout
 
 # Per decoder layer, in the order the forward pass computes them (x: the layer's input).
 LAYER_NODES = ("x", "xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
 FINAL_NODES = ("norm", "logits")  # after the last layer
-INPUTS = ("attention_mask", "position_ids")  # what the model was fed: not an implementation's output
+INPUTS = (Path(layout.ATTENTION_MASK).stem, Path(layout.POSITION_IDS).stem)  # what the model was fed
 # Step 2 writes these captured from the model without a ref_ prefix.
 UNPREFIXED_REFS = ("x", "xnorm")
 
-_LAYER_RE = re.compile(r"(ref_)?([a-z]+)_layer(\d+)")
 _FINAL_RE = re.compile(r"(ref_)?(" + "|".join(FINAL_NODES) + ")")
 
 
+def csv_name(node: str, layer: int | None = None, ref: bool = False) -> str:
+    """The CSV a step writes for a node: ("q", 3) -> q_layer3.csv, ref -> ref_q_layer3.csv, ("logits",) -> logits.csv."""
+    if layer is None:
+        return ("ref_" if ref else "") + node + ".csv"
+    return layout.ref_file(node, layer) if ref else layout.layer_file(node, layer)
+
+
 def stem(node: str, layer: int | None = None, ref: bool = False) -> str:
-    """File name without extension: ("q", 3) -> q_layer3, ("q", 3, ref) -> ref_q_layer3, ("logits",) -> logits."""
-    name = ("ref_" if ref else "") + node
-    return name if layer is None else "%s_layer%d" % (name, layer)
+    """csv_name without its extension: the tensor's name."""
+    return Path(csv_name(node, layer, ref)).stem
 
 
 def parse(name: str) -> tuple[int | None, str, bool] | None:
     """A file stem -> (layer or None, node, is_ref); None when it names no known node."""
-    if m := _LAYER_RE.fullmatch(name):
-        return (int(m.group(3)), m.group(2), bool(m.group(1))) if m.group(2) in LAYER_NODES else None
+    if parsed := layout.parse_layer_file(name + ".csv"):
+        node, layer = parsed
+        ref = node.startswith("ref_")
+        node = node[len("ref_"):] if ref else node
+        return (layer, node, ref) if node in LAYER_NODES else None
     if m := _FINAL_RE.fullmatch(name):
         return None, m.group(2), bool(m.group(1))
     return None
@@ -41,7 +52,7 @@ def label(layer: int | None, node: str) -> str:
     return node if layer is None else f"layer {layer} {node}"
 
 
-def layout(node: str, meta: dict | None) -> dict:
+def describe_layout(node: str, meta: dict | None) -> dict:
     """Row and column order of a node's 2-D file (row-major); with meta (a meta_layerN.json) the sizes too."""
     m = meta or {}
     B, T, H, Hkv, Dh = (m.get(k) for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"))

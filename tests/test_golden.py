@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
-from test_offline_qkv import ATTN_FILTER, capture, export_weights, load_script
+from conftest import load_script, run_script
+from test_offline_qkv import capture, export_weights
 
 from common import golden, grade, nodes
 from common.atomic import sha256_file
 from common.cli import InputError
 from common.csv_io import read_csv, write_csv
 
-golden_script = load_script("golden_script", "5_golden.py")
-grade_script = load_script("grade_script", "6_grade.py")
-offline = load_script("offline_qkv_for_golden", "3_offline_qkv.py")
+golden_script = load_script("5_golden.py")
+grade_script = load_script("6_grade.py")
+offline = load_script("3_offline_qkv.py")
 
 ENCODINGS = [("float32", None, None), ("bfloat16", None, None), ("float16", None, None),
              ("fixed", 8, 4), ("fixed", 16, 8), ("fixed", 32, 16)]
