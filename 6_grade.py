@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(f"note: the candidate is {enc.describe()}: tolerance {note}")
 
+    refs = [grade.reference_path(ref_dir, c) for c in candidates]  # all there, before any reading
     results = []
-    for c in tqdm(candidates, desc="nodes", unit="node", disable=len(candidates) < 40, file=sys.stdout):
-        ref_path = grade.reference_path(ref_dir, c)
+    for c, ref_path in tqdm(list(zip(candidates, refs)), desc="nodes", unit="node", disable=len(candidates) < 40,
+                            file=sys.stdout):
         ref, a = read_csv(ref_path), grade.load(c)
         if a.shape != ref.shape:
             raise InputError(f"{c.path} has shape {a.shape}, its reference {ref_path} {ref.shape}: "
