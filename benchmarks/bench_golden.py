@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from common import golden, paths  # noqa: E402
-from common.csv_io import close_pool, write_csv  # noqa: E402
+from common.csv_io import write_csv  # noqa: E402
 
 WORK_DIR = paths.OUTPUTS / "bench_golden"
 SHAPE = (4096, 1024)  # 4 M values, 16 MB of float32
@@ -85,7 +85,6 @@ def main() -> int:
             rows.append(f"  {fmt:>4} {enc.name:>8}  {len(data) / 1e6:6.1f} MB  {g * 1e3:7.1f} ms  "
                         f"{len(data) / g / 1e6:6.0f} MB/s  {g / p:6.2f}x  {g / h:6.2f}x  {g / c:6.2f}x   "
                         f"{goal:>19}{'' if goal.startswith('(') else (': ok' if passed else ': MISSED')}")
-    close_pool()
     csv_mb = csv_path.stat().st_size / 1e6
     print(f"5_golden.py writers, one ({SHAPE[0]}, {SHAPE[1]}) float32 tensor, median of {REPEATS}, side by side with "
           f"step 1's CSV writer ({csv_mb:.0f} MB of CSV, {statistics.median(t_csv) * 1e3:.0f} ms in the last "
