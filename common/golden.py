@@ -424,15 +424,8 @@ def _encode_all(sources, staging, fmt, enc, on_overflow, metas, on_file) -> tupl
             raise InputError(f"{src}: {e.saturated} values do not fit {enc.describe()} (worst {e.worst:g} at "
                              f"{e.worst_at}): choose more --bits or fewer --frac-bits, or --on-overflow saturate")
         name = layout.golden_file(tensor, fmt, layer)
-        node = node_of(tensor)
-        entry = {"tensor": tensor, "file": name, "key": member_name(tensor, layer) if fmt == "npz" else None,
-                 "source": src.name, "source_sha256": sha256_file(src), "shape": list(x.shape),
-                 "dtype": enc.dtype.str, "layout": nodes.describe_layout(node, metas.get(layer)),
-                 **{k: v for k, v in enc.as_dict().items() if k in ("encoding", "scale", "rounding")},
-                 "rounded": e.rounded, "saturated": e.saturated, "worst_saturated": e.worst,
-                 "worst_saturated_at": list(e.worst_at) if e.worst_at else None, "sha256": None}
-        if node is None:
-            entry["layout"] = {"order": "row-major (C): value (i, j) is word i*columns + j"}
+        entry = _entry(src, x.shape, e, enc, name, member_name(tensor, layer) if fmt == "npz" else None,
+                       metas.get(layer))
         stats.files += 1
         stats.values += x.size
         stats.rounded += e.rounded
@@ -456,6 +449,18 @@ def _encode_all(sources, staging, fmt, enc, on_overflow, metas, on_file) -> tupl
         if on_file:
             on_file()
     return entries, stats
+
+
+def _entry(src: Path, shape: tuple[int, ...], e: Encoded, enc: Encoding, name: str, key: str | None,
+           meta: dict | None) -> dict:
+    """One tensor's manifest entry (its sha256 is filled in once its file is written)."""
+    node = node_of(src.stem)
+    return {"tensor": src.stem, "file": name, "key": key, "source": src.name, "source_sha256": sha256_file(src),
+            "shape": list(shape), "dtype": enc.dtype.str,
+            "layout": nodes.describe_layout(node, meta) if node else {"order": nodes.ROW_MAJOR},
+            **{k: v for k, v in enc.as_dict().items() if k in ("encoding", "scale", "rounding")},
+            "rounded": e.rounded, "saturated": e.saturated, "worst_saturated": e.worst,
+            "worst_saturated_at": list(e.worst_at) if e.worst_at else None, "sha256": None}
 
 
 def load_manifest(folder: Path) -> tuple[dict, Encoding]:

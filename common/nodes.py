@@ -14,6 +14,7 @@ INPUTS = (Path(layout.ATTENTION_MASK).stem, Path(layout.POSITION_IDS).stem)  # w
 # Step 2 writes these captured from the model without a ref_ prefix.
 UNPREFIXED_REFS = ("x", "xnorm")
 
+ROW_MAJOR = "row-major (C): value (i, j) is word i*columns + j"
 _FINAL_RE = re.compile(r"(ref_)?(" + "|".join(FINAL_NODES) + ")")
 
 
@@ -56,7 +57,7 @@ def describe_layout(node: str, meta: dict | None) -> dict:
     """Row and column order of a node's 2-D file (row-major); with meta (a meta_layerN.json) the sizes too."""
     m = meta or {}
     B, T, H, Hkv, Dh = (m.get(k) for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"))
-    out = {"order": "row-major (C): value (i, j) is word i*columns + j", "rows": "b*T + t (batch-major, padding included)"}
+    out = {"order": ROW_MAJOR, "rows": "b*T + t (batch-major, padding included)"}
     if node in ("q", "k", "v"):
         heads = "H" if node == "q" else "Hkv"
         out["columns"] = f"h*Dh + d (head-major: {heads} heads of Dh), after RoPE" if node != "v" else \
