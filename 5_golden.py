@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common import golden, layout, paths
-from common.atomic import read_json
+from common.atomic import output_folder, read_json
 from common.cli import InputError, print_settings, run
 
 # --- constants (each has a flag of the same name: IN_DIR -> --in-dir) ---------------------------
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ON_OVERFLOW": args.on_overflow}
     print("5_golden.py: golden vectors in hardware formats")
     print_settings(settings)
-    if golden.same_file(in_dir, out_dir):
-        raise InputError(f"--out-dir {out_dir} is the input folder: choose another (never write where we read)")
+    output_folder(out_dir, inputs=[in_dir], create=False)  # never into (or around) what is read
 
     t0 = time.perf_counter()
     sources = select_sources(in_dir, args.select)

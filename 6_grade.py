@@ -22,9 +22,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common import grade, layout, paths
+from common.atomic import output_folder
 from common.cli import InputError, print_settings, run
 from common.csv_io import read_csv
-from common.golden import same_file
 
 # --- constants (each has a flag of the same name: CANDIDATE_DIR -> --candidate-dir) -------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol}
     print("6_grade.py: grade a candidate implementation's outputs against the model")
     print_settings(settings)
-    for d in (cand_dir, ref_dir):
-        if same_file(d, out_dir):
-            raise InputError(f"--out-dir {out_dir} is an input folder: choose another (never write where we read)")
+    output_folder(out_dir, inputs=[cand_dir, ref_dir], create=False)  # never into (or around) what is read
     if not ref_dir.is_dir():
         raise InputError(f"reference folder {ref_dir} does not exist: run 2_get_x.py, or pass --reference-dir")
 

@@ -23,15 +23,15 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common import layout, nodes
-from common.atomic import atomic_path, read_json, sha256_file, write_json
+from common.atomic import (WRITE_FAULTS, atomic_file, clean_stale_temps, read_json, sha256_file, sha256_stream,
+                           temp_folder, write_fault, write_json)
 from common.cli import InputError
 from common.csv_io import read_csv
 
@@ -254,7 +254,7 @@ def header(shape: tuple[int, ...], enc: Encoding, tensor: str) -> bytes:
 def write_chunks(path: Path, chunks) -> str:
     """Write buffers to `path` atomically, hashing them on the way; returns the file's sha256."""
     sha = hashlib.sha256()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         for chunk in chunks:
             sha.update(chunk)
             f.write(chunk)
@@ -292,10 +292,10 @@ def write_tensor(path: Path, codes: np.ndarray, fmt: str, enc: Encoding, tensor:
 
 def write_archive(path: Path, members: dict[str, np.ndarray]) -> str:
     """One npz (uncompressed) of several tensors, atomically; returns its sha256."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **members)
-        return sha256_file(tmp)
+    with atomic_file(path) as f:
+        np.savez(f, **members)
+        f.seek(0)
+        return sha256_stream(f)
 
 
 def read_tensor(path: Path, fmt: str, enc: Encoding, shape: tuple[int, ...], key: str | None = None) -> np.ndarray:
@@ -336,10 +336,6 @@ def member_name(tensor: str, layer: int | None) -> str:
     return parsed[0] if parsed else _WEIGHT_PREFIX.sub("", tensor)
 
 
-def same_file(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 # --- a whole folder: golden_manifest.json ------------------------------------------------------
 
 _WEIGHT_PREFIX = re.compile(r"^model\.layers\.(\d+)\.")  # step 1 files: model.layers.3.self_attn.q_proj.weight
@@ -377,36 +373,53 @@ def write_golden(sources: list[Path], out_dir: Path, fmt: str, enc: Encoding, on
 
     metas: meta_layerN.json by layer (None: any layer's, for the files of no layer), for the layouts.
 
-    Everything is written into a fresh hidden folder beside out_dir first and moved in only once all
-    of it succeeded, so a failure (an overflow with on_overflow "error", a bad CSV) leaves out_dir as
-    it was. Files an earlier manifest listed that this run did not write are removed.
+    Everything is written into a fresh locked folder beside out_dir first (common.atomic.temp_folder)
+    and moved in only once all of it succeeded, so a failure (an overflow with on_overflow "error", a
+    bad CSV) leaves out_dir as it was. Files an earlier manifest listed that this run did not write
+    are removed.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))  # O_EXCL
-    try:
+    with ExitStack() as stack:
+        with _write_faults(out_dir):
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(out_dir.parent, final=out_dir.name)  # staging folders of killed runs
+            staging = stack.enter_context(temp_folder(out_dir))
         entries, stats = _encode_all(sources, staging, fmt, enc, on_overflow, metas, on_file)
         manifest = {"format": fmt, **enc.as_dict(), "byte_order": "little",
                     "word": f"{enc.bits}-bit two's complement" if enc.name == "fixed" else f"{enc.name} bit pattern",
                     "value": "word / scale" if enc.name == "fixed" else f"the {enc.name} whose bits the word is",
                     "on_overflow": on_overflow, "settings": settings, "files": entries}
         write_json(staging / MANIFEST, manifest)
-        old = out_dir / MANIFEST
-        stale = set()
-        if old.is_file():
-            try:
-                stale = {e["file"] for e in json.loads(old.read_text()).get("files", [])}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                stale = set()  # an unreadable old manifest: leave its files alone
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = sorted({e["file"] for e in entries}) + [MANIFEST]
-        for name in written:
-            os.replace(staging / name, out_dir / name)
-        for name in stale - set(written):
-            if "/" not in name and (out_dir / name).is_file():
-                (out_dir / name).unlink()
+        with _write_faults(out_dir):
+            _move_in(staging, out_dir, sorted({e["file"] for e in entries}) + [MANIFEST])
         return manifest, stats
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _write_faults(out_dir: Path):
+    """A fault the user can fix (disk full, read-only, permissions) while making or filling out_dir: one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_FAULTS:
+            raise write_fault(e, out_dir) from None
+        raise
+
+
+def _move_in(staging: Path, out_dir: Path, written: list[str]) -> None:
+    """Rename the finished files into out_dir; remove those an earlier manifest listed and this run did not write."""
+    old = out_dir / MANIFEST
+    stale = set()
+    if old.is_file():
+        try:
+            stale = {e["file"] for e in json.loads(old.read_text()).get("files", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            stale = set()  # an unreadable old manifest: leave its files alone
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in written:
+        os.replace(staging / name, out_dir / name)
+    for name in stale - set(written):
+        if isinstance(name, str) and Path(name).name == name and (out_dir / name).is_file():
+            (out_dir / name).unlink()
 
 
 def _encode_all(sources, staging, fmt, enc, on_overflow, metas, on_file) -> tuple[list[dict], Stats]:

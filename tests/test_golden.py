@@ -90,13 +90,13 @@ def test_round_trip_through_the_manifest(source, tmp_path, fmt, name, bits, frac
 
 
 def test_fixed_point_rounds_half_to_even_and_words_are_twos_complement(tmp_path):
-    write_csv(tmp_path / "v_layer0.csv", np.array([[-1.5, 2.0 ** -17, 3 * 2.0 ** -17, -1.0, 0.25]], np.float32))
+    write_csv(tmp_path / "src" / "v_layer0.csv", np.array([[-1.5, 2.0 ** -17, 3 * 2.0 ** -17, -1.0, 0.25]], np.float32))
     out = tmp_path / "g"
-    assert golden_script.main(["--in-dir", str(tmp_path), "--out-dir", str(out), "--format", "hex",
+    assert golden_script.main(["--in-dir", str(tmp_path / "src"), "--out-dir", str(out), "--format", "hex",
                                "--encoding", "fixed", "--bits", "32", "--frac-bits", "16"]) == 0
     # -1.5 -> -98304; 0.5 step -> 0 (even); 1.5 steps -> 2; -1 -> -65536; 0.25 -> 16384
     assert (out / "v_layer0.hex").read_text() == "fffe8000\n00000000\n00000002\nffff0000\n00004000\n"
-    assert golden_script.main(["--in-dir", str(tmp_path), "--out-dir", str(out), "--format", "mem",
+    assert golden_script.main(["--in-dir", str(tmp_path / "src"), "--out-dir", str(out), "--format", "mem",
                                "--encoding", "fixed", "--bits", "8", "--frac-bits", "4"]) == 0
     lines = (out / "v_layer0.mem").read_text().splitlines()
     assert lines[0].startswith("// v_layer0: shape [1, 5]") and "Q4.4" in lines[0]
@@ -164,7 +164,7 @@ def test_golden_overflow_error_writes_nothing(source, tmp_path):
     (["--select", "nothing_matches"], "no CSV file"),
     (["--encoding", "fixed", "--bits", "12"], "--bits 12"),
     (["--encoding", "fixed", "--bits", "16", "--frac-bits", "16"], "--frac-bits 16"),
-    (["--same"], "is the input folder"),
+    (["--same"], "is, contains or lies inside the input folder"),
 ])
 def test_golden_bad_input(source, tmp_path, args, message):
     out = source if args == ["--same"] else tmp_path / "g"
@@ -175,9 +175,9 @@ def test_golden_bad_input(source, tmp_path, args, message):
 
 
 def test_fixed_point_refuses_nan(tmp_path):
-    write_csv(tmp_path / "k_layer0.csv", np.array([[1.0, np.nan]], np.float32))
+    write_csv(tmp_path / "src" / "k_layer0.csv", np.array([[1.0, np.nan]], np.float32))
     with pytest.raises(InputError, match=r"k_layer0.csv has NaN at \(0, 1\)"):
-        golden_script.main(["--in-dir", str(tmp_path), "--out-dir", str(tmp_path / "g"), "--encoding", "fixed"])
+        golden_script.main(["--in-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "g"), "--encoding", "fixed"])
 
 
 # --- grading -------------------------------------------------------------------------------------
