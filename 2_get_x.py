@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_model = capture.stream_capture if args.streaming else capture.full_model_capture
     with torch.inference_mode():
-        run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference)
+        run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference, meta)
     written.update(capture.write_batch(out_dir, batch, args.save_masks))
     for stale in capture.stale_files(out_dir, written):
         stale.unlink()

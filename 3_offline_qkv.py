@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the references were computed in {dtype}, this recomputation is float32: expect errors "
               f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {args.rtol:g} (which is for float32 captures)")
     plot_layer = check_plot_choice(args, layers, metas)
+    pow_lanes, rope_note = qkv.rope_check(metas[layers[0]])  # the same RoPE in every layer
+    print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
     layout.check_attention_weights(weights_dir, metas)
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         # head's (T, T) probabilities: memory stays O(T x block) however long the prompt.
         keep = (args.plot_prompt, args.plot_head) if n == plot_layer else None
         out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
-                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep)
+                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep,
+                                        pow_lanes=pow_lanes)
         del xnorm, w  # before the references are read: a long prompt's peak memory is here
         if n == plot_layer:
             plot_probs = out["probs"]  # (T, T)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                           plot_layer, args.plot_head, args.plot_prompt)
     settings.update({"PLOT_LAYER": plot_layer, "PLOT_HEAD": args.plot_head, "PLOT_PROMPT": args.plot_prompt,
                      "batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
-                     "reference dtype": dtype})
+                     "reference dtype": dtype, "RoPE inv_freq": rope_note})
     report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, DEFINITION,
                          [p.name for p in plots], args.atol, args.rtol)
     print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}, {plots[0].name}, {plots[1].name} "

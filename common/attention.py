@@ -124,13 +124,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attention_mask: np.nd
 
 def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
                     num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
-                    rope_scaling: dict | None, keep_probs: str | tuple[int, int] | None = None
-                    ) -> dict[str, np.ndarray]:
+                    rope_scaling: dict | None, keep_probs: str | tuple[int, int] | None = None,
+                    pow_lanes: int | None = None) -> dict[str, np.ndarray]:
     """Recompute one layer's attention from its normalised input.
 
     xnorm (B*T, d) batch-major; position_ids, attention_mask (B, T). Returns q (B*T, H*Dh) and
     k, v (B*T, Hkv*Dh) after RoPE (v has none), head-major columns (h*Dh + j) like the model's
     projections; attn (B*T, d) after o_proj; probs as `attention` keeps them (keep_probs).
+    pow_lanes: the capture machine's SIMD width for RoPE's pow (common/rope.py, point 4; None: here's).
     """
     B, T = attention_mask.shape
     H, Hkv, Dh = num_heads, num_kv_heads, head_dim
@@ -138,7 +139,7 @@ def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.nda
     q = linear(xnorm, w.wq, w.bq).reshape(B, T, H, Dh)  # (B*T, H*Dh) -> (B, T, H, Dh)
     k = linear(xnorm, w.wk, w.bk).reshape(B, T, Hkv, Dh)  # (B*T, Hkv*Dh) -> (B, T, Hkv, Dh)
     v = linear(xnorm, w.wv, w.bv).reshape(B, T, Hkv, Dh)
-    cos, sin = rope.rope_cos_sin(position_ids, rope.rope_inv_freq(Dh, rope_theta, rope_scaling))
+    cos, sin = rope.rope_cos_sin(position_ids, rope.rope_inv_freq(Dh, rope_theta, rope_scaling, pow_lanes))
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     context, probs = attention(q, k, v, attention_mask, keep_probs)
     attn = linear(context.reshape(B * T, H * Dh), w.wo, w.bo)  # (B, T, H, Dh) -> (B*T, H*Dh) -> (B*T, d)

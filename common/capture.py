@@ -15,6 +15,8 @@ Everything is taken from the running model, never recomputed:
 Two ways to run the model, with the same signature and the same hooks:
   full_model_capture  the whole model in memory, one forward pass
   stream_capture      one decoder layer in memory at a time (common/layer_loader.LayerCollector)
+Both add the model's own RoPE frequencies to the meta (rope_meta) before the first layer is written:
+their last bit depends on the CPU that computed them (common/rope.py, point 4).
 
 Files (SPEC, "2_get_x.py"; names from common/layout.py): rows batch-major (row = b*T + t),
 Q/K/V columns head-major (h*Dh + d).
@@ -139,13 +141,24 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
             _RECORDERS.pop(layer.self_attn, None)
 
 
+def rope_meta(rotary: nn.Module) -> dict:
+    """The rotary module's inv_freq, as the meta file records it (float32 values, exact in JSON)."""
+    return {"rope_inv_freq": rotary.inv_freq.detach().float().cpu().tolist()}
+
+
 def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
-                       device: torch.device, save_x_norm: bool = True, save_reference: bool = True) -> None:
-    """Load the whole model (eager attention, `dtype`), run the batch once through the decoder with hooks."""
+                       device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
+                       meta: dict | None = None) -> None:
+    """Load the whole model (eager attention, `dtype`), run the batch once through the decoder with hooks.
+
+    meta, if given, gets rope_meta of the model before sink sees the first layer.
+    """
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
                                              attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
+    if meta is not None:
+        meta.update(rope_meta(model.model.rotary_emb))
     hooked = {n: model.model.layers[n] for n in layers}
     with capture_layers(model.config, hooked, sink, save_x_norm, save_reference):
         # The decoder only: the head's logits are not part of step 2's files.
@@ -154,9 +167,12 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
 
 
 def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
-                   device: torch.device, save_x_norm: bool = True, save_reference: bool = True) -> None:
-    """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it."""
+                   device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
+                   meta: dict | None = None) -> None:
+    """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it. meta: as above."""
     col = LayerCollector(model_dir, dtype=dtype, device=device)
+    if meta is not None:
+        meta.update(rope_meta(col.rotary))
     state = col.embed(batch.input_ids, batch.attention_mask, batch.position_ids)
     wanted = set(layers)
     for n in tqdm(range(max(layers) + 1), desc="layers", unit="layer", disable=not os.isatty(2)):
@@ -218,6 +234,8 @@ def layer_meta(cfg, batch, model_dir: Path, dtype: torch.dtype, device: torch.de
         "rope_theta": cfg.rope_theta,
         "rope_type": cfg.rope_type,
         "rope_scaling": cfg.rope_scaling,
+        # The CPU kernels torch picked: they set the last bit of RoPE's pow (common/rope.py, point 4).
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "attention_bias": cfg.attention_bias,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import layout
+from common import layout, rope, torch_pow
 from common.atomic import read_json
 from common.attention import AttentionWeights
 from common.csv_io import read_csv, write_csv
@@ -25,6 +25,33 @@ def read_batch(acts_dir: Path, B: int, T: int) -> tuple[np.ndarray, np.ndarray, 
     check_batch(mask, position_ids, acts_dir / layout.ATTENTION_MASK, acts_dir / layout.POSITION_IDS)
     check_tokens(tokens, acts_dir / layout.TOKENS, B, T)
     return mask, position_ids, tokens
+
+
+def rope_check(meta: dict) -> tuple[int, str]:
+    """(lanes, note): the SIMD width for the offline RoPE's pow, and a line on its frequencies.
+
+    The lanes come from the capture's torch_cpu_capability (common/rope.py, point 4); meta files
+    written before it was recorded get this machine's. The note compares the offline inv_freq with
+    the model's own (rope_inv_freq) and starts with "warning:" when any differ: an ulp of a frequency
+    is visible at long positions, where Q and K would then FAIL.
+    """
+    capability = meta.get("torch_cpu_capability")
+    lanes = torch_pow.lanes_of(capability)
+    which = capability or f"{torch_pow.local_capability()} (this machine's; not in the meta)"
+    ours = rope.rope_inv_freq(meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], lanes)
+    if "rope_inv_freq" not in meta:
+        return lanes, f"RoPE pow as torch's under {which}; no rope_inv_freq in the meta to compare with"
+    theirs = np.asarray(meta["rope_inv_freq"], np.float32)
+    if theirs.shape != ours.shape:  # a meta edited by hand; its CSVs' shapes are checked where they are read
+        return lanes, (f"warning: the model's rope_inv_freq has {theirs.size} frequencies, head_dim "
+                       f"{meta['head_dim']} gives {ours.size}: not compared")
+    ulps = np.abs(ours.view(np.int32).astype(np.int64) - theirs.view(np.int32))  # both > 0: ordered as ints
+    differ = int((ulps > 0).sum())
+    if not differ:
+        return lanes, f"RoPE inv_freq equals the model's bit for bit ({ours.size} frequencies, {which})"
+    return lanes, (f"warning: {differ} of {ours.size} RoPE frequencies differ from the model's by up to "
+                   f"{int(ulps.max())} ulp (computed as torch's pow under {which}): Q and K may FAIL at long "
+                   "positions for that reason alone (common/rope.py, point 4)")
 
 
 def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWeights:

@@ -15,10 +15,10 @@ Long positions (what the offline angle arithmetic must do to match the model the
 An angle is position * inv_freq in float32, and at position p one ulp of inv_freq moves the angle by
 p ulps: at p = 100000 one float32 step of inv_freq ~ 0.66 is 0.006 rad, a relative error of ~6e-3
 in Q and K, far above the check's 1e-5. So the angles must equal the model's bit for bit, and that
-takes three things, each mirrored below:
-  1. inv_freq bit for bit. transformers computes it in float32 (arange as int64 -> float32,
-     exponent 2i/Dh rounded once, theta ** exponent, then 1.0 / that) and the Llama-3 scaling
-     with torch's own operator order: `2 * pi / inv_freq` and `L / wavelen` are
+takes four things, each mirrored below:
+  1. inv_freq bit for bit. transformers computes it in float32: exponent 2i/Dh rounded once,
+     float32(theta) ** exponent with torch's CPU pow kernel (point 4), then 1.0 / that; and the
+     Llama-3 scaling with torch's own operator order: `2 * pi / inv_freq` and `L / wavelen` are
      Tensor.__rtruediv__, i.e. reciprocal(x) * c (two roundings, not one division), every Python
      scalar is rounded to float32 first, and comparisons are in float32.
   2. The angle as one float32 product: float32(position) * inv_freq, rounded once (transformers'
@@ -26,19 +26,28 @@ takes three things, each mirrored below:
      accumulation). Positions stay exact in float32 up to 2**24.
   3. cos and sin of that float32 angle, with a correct range reduction (numpy's and torch's both
      are; their results differ in the last ulp at most, a 6e-8 error that does not grow with p).
-One thing cannot be mirrored: torch's float32 pow (theta ** exponent) runs through a SIMD powf
-(SLEEF, accurate to 1 ulp, not correctly rounded) on the vectorised part of the array and libm's
-powf on the rest, so its last bit depends on the CPU. We compute the correctly rounded power (float64,
-rounded once). On Llama-3.2 (theta 500000, Dh 64), SmolLM2 (100000, 64), Llama-3.1 (500000, 128)
-and Llama-2 (10000, 128) the two agree on every frequency (inv_freq bit for bit); on random
-configs ~4% of the frequencies differ by one or two ulps after 1 / pow (theta 1e6, Dh 128: one of
-64), and there the check FAILs at long positions. tests/test_long_positions.py pins both facts.
+  4. torch's float32 pow, which is not the correctly rounded power: its CPU kernel runs SLEEF's SIMD
+     powf (1 ulp) on the first 2 * lanes * k frequencies and the C library's powf on the rest, with
+     lanes = 16 floats under torch's AVX512 kernels, 8 under AVX2, 0 (powf only) under DEFAULT.
+     common/torch_pow.py mirrors both. The correctly rounded power (float64 rounded once) differs on
+     ~4% of the frequencies of random configs (theta 1e6, Dh 128: one of 64, by one ulp, two after
+     1 / pow), and at long positions that alone FAILs the check. So the last bit depends on the
+     capture machine's CPU: step 2 records torch_cpu_capability and the model's own inv_freq
+     (rope_inv_freq) in meta_layerN.json; step 3 computes with the recorded capability's lanes and
+     reports every frequency that still differs (common/qkv.py, rope_check).
+     Where it is computed: transformers calls ROPE_INIT_FUNCTIONS / compute_default_rope_parameters
+     with no device (LlamaRotaryEmbedding.__init__, and again in PreTrainedModel._init_weights after
+     from_pretrained), so on the CPU even for a model that then runs on CUDA; this pipeline also
+     loads on the CPU and moves the model after. Only a default torch device set around the load
+     would compute it elsewhere (CUDA's powf is another function; the recorded inv_freq shows it).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from common import torch_pow
 
 # rope_type -> the rope_scaling keys it needs.
 ROPE_PARAMS = {
@@ -64,13 +73,15 @@ def check_scaling(scaling: dict | None) -> str:
     return rope_type
 
 
-def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """theta ** (-2i / Dh) for i < Dh/2, float32: the frequencies of plain RoPE. (Dh/2,)"""
+def default_inv_freq(head_dim: int, theta: float, lanes: int | None = None) -> np.ndarray:
+    """theta ** (-2i / Dh) for i < Dh/2, float32: the frequencies of plain RoPE. (Dh/2,)
+
+    The power is torch's CPU pow with `lanes` floats per vector (module docstring, point 4);
+    None: the lanes torch has on this machine.
+    """
+    lanes = torch_pow.lanes_of(None) if lanes is None else lanes
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    # The power in float64, rounded once: a correctly rounded float32 pow. numpy's float32 powf is
-    # an ulp off for some exponents, and so, rarely, is torch's (module docstring: what can't be mirrored).
-    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
-    return np.float32(1.0) / power
+    return np.float32(1.0) / torch_pow.torch_powf(theta, exponent, lanes)
 
 
 def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -95,12 +106,13 @@ def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, lanes: int | None = None) -> np.ndarray:
     """The per-pair frequencies for a rope_scaling of None/default, linear or llama3. (Dh/2,)
 
+    lanes: torch_pow.lanes_of the CPU capability the model computed its frequencies with (None: here).
     Any other rope_type raises ValueError: a silent fallback to plain RoPE would be a wrong answer.
     """
-    return scale_inv_freq(default_inv_freq(head_dim, theta), scaling)
+    return scale_inv_freq(default_inv_freq(head_dim, theta, lanes), scaling)
 
 
 def scale_inv_freq(inv_freq: np.ndarray, scaling: dict | None) -> np.ndarray:

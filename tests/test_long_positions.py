@@ -4,25 +4,31 @@ A tiny model with Llama-3.2's real RoPE (rope_theta 500000, llama3 factor 32, or
 low/high freq factors 1/4, window 131072, head_dim 64: the real frequency set) is captured by
 step 2 at position offsets up to the end of its window and checked by step 3, as a user runs them.
 At long positions one ulp of a frequency is a visible angle error (common/rope.py), so the offline
-frequencies are compared with transformers' own bit for bit, over many random configs.
+frequencies are compared with transformers' own bit for bit, over many random configs, torch's float32
+pow included (common/torch_pow.py): theta 1e6, head_dim 128 FAILed near 2**24 with the correctly
+rounded power and PASSes with torch's.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 from test_offline_qkv import LONG, SHORT, capture, export_weights, failing, max_rel, step3
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import model_factory
-from common import attention, layout, qkv, report, rope
+from common import attention, layout, qkv, report, rope, torch_pow
 from common.cli import InputError
 from common.csv_io import read_csv
 from common.prompts import encode_prompts, load_tokenizer
@@ -84,12 +90,12 @@ def test_offline_qk_match_the_model_across_the_window(long_model, captures, tmp_
 ORIG_INV_FREQ = rope.rope_inv_freq
 
 
-def without_scaling(head_dim, theta, scaling):
-    return ORIG_INV_FREQ(head_dim, theta, None)
+def without_scaling(head_dim, theta, scaling, lanes=None):
+    return ORIG_INV_FREQ(head_dim, theta, None, lanes)
 
 
-def factor_8(head_dim, theta, scaling):  # Llama-3.1's factor where Llama-3.2 says 32
-    return ORIG_INV_FREQ(head_dim, theta, {**scaling, "factor": 8.0})
+def factor_8(head_dim, theta, scaling, lanes=None):  # Llama-3.1's factor where Llama-3.2 says 32
+    return ORIG_INV_FREQ(head_dim, theta, {**scaling, "factor": 8.0}, lanes)
 
 
 def adjacent_pairs(x, cos, sin):
@@ -201,6 +207,70 @@ def test_scaling_matches_transformers_bit_for_bit_on_random_configs():
         np.testing.assert_array_equal(got, hf_inv_freq(config), err_msg=str((head_dim, theta, scaling)))
 
 
+def test_inv_freq_matches_transformers_bit_for_bit_on_random_configs():
+    """The whole offline inv_freq (torch's pow mirrored, then the scaling) equals transformers' own
+    frequencies exactly, on hundreds of random configs: every head_dim 16..256, so every split of
+    the array between torch's SIMD pow and its scalar tail."""
+    rng = random.Random(1)
+    lanes = torch_pow.lanes_of(torch.backends.cpu.get_cpu_capability())
+    for i in range(400):
+        config = random_config(rng)
+        if i < 121:  # every even head_dim once
+            config.head_dim = 16 + 2 * i
+        head_dim, theta, scaling = ours(config)
+        got = rope.rope_inv_freq(head_dim, theta, scaling, lanes)
+        want = LlamaRotaryEmbedding(config).inv_freq.numpy() if i % 20 == 0 else hf_inv_freq(config)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want, err_msg=str((head_dim, theta, scaling)))
+
+
+def test_this_machines_capability_is_read_as_torch_reads_it():
+    assert torch_pow.local_capability() == torch.backends.cpu.get_cpu_capability()
+    assert np.array_equal(rope.default_inv_freq(128, 1e6), rope.default_inv_freq(128, 1e6, torch_pow.lanes_of(None)))
+
+
+TORCH_POW_UNDER = """
+import json, sys, torch
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[1], torch.backends.cpu.get_cpu_capability()
+print(json.dumps([(1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.float) / dh))).tolist()
+                  for theta, dh in json.loads(sys.argv[2])]))
+"""
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_the_lanes_follow_torchs_cpu_capability(capability):
+    """torch under another capability (ATEN_CPU_CAPABILITY, in a subprocess) splits the array elsewhere,
+    and the lanes for that capability reproduce it; this machine's lanes would not, on some configs."""
+    if capability == "AVX2" and torch_pow.local_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    rng = random.Random(2)
+    configs = [(rng.choice([1e4, 5e5, 1e6, 10 ** rng.uniform(3, 7)]), 2 * rng.randint(8, 128)) for _ in range(60)]
+    configs += [(1e6, dh) for dh in (24, 40, 80, 96, 200)]
+    r = subprocess.run([sys.executable, "-c", TORCH_POW_UNDER, capability, json.dumps(configs)], capture_output=True,
+                       text=True, env={**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()})
+    assert r.returncode == 0, r.stderr
+    wrong_lanes = 0
+    for (theta, dh), want in zip(configs, json.loads(r.stdout)):
+        want = np.array(want, np.float32)
+        np.testing.assert_array_equal(rope.default_inv_freq(dh, theta, torch_pow.LANES[capability]), want)
+        wrong_lanes += not np.array_equal(rope.default_inv_freq(dh, theta, 16 if capability == "DEFAULT" else 0), want)
+    assert wrong_lanes > 0  # the width matters: another width is wrong somewhere
+
+
+def correctly_rounded_pow(base, exponent, lanes):
+    """The planted mistake: the correctly rounded float32 power (float64, rounded once), not torch's."""
+    return (np.float64(np.float32(base)) ** exponent.astype(np.float64)).astype(np.float32)
+
+
+def test_the_correctly_rounded_power_is_not_torchs():
+    """What rope.py used to compute: one frequency of 64 off for theta 1e6, head_dim 128 (index 37)."""
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128, rope_theta=1e6)
+    want = hf_inv_freq(config)
+    assert np.array_equal(rope.default_inv_freq(128, 1e6), want)
+    e = np.arange(0, 128, 2).astype(np.float32) / np.float32(128)
+    assert np.flatnonzero(np.float32(1) / correctly_rounded_pow(1e6, e, 0) != want).tolist() == [37]
+
+
 # Real models' RoPE (theta, head_dim, scaling), and the config the issue found one ulp off.
 LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
@@ -211,6 +281,7 @@ REAL = {
     "smollm2": (100000.0, 64, None),
     "tiny_head_dim_64": (10000.0, 64, {**model_factory.TINY["rope_scaling"]}),
     "tiny": (10000.0, 16, model_factory.TINY["rope_scaling"]),
+    "theta_1e6_head_dim_128": (1e6, 128, None),
 }
 
 
@@ -222,19 +293,67 @@ def test_inv_freq_matches_transformers_bit_for_bit_on_real_configs(name):
     np.testing.assert_array_equal(rope.rope_inv_freq(head_dim, theta, scaling), hf_inv_freq(config))
 
 
-def test_the_power_is_correctly_rounded_and_torch_is_within_two_ulps():
-    """theta ** (2i/Dh): ours is correctly rounded, torch's SIMD powf not always (common/rope.py), and
-    1 / pow can double its one ulp. Pinned: never more than two ulps apart, equal on nearly every frequency."""
-    rng, equal, total = random.Random(1), 0, 0
-    for _ in range(300):
-        config = random_config(rng)
-        head_dim, theta, _ = ours(config)
-        want = LlamaRotaryEmbedding.compute_default_rope_parameters(config)[0].numpy()
-        got = rope.default_inv_freq(head_dim, theta)
-        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32))
-        assert ulps.max() <= 2, (head_dim, theta)
-        equal, total = equal + int((ulps == 0).sum()), total + ulps.size
-    assert equal / total > 0.95, equal / total  # 96% on this machine (AVX512)
+# --- a config the correctly rounded power FAILed: theta 1e6, head_dim 128, far into the window -----
+
+FAR = 2 ** 24  # positions stay exact in float32 up to here; one ulp of inv_freq[37] is ~5e-4 rad there
+THETA_1E6 = {**LLAMA32_ROPE, "rope_theta": 1e6, "rope_scaling": None, "head_dim": 128, "hidden_size": 256,
+             "max_position_embeddings": FAR}
+
+
+@pytest.fixture(scope="module")
+def theta_1e6(tmp_path_factory):
+    """(model_dir, weights_dir, acts_dir): theta 1e6, head_dim 128, captured at the window's last positions."""
+    base = tmp_path_factory.mktemp("theta_1e6")
+    model = model_factory.build_model(base / "model", config=THETA_1E6)
+    T = encode_prompts(load_tokenizer(model), [LONG, SHORT]).input_ids.shape[1]
+    acts = capture(model, base / "x", "--position-offset", str(FAR - T))
+    return model, export_weights(model, base / "weights"), acts
+
+
+def test_theta_1e6_passes_at_the_end_of_a_2_to_the_24_window(theta_1e6, tmp_path):
+    model, weights, acts = theta_1e6
+    meta = json.loads((acts / layout.meta_file(0)).read_text())
+    assert meta["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and len(meta["rope_inv_freq"]) == 64
+    # Step 3 as a user runs it: PASS, a note that the frequencies equal the model's, and no torch.
+    argv = ["--model-dir", model, "--weights-dir", weights, "--acts-dir", acts, "--out-dir", tmp_path / "qkv"]
+    r = subprocess.run([sys.executable, "-c", RUN_STEP3_WITHOUT_TORCH, *map(str, argv)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: RoPE inv_freq equals the model's bit for bit (64 frequencies" in r.stdout
+    report = json.loads((tmp_path / "qkv" / layout.REPORT_JSON).read_text())
+    assert max(max_rel(report).values()) <= RTOL, max_rel(report)
+    assert "bit for bit" in report["settings"]["RoPE inv_freq"]
+
+
+RUN_STEP3_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["3_offline_qkv.py", *sys.argv[1:]]
+try:
+    runpy.run_path("3_offline_qkv.py", run_name="__main__")
+finally:
+    assert "torch" not in sys.modules, "step 3 imported torch"
+"""
+
+
+def test_the_correctly_rounded_power_fails_theta_1e6_far_into_the_window(theta_1e6, tmp_path, monkeypatch, capsys):
+    model, weights, acts = theta_1e6
+    monkeypatch.setattr(torch_pow, "torch_powf", correctly_rounded_pow)
+    code, report = step3(model, weights, acts, tmp_path / "qkv")
+    assert code == 1 and set(failing(report)) == {"q", "k"}, failing(report)
+    assert "warning: 1 of 64 RoPE frequencies differ from the model's by up to 1 ulp" in capsys.readouterr().out
+
+
+def test_step_3_reads_an_older_meta_with_this_machines_lanes(theta_1e6, tmp_path, capsys):
+    """A meta file from before torch_cpu_capability and rope_inv_freq were recorded: this machine's lanes."""
+    model, weights, acts = theta_1e6
+    old = tmp_path / "x_old"
+    shutil.copytree(acts, old)
+    meta = json.loads((old / layout.meta_file(0)).read_text())
+    del meta["torch_cpu_capability"], meta["rope_inv_freq"]
+    (old / layout.meta_file(0)).write_text(json.dumps(meta))
+    code, report = step3(model, weights, old, tmp_path / "qkv")
+    assert code == 0, failing(report)
+    assert "(this machine's; not in the meta); no rope_inv_freq in the meta" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("offset", [0, 8000, 65000, WINDOW - 40])

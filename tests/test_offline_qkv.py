@@ -140,8 +140,8 @@ def test_right_padding_and_a_single_prompt(pipeline, tmp_path):
 
 # --- the check has teeth --------------------------------------------------------------------------
 
-def inv_freq_without_scaling(head_dim, theta, scaling):
-    return ORIG_INV_FREQ(head_dim, theta, None)
+def inv_freq_without_scaling(head_dim, theta, scaling, lanes=None):
+    return ORIG_INV_FREQ(head_dim, theta, None, lanes)
 
 
 def apply_rope_adjacent(x, cos, sin):
