@@ -11,7 +11,8 @@ Reads a model folder (config.json, safetensors, tokenizer). Writes to OUT_DIR
 T tokens and rows batch-major (row = b*T + t):
     x_layerN.csv [B*T, d]      the hidden state entering layer N
     xnorm_layerN.csv [B*T, d]  input_layernorm(x), weight included: what q/k/v_proj see
-    meta_layerN.json           sizes, RoPE (normalised), eps, dtype, padding side, provenance
+    meta_layerN.json           sizes, RoPE (normalised; the model's own inv_freq and torch's CPU
+                               capability), eps, dtype, padding side, provenance
     ref_q_layerN.csv [B*T, H*Dh], ref_k_/ref_v_layerN.csv [B*T, Hkv*Dh]
                                the model's own Q, K after RoPE and V; columns head-major (h*Dh + d)
     ref_attn_layerN.csv [B*T, d]  the attention block's output (after o_proj)

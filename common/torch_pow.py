@@ -12,9 +12,12 @@ to the next, and from the correctly rounded power.
 
 Mirrored here: `sleef_powf_u10` is a numpy port of SLEEF's xpowf (sleefsimdsp.c: logkf, expkf and the
 double-float helpers of dfsp.h, FMA variant as built for AVX2/AVX512), SLEEF (c) Naoki Shibata and
-contributors, Boost Software License 1.0; `libm_powf` calls the C library's own powf through ctypes.
-Checked on this machine (AVX512, glibc 2.36) against torch for every head_dim 16..256 and hundreds of
-thetas (tests/test_long_positions.py).
+contributors, Boost Software License 1.0, for a normal float32 base > 0; `libm_powf` calls the C
+library's own powf through ctypes (the standard library's, so step 3 stays free of torch).
+Checked against torch 2.13 on this machine (glibc 2.36) under AVX512, and under AVX2 and DEFAULT
+(ATEN_CPU_CAPABILITY), for every head_dim 16..256 and dozens of thetas: equal bit for bit
+(tests/test_long_positions.py). A step 3 on another C library may differ on the tail's powf; its
+comparison with the model's recorded frequencies says so (common/qkv.py, rope_check).
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ def torch_powf(base: float, exponent: np.ndarray, lanes: int) -> np.ndarray:
     exponent = np.asarray(exponent, f32)
     block = 2 * lanes  # vectorized_loop's step: two vectors at a time
     vec = exponent.size // block * block if block else 0
+    if not np.finfo(f32).tiny <= f32(base) < np.inf:  # outside the port (no RoPE has such a theta)
+        vec = 0
     return np.concatenate([sleef_powf_u10(f32(base), exponent[:vec]), libm_powf(f32(base), exponent[vec:])])
 
 
@@ -187,9 +192,9 @@ def _expkf(d) -> np.ndarray:
 
 
 def sleef_powf_u10(base: np.float32, exponent: np.ndarray) -> np.ndarray:
-    """Sleef_powf_u10 for a finite base > 0 (RoPE's theta) and finite exponents: exp(y log x). (n,)"""
-    if not (np.isfinite(base) and base > 0 and np.isfinite(exponent).all()):
-        raise ValueError(f"sleef_powf_u10 mirrors finite base > 0 and finite exponents only (base {base})")
+    """Sleef_powf_u10 for a normal float32 base > 0 (RoPE's theta) and finite exponents: exp(y log x). (n,)"""
+    if exponent.size and not (np.finfo(f32).tiny <= base < np.inf and np.isfinite(exponent).all()):
+        raise ValueError(f"sleef_powf_u10 mirrors a normal base > 0 and finite exponents only (base {base})")
     with np.errstate(over="ignore", under="ignore"):
         y = np.asarray(exponent, f32)
         log_x = _logkf(np.full(y.shape, base, f32))
