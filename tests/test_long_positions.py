@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import run_script
 from test_offline_qkv import LONG, SHORT, capture, export_weights, failing, max_rel, step3
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -310,29 +310,14 @@ def theta_1e6(tmp_path_factory):
     return model, export_weights(model, base / "weights"), acts
 
 
-def test_theta_1e6_passes_at_the_end_of_a_2_to_the_24_window(theta_1e6, tmp_path):
+def test_theta_1e6_passes_at_the_end_of_a_2_to_the_24_window(theta_1e6, tmp_path, capsys):
     model, weights, acts = theta_1e6
     meta = json.loads((acts / layout.meta_file(0)).read_text())
     assert meta["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and len(meta["rope_inv_freq"]) == 64
-    # Step 3 as a user runs it: PASS, a note that the frequencies equal the model's, and no torch.
-    argv = ["--model-dir", model, "--weights-dir", weights, "--acts-dir", acts, "--out-dir", tmp_path / "qkv"]
-    r = subprocess.run([sys.executable, "-c", RUN_STEP3_WITHOUT_TORCH, *map(str, argv)], capture_output=True,
-                       text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "note: RoPE inv_freq equals the model's bit for bit (64 frequencies" in r.stdout
-    report = json.loads((tmp_path / "qkv" / layout.REPORT_JSON).read_text())
-    assert max(max_rel(report).values()) <= RTOL, max_rel(report)
+    code, report = step3(model, weights, acts, tmp_path / "qkv")
+    assert code == 0 and max(max_rel(report).values()) <= RTOL, max_rel(report)
+    assert "note: RoPE inv_freq equals the model's bit for bit (64 frequencies" in capsys.readouterr().out
     assert "bit for bit" in report["settings"]["RoPE inv_freq"]
-
-
-RUN_STEP3_WITHOUT_TORCH = """
-import runpy, sys
-sys.argv = ["3_offline_qkv.py", *sys.argv[1:]]
-try:
-    runpy.run_path("3_offline_qkv.py", run_name="__main__")
-finally:
-    assert "torch" not in sys.modules, "step 3 imported torch"
-"""
 
 
 def test_the_correctly_rounded_power_fails_theta_1e6_far_into_the_window(theta_1e6, tmp_path, monkeypatch, capsys):
