@@ -48,9 +48,8 @@ def check_meta_values(meta: dict, path: Path) -> None:
     if "torch_cpu_capability" in meta and not isinstance(meta["torch_cpu_capability"], str):
         raise InputError(f"{path}: torch_cpu_capability is {meta['torch_cpu_capability']!r}, not a name: {RERUN}")
     freqs = meta.get("rope_inv_freq")
-    if "rope_inv_freq" in meta and not (
-            isinstance(freqs, list) and freqs and all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
-                    for f in freqs)):
+    if "rope_inv_freq" in meta and not (isinstance(freqs, list) and freqs and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in freqs)):
         raise InputError(f"{path}: rope_inv_freq is not a list of finite numbers > 0: {RERUN}")
 
 
