@@ -96,6 +96,7 @@ VARIANTS = {
     "head_dim": {"head_dim": 24},  # != hidden_size / num_attention_heads
     "default_rope": {"rope_scaling": None},
     "bias": {"attention_bias": True},
+    "mlp_bias": {"mlp_bias": True},
     "linear_rope": {"rope_scaling": {"factor": 2.0, "rope_type": "linear"}},
 }
 SINGLE_FILE = {"fp16_single"}

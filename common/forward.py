@@ -1,0 +1,104 @@
+"""A Llama decoder layer, the final norm and the head, from the equations, in float32 numpy.
+
+    xnorm  = rms_norm(x, w_input_layernorm)
+    attn   = attention_block(xnorm)              (common.attention: q, k, v, RoPE, GQA, o_proj)
+    h      = x + attn                            residual after attention
+    hnorm  = rms_norm(h, w_post_attention_layernorm)
+    act    = act_fn(gate_proj(hnorm)) * up_proj(hnorm)
+    mlp    = down_proj(act)                      (common.mlp)
+    out    = h + mlp                             the layer output: the next layer's x
+and after the last layer
+    norm   = rms_norm(out, w_norm)
+    logits = norm W_head^T                       lm_head, or the embedding when tied
+
+Rows are batch-major (row = b*T + t) throughout. No transformers here: this is the independent
+recomputation step 4 checks the model against. Each equation is called through its module
+(norm.rms_norm, mlp.swiglu_mlp, ...) so that a test can swap one for a buggy twin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from common import attention, mlp, norm
+from common.attention import AttentionWeights
+from common.mlp import MLPWeights
+
+# Every node of a layer, in forward order (probs is (B, H, T, T); the others (B*T, C)).
+LAYER_NODES = ("xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
+HEAD_NODES = ("norm", "logits")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a layer's equations need besides weights: sizes, RoPE, eps, activation (meta_layerN.json)."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_scaling: dict | None
+    rms_norm_eps: float
+    hidden_act: str = "silu"
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_layernorm: np.ndarray  # (d,)
+    attn: AttentionWeights
+    post_attention_layernorm: np.ndarray  # (d,)
+    mlp: MLPWeights
+
+
+def decoder_layer(x: np.ndarray, w: LayerWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
+                  spec: LayerSpec) -> dict[str, np.ndarray]:
+    """x (B*T, d) -> every node of LAYER_NODES; position_ids, attention_mask (B, T)."""
+    eps = spec.rms_norm_eps
+    xnorm = norm.rms_norm(x, w.input_layernorm, eps)
+    a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads,
+                                  spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.rope_scaling)
+    h = x + a["attn"]
+    hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
+    m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)
+    return {"xnorm": xnorm, **a, "h": h, "hnorm": hnorm, "act": m["act"], "mlp": m["mlp"], "out": h + m["mlp"]}
+
+
+def last_real_rows(attention_mask: np.ndarray) -> np.ndarray:
+    """Row index (b*T + t) of each prompt's last real token, either padding side. (B, T) -> (B,)"""
+    B, T = attention_mask.shape
+    last = T - 1 - np.argmax(attention_mask[:, ::-1] > 0, axis=1)  # first real token from the right
+    return np.arange(B) * T + last
+
+
+def head(x: np.ndarray, norm_weight: np.ndarray, head_weight: np.ndarray, eps: float,
+         rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The last layer's output x (B*T, d) -> norm (B*T, d) and logits (len(rows) or B*T, V).
+
+    head_weight (V, d) is lm_head.weight, or model.embed_tokens.weight for tied embeddings.
+    """
+    normed = norm.rms_norm(x, norm_weight, eps)
+    picked = normed if rows is None else normed[rows]
+    return {"norm": normed, "logits": attention.linear(picked, head_weight)}
+
+
+def chain(x0: np.ndarray, layers: Iterable[int], load: Callable[[int], LayerWeights], position_ids: np.ndarray,
+          attention_mask: np.ndarray, spec_of: Callable[[int], LayerSpec]) -> Iterator[tuple[int, dict]]:
+    """Feed x0 through the layers in order, each from the previous one's output; yield (n, nodes).
+
+    Only one layer's weights are alive at a time: each is loaded when its turn comes and dropped
+    before the caller sees the result.
+    """
+    x = x0
+    for n in layers:
+        w = load(n)
+        nodes = decoder_layer(x, w, position_ids, attention_mask, spec_of(n))
+        del w
+        yield n, nodes
+        x = nodes["out"]
+
+
+def top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """(N, V) -> (N, k) token ids, most likely first (ties: the lower id first, as torch.topk on CPU)."""
+    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return idx
