@@ -1,4 +1,4 @@
-"""Step 2: run prompts once; save every layer's input, its RMSNorm output, meta and the model's own Q/K/V.
+"""Step 2: run prompts once; save every layer's input and every node the model computes, with meta.
 
     python 2_get_x.py                                       # MODEL_DIR, TEST_PROMPT
     python 2_get_x.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1 --prompt "Hi" --prompt "Hello there"
@@ -16,6 +16,18 @@ T tokens and rows batch-major (row = b*T + t):
     ref_q_layerN.csv [B*T, H*Dh], ref_k_/ref_v_layerN.csv [B*T, Hkv*Dh]
                                the model's own Q, K after RoPE and V; columns head-major (h*Dh + d)
     ref_attn_layerN.csv [B*T, d]  the attention block's output (after o_proj)
+    ref_probs_layerN.csv [B*H*T, T]  softmax attention probabilities, row (b*H + h)*T + t_query, column t_key
+    ref_h_layerN.csv [B*T, d]  x + attention: the residual after attention
+    ref_hnorm_layerN.csv [B*T, d]  post_attention_layernorm(h)
+    ref_act_layerN.csv [B*T, I]  act(gate_proj(hnorm)) * up_proj(hnorm): what down_proj sees
+    ref_mlp_layerN.csv [B*T, d]  the MLP output (after down_proj)
+    ref_out_layerN.csv [B*T, d]  the layer output h + mlp (= x_layer(N+1).csv bit for bit)
+and once per run:
+    ref_norm.csv [B*T, d]      the final model.norm output             (LOGITS "all" or "last")
+    ref_logits.csv [B*T, V]    the logits; [B, V] with LOGITS "last" (each prompt's last real position)
+    vocab.json                 every token id's decoded text, for step 4's top-5 table (no tokenizer there)
+    meta_model.json            num_layers, vocab_size, intermediate_size, hidden_act, mlp_bias, norm class,
+                               tie_word_embeddings, logits mode, and the layer meta (RoPE, eps, provenance)
     attention_mask.csv, position_ids.csv [B, T], tokens.json
 Everything is captured by hooks on the running model (eager attention), never recomputed.
 Positions count each prompt's real tokens from POSITION_OFFSET (default 0), as generate() does, so a
@@ -43,6 +55,9 @@ OUT_DIR = None  # None: outputs/<model folder>/x_all_layers
 SAVE_X_NORM = True  # xnorm_layerN.csv
 SAVE_MASKS = True  # attention_mask.csv, position_ids.csv
 SAVE_REFERENCE = True  # ref_q/ref_k/ref_v/ref_attn_layerN.csv
+SAVE_LAYER_REFS = True  # ref_h/ref_hnorm/ref_act/ref_mlp/ref_out_layerN.csv
+SAVE_ATTN_PROBS = True  # ref_probs_layerN.csv: B*H*T*T values per layer (its size is printed)
+LOGITS = "all"  # ref_norm.csv + ref_logits.csv: "all" positions, "last" real position of each prompt, or "none"
 DTYPE = "float32"  # compute dtype: float32 (exact references; bf16/fp16 files are widened), bfloat16, float16
 LAYERS = None  # None: every layer; or "0,3-5"
 DEVICE = "auto"  # cpu, cuda, auto (cuda when available)
@@ -74,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-x-norm", action=argparse.BooleanOptionalAction, default=SAVE_X_NORM)
     p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=SAVE_MASKS)
     p.add_argument("--save-reference", action=argparse.BooleanOptionalAction, default=SAVE_REFERENCE)
+    p.add_argument("--save-layer-refs", action=argparse.BooleanOptionalAction, default=SAVE_LAYER_REFS)
+    p.add_argument("--save-attn-probs", action=argparse.BooleanOptionalAction, default=SAVE_ATTN_PROBS)
+    p.add_argument("--logits", choices=capture.LOGITS_CHOICES, default=LOGITS)
     p.add_argument("--dtype", choices=DTYPES, default=DTYPE, help="compute dtype")
     p.add_argument("--layers", default=LAYERS, help="e.g. 0,3-5 (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=DEVICE)
@@ -101,12 +119,18 @@ def main(argv: list[str] | None = None) -> int:
                            padding_side=args.padding_side, max_positions=cfg.max_position_embeddings,
                            vocab_size=cfg.vocab_size, position_offset=args.position_offset)
     B, T = batch.input_ids.shape
-    size = capture.csv_bytes_estimate(cfg, B * T, len(layers), args.save_x_norm, args.save_reference)
+    logit_rows = {"all": B * T, "last": B, "none": 0}[args.logits]
+    size = capture.csv_bytes_estimate(cfg, B * T, len(layers), args.save_x_norm, args.save_reference,
+                                      args.save_layer_refs, args.save_attn_probs, T, logit_rows)
+    probs_mb = capture.CSV_BYTES_PER_VALUE * len(layers) * B * cfg.num_heads * T * T / 1e6
     print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,
                     "positions": f"from {args.position_offset}",
                     "layers": f"{len(layers)} of {cfg.num_layers}", "dtype": args.dtype, "device": device,
                     "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
-                    "out dir": out_dir, "about to write": f"~{size / 1e9:.2f} GB of layer CSVs"})
+                    "layer refs": args.save_layer_refs, "logits": args.logits,
+                    "attention probs": (f"{len(layers)} x [{B * cfg.num_heads * T}, {T}], about {probs_mb:.1f} MB"
+                                        if args.save_attn_probs else "off"),
+                    "out dir": out_dir, "about to write": f"~{size / 1e9:.2f} GB of CSV"})
     if size > args.warn_write_gb * 1e9:
         print(f"warning: this capture writes ~{size / 1e9:.1f} GB to {out_dir} ({B} x {T} tokens, "
               f"{len(layers)} layers); fewer --layers or a shorter prompt write less", flush=True)
@@ -114,24 +138,36 @@ def main(argv: list[str] | None = None) -> int:
     output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
     written: set[str] = set()
-    nbytes = 0
+    nbytes = probs_bytes = 0
+
+    def sizes(names: list[str]) -> int:
+        return sum((out_dir / name).stat().st_size for name in names if name.endswith(".csv"))
 
     def sink(n: int, tensors: dict) -> None:
-        nonlocal nbytes
+        nonlocal nbytes, probs_bytes
         names = capture.write_layer(out_dir, n, tensors, meta)
-        nbytes += sum((out_dir / name).stat().st_size for name in names if name.endswith(".csv"))
+        nbytes += sizes(names)
+        probs_bytes += sizes([layout.ref_file("probs", n)] if "ref_probs" in tensors else [])
+        written.update(names)
+
+    def head_sink(tensors: dict) -> None:
+        nonlocal nbytes
+        names = capture.write_head(out_dir, tensors)
+        nbytes += sizes(names)
         written.update(names)
 
     t0 = time.perf_counter()
     run_model = capture.stream_capture if args.streaming else capture.full_model_capture
     with torch.inference_mode():
-        run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference, meta)
+        facts = run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference,
+                          meta, args.save_layer_refs, args.save_attn_probs, args.logits, head_sink)
     written.update(capture.write_batch(out_dir, batch, args.save_masks))
+    written.update(capture.write_model_files(out_dir, cfg, meta, facts, args.logits, tokenizer))
     for stale in capture.stale_files(out_dir, written):
         stale.unlink()
         print(f"removed {stale.name} (left by an earlier run)")
-    print(f"wrote {len(written)} files ({nbytes / 1e6:.1f} MB of layer CSVs) to {out_dir} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {len(written)} files ({nbytes / 1e6:.1f} MB of CSV, attention probabilities "
+          f"{probs_bytes / 1e6:.1f} MB of it) to {out_dir} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -11,6 +11,16 @@ Everything is taken from the running model, never recomputed:
          registered under another name, that first hands (q, k, v) to the capture.
   ref_attn
          forward hook on o_proj: the attention block's output.
+  ref_probs
+         the softmax probabilities CAPTURE_ATTENTION's eager attention returns (B, H, T, T).
+  ref_h, ref_hnorm
+         forward pre-hook and hook on post_attention_layernorm: its input (x + attention), its output.
+  ref_act, ref_mlp
+         forward pre-hook on mlp.down_proj (its input: act(gate) * up) and forward hook on mlp.
+  ref_out
+         forward hook on the decoder layer: its output (the next layer's x).
+  ref_norm, ref_logits (once per run, capture_head)
+         forward hooks on the final model.norm and on lm_head.
 
 Two ways to run the model, with the same signature and the same hooks:
   full_model_capture  the whole model in memory, one forward pass
@@ -43,28 +53,38 @@ from common.layer_loader import LayerCollector
 CAPTURE_ATTENTION = "eager_xray_capture"
 ATTN_IMPLEMENTATION = "eager"
 
-# attention module -> callback(q, k, v); only modules inside an active capture are here.
+# attention module -> callback(q, k, v, probs); only modules inside an active capture are here.
 _RECORDERS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
+LOGITS_CHOICES = ("all", "last", "none")  # ref_logits rows: every position, each prompt's last real one, none
 CSV_BYTES_PER_VALUE = 13  # what common.csv_io writes on average (shortest round-trip float32 + comma)
 
 
-def csv_bytes_estimate(cfg, tokens: int, layers: int, save_x_norm: bool, save_reference: bool) -> int:
-    """About how many bytes of layer CSV a capture of `tokens` rows (B*T) over `layers` layers writes."""
+def csv_bytes_estimate(cfg, tokens: int, layers: int, save_x_norm: bool, save_reference: bool,
+                       save_layer_refs: bool = False, save_attn_probs: bool = False, seq_len: int = 0,
+                       logit_rows: int = 0) -> int:
+    """About how many bytes of CSV a capture of `tokens` rows (B*T) over `layers` layers writes
+    (attention probabilities: seq_len values per row and head; logits: logit_rows rows of vocab_size)."""
     per_row = cfg.d_model * (1 + save_x_norm + save_reference)  # x, xnorm, ref_attn
     if save_reference:
         per_row += (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim  # ref_q, ref_k, ref_v
-    return CSV_BYTES_PER_VALUE * per_row * tokens * layers
+    if save_layer_refs:
+        per_row += 4 * cfg.d_model + cfg.intermediate_size  # ref_h, ref_hnorm, ref_mlp, ref_out; ref_act
+    if save_attn_probs:
+        per_row += cfg.num_heads * seq_len  # ref_probs
+    head = (cfg.d_model * tokens + cfg.vocab_size * logit_rows) if logit_rows else 0  # ref_norm, ref_logits
+    return CSV_BYTES_PER_VALUE * (per_row * tokens * layers + head)
 
 
 def _capture_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, **kwargs):
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
+    out, probs = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
     record = _RECORDERS.get(module)
     if record is not None:
-        record(query, key, value)
-    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        record(query, key, value, probs)
+    return out, probs
 
 
 def register_capture_attention() -> str:
@@ -88,10 +108,21 @@ def head_rows(x: torch.Tensor) -> torch.Tensor:
     return x.detach().transpose(1, 2).reshape(B * T, H * Dh).to("cpu", copy=True)
 
 
+def prob_rows(p: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, T) -> (B*H*T, T): row (b*H + h)*T + t_query, column t_key, as a CPU copy."""
+    return p.detach().reshape(-1, p.shape[-1]).to("cpu", copy=True)
+
+
+def output_tensor(out) -> torch.Tensor:
+    """A module's output tensor (older transformers return a tuple from decoder layers)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @contextmanager
 def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, dict[str, torch.Tensor]], None],
-                   save_x_norm: bool = True, save_reference: bool = True) -> Iterator[None]:
-    """Hook decoder layers {N: module}; when layer N finishes, call sink(N, {file stem: (B*T, C) tensor}).
+                   save_x_norm: bool = True, save_reference: bool = True, save_layer_refs: bool = True,
+                   save_attn_probs: bool = True) -> Iterator[None]:
+    """Hook decoder layers {N: module}; when layer N finishes, call sink(N, {file stem: (rows, C) tensor}).
 
     `config` is the (transformers) config the layers were built with; its attention
     implementation must be "eager" and is switched to CAPTURE_ATTENTION only inside the block.
@@ -120,16 +151,29 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
         if save_reference:
             handles.append(layer.self_attn.o_proj.register_forward_hook(
                 lambda m, a, out, n=n: add(n, "ref_attn", rows(out))))
-            def qkv(q, k, v, n=n):  # (B, H, T, Dh) after RoPE; (B, Hkv, T, Dh) before repeat_kv
-                add(n, "ref_q", head_rows(q))
-                add(n, "ref_k", head_rows(k))
-                add(n, "ref_v", head_rows(v))
+        if save_layer_refs:
+            post, mlp = layer.post_attention_layernorm, layer.mlp
+            handles += [
+                post.register_forward_pre_hook(lambda m, a, n=n: add(n, "ref_h", rows(a[0]))),
+                post.register_forward_hook(lambda m, a, out, n=n: add(n, "ref_hnorm", rows(out))),
+                mlp.down_proj.register_forward_pre_hook(lambda m, a, n=n: add(n, "ref_act", rows(a[0]))),
+                mlp.register_forward_hook(lambda m, a, out, n=n: add(n, "ref_mlp", rows(out))),
+                layer.register_forward_hook(lambda m, a, out, n=n: add(n, "ref_out", rows(output_tensor(out)))),
+            ]
+        if save_reference or save_attn_probs:
+            def qkv(q, k, v, probs, n=n):  # (B, H, T, Dh) after RoPE; (B, Hkv, T, Dh) before repeat_kv
+                if save_reference:
+                    add(n, "ref_q", head_rows(q))
+                    add(n, "ref_k", head_rows(k))
+                    add(n, "ref_v", head_rows(v))
+                if save_attn_probs:
+                    add(n, "ref_probs", prob_rows(probs))  # (B, H, T, T)
 
             _RECORDERS[layer.self_attn] = qkv
         handles.append(layer.register_forward_hook(done))  # registered last: runs after the others
 
     previous = config._attn_implementation
-    if save_reference:
+    if save_reference or save_attn_probs:
         config._attn_implementation = register_capture_attention()
     try:
         yield
@@ -146,12 +190,54 @@ def rope_meta(rotary: nn.Module) -> dict:
     return {"rope_inv_freq": rotary.inv_freq.detach().float().cpu().tolist()}
 
 
+def logit_rows(attention_mask: torch.Tensor, logits: str) -> torch.Tensor | None:
+    """Rows (b*T + t) kept in ref_logits: None for every position ("all"), each prompt's last real one ("last")."""
+    if logits == "all":
+        return None
+    B, T = attention_mask.shape
+    last = T - 1 - attention_mask.flip(-1).long().argmax(-1).cpu()  # the last real token, either padding side
+    return torch.arange(B) * T + last
+
+
+@contextmanager
+def capture_head(norm: nn.Module, lm_head: nn.Module, head_sink: Callable[[dict[str, torch.Tensor]], None],
+                 rows_kept: torch.Tensor | None) -> Iterator[None]:
+    """Hook the final norm and the head; once the head has run, head_sink({"ref_norm": .., "ref_logits": ..}).
+
+    ref_logits keeps the rows `rows_kept` of the head's (B*T, V) output (None: all of them).
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def on_head(m, a, out):
+        logits = rows(out)
+        found["ref_logits"] = logits if rows_kept is None else logits[rows_kept]
+        head_sink(dict(found))
+
+    handles = [norm.register_forward_hook(lambda m, a, out: found.__setitem__("ref_norm", rows(out))),
+               lm_head.register_forward_hook(on_head)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def model_facts(config, layer: nn.Module) -> dict:
+    """What the running modules were built with, for meta_model.json (transformers' defaults included)."""
+    return {"hidden_act": config.hidden_act, "mlp_bias": bool(config.mlp_bias),
+            "norm_class": type(layer.input_layernorm).__name__,
+            "post_norm_class": type(layer.post_attention_layernorm).__name__}
+
+
 def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
                        device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
-                       meta: dict | None = None) -> None:
-    """Load the whole model (eager attention, `dtype`), run the batch once through the decoder with hooks.
+                       meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
+                       logits: str = "all", head_sink: Callable | None = None) -> dict:
+    """Load the whole model (eager attention, `dtype`), run the batch once with hooks; return model_facts.
 
-    meta, if given, gets rope_meta of the model before sink sees the first layer.
+    meta, if given, gets rope_meta of the model before sink sees the first layer. With logits "all"
+    or "last" the model runs to its logits and head_sink receives ref_norm and ref_logits; with
+    "none" only the decoder runs.
     """
     from transformers import LlamaForCausalLM
 
@@ -160,26 +246,78 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
     if meta is not None:
         meta.update(rope_meta(model.model.rotary_emb))
     hooked = {n: model.model.layers[n] for n in layers}
-    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference):
-        # The decoder only: the head's logits are not part of step 2's files.
-        model.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                    position_ids=batch.position_ids.to(device), use_cache=False)
+    inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
+              "position_ids": batch.position_ids.to(device), "use_cache": False}
+    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs, save_attn_probs):
+        if logits == "none":
+            model.model(**inputs)
+        else:
+            with capture_head(model.model.norm, model.lm_head, head_sink, logit_rows(batch.attention_mask, logits)):
+                model(**inputs, logits_to_keep=0)  # 0: the logits of every position
+    return model_facts(model.config, model.model.layers[0])
 
 
 def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
                    device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
-                   meta: dict | None = None) -> None:
-    """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it. meta: as above."""
+                   meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
+                   logits: str = "all", head_sink: Callable | None = None) -> dict:
+    """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it; return model_facts.
+
+    meta: as above. With logits "all" or "last" every layer runs, then the final norm and the head
+    (head_sink as in full_model_capture); with "none" it stops after the last chosen layer.
+    """
     col = LayerCollector(model_dir, dtype=dtype, device=device)
     if meta is not None:
         meta.update(rope_meta(col.rotary))
     state = col.embed(batch.input_ids, batch.attention_mask, batch.position_ids)
     wanted = set(layers)
-    for n in tqdm(range(max(layers) + 1), desc="layers", unit="layer", disable=not os.isatty(2)):
+    stop = col.config.num_layers if logits != "none" else max(layers) + 1
+    for n in tqdm(range(stop), desc="layers", unit="layer", disable=not os.isatty(2)):
         layer = col.load_layer(n)
-        with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, sink, save_x_norm, save_reference):
+        facts = model_facts(col.hf_config, layer)
+        with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, sink, save_x_norm, save_reference,
+                            save_layer_refs, save_attn_probs):
             col.run_layer(layer, state)
         del layer
+    if logits != "none":
+        norm, head = col.load_norm(), col.load_head()
+        with capture_head(norm, head, head_sink, logit_rows(batch.attention_mask, logits)):
+            head(norm(state.hidden))  # the same modules on the same input as LlamaForCausalLM's forward
+    return facts
+
+
+def write_head(out_dir: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Write ref_norm.csv and ref_logits.csv; return the names written."""
+    files = {"ref_norm": layout.REF_NORM, "ref_logits": layout.REF_LOGITS}
+    for stem, name in files.items():
+        write_csv(out_dir / name, tensors[stem])
+    return list(files.values())
+
+
+def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Every token id's text as the tokenizer decodes it alone (ids past the tokenizer: "<id N>")."""
+    n = min(len(tokenizer), vocab_size)
+    return tokenizer.batch_decode([[i] for i in range(n)]) + [f"<id {i}>" for i in range(n, vocab_size)]
+
+
+def write_model_files(out_dir: Path, cfg, layer_meta: dict, facts: dict, logits: str, tokenizer) -> list[str]:
+    """meta_model.json (and vocab.json when there are logits); return the names written.
+
+    `facts` (model_facts) are read off the modules that ran: activation, MLP bias, norm classes.
+    """
+    write_json(out_dir / layout.META_MODEL, {
+        "num_layers": cfg.num_layers,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": cfg.intermediate_size,
+        **facts,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "logits": logits,
+        **layer_meta,
+    })
+    if logits == "none":
+        return [layout.META_MODEL]
+    write_json(out_dir / layout.VOCAB, {"vocab_size": cfg.vocab_size, "tokens": vocab_strings(tokenizer, cfg.vocab_size)})
+    return [layout.META_MODEL, layout.VOCAB]
 
 
 def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> list[str]:

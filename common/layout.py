@@ -4,8 +4,9 @@ One home for the on-disk contract (SPEC): no other module builds these names.
 
     outputs/<model folder>/weights/        step 1: <tensor name>.csv, manifest.json
                            x_all_layers/   step 2: <stem>_layerN.csv, meta_layerN.json, batch files
-                           qkv/            step 3: q/k/v/attn_layerN.csv, report.json, report.md, PNGs
+                           qkv/            step 3: q/k/v/attn/probs_layerN.csv, report.json, report.md, PNGs
                            x_all_layers_offsetK/, qkv_offsetK/   the same at positions K.. (make demo)
+                           forward/, forward_chain/   step 4: every node of every layer, norm.csv, logits.csv
 
 Per-layer files are `<stem>_layer<N>.<ext>`; the model's own value of a quantity that a later
 step recomputes is its `ref_` twin (`ref_q_layerN.csv` beside step 3's `q_layerN.csv`). A new
@@ -31,14 +32,31 @@ WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward
 ATTENTION_MASK = "attention_mask.csv"  # (B, T), 1 = real token
 POSITION_IDS = "position_ids.csv"  # (B, T)
 TOKENS = "tokens.json"  # prompts, padding side, input_ids, token strings
+# Step 2's once-per-run files of the whole model: the final norm, the logits, the model's meta, its vocab.
+REF_NORM, REF_LOGITS = "ref_norm.csv", "ref_logits.csv"  # (B*T, d); (B*T, V), or (B, V) with LOGITS "last"
+META_MODEL = "meta_model.json"
+VOCAB = "vocab.json"  # every token id's text, so step 4 shows top tokens without a tokenizer
+MODEL_FILES = (REF_NORM, REF_LOGITS, META_MODEL, VOCAB)
 BATCH_FILES = (ATTENTION_MASK, POSITION_IDS, TOKENS)
 MANIFEST = "manifest.json"  # step 1's record of what it wrote
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # a verifying step's report
 ERRORS_PLOT = "errors.png"  # max_rel per layer and quantity
+# Step 4's files besides the per-layer ones (its recomputed norm and logits: step 2's without ref_).
+NORM, LOGITS = "norm.csv", "logits.csv"
+CHAIN_PLOT = "chain_errors.png"  # chain mode: the error of each layer's output as it grows
+TOP_TOKENS_PLOT = "top_tokens.png"  # the top next tokens, model vs offline, per prompt
 
-# Per-layer stems step 2 writes: x, xnorm and the model's own q/k/v/attn (ref_ twins of step 3's).
-STEP2_STEMS = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn")
+# Per-layer stems step 2 writes: x, xnorm and the model's own value of every node (ref_ twins of
+# steps 3 and 4's files).
+LAYER_REF_STEMS = ("h", "hnorm", "act", "mlp", "out")  # step 2's SAVE_LAYER_REFS
+STEP2_STEMS = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn", *(f"ref_{s}" for s in LAYER_REF_STEMS),
+               "ref_probs")
+# Step 4's per-layer files, in forward order (q/k/v/attn/probs are step 3's, checked there).
+FORWARD_STEMS = ("xnorm", "h", "hnorm", "act", "mlp", "out")
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+EMBEDDING, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 # Step 1's --filter for the attention projections (and their biases): what step 3 needs.
 ATTENTION_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
 
@@ -86,7 +104,7 @@ def is_step2_file(name: str) -> bool:
     """A file step 2 writes (so a rerun may remove it when it did not write it this time)."""
     parsed = parse_layer_file(name)
     if parsed is None:
-        return name in BATCH_FILES
+        return name in BATCH_FILES or name in MODEL_FILES
     stem, _ = parsed
     return (stem == "meta" and name.endswith(".json")) or (stem in STEP2_STEMS and name.endswith(".csv"))
 
@@ -94,6 +112,11 @@ def is_step2_file(name: str) -> bool:
 def weight_name(n: int, module: str, proj: str, kind: str) -> str:
     """The checkpoint's tensor name: 3, self_attn, q_proj, weight -> model.layers.3.self_attn.q_proj.weight."""
     return f"model.layers.{n}.{module}.{proj}.{kind}"
+
+
+def norm_weight_name(n: int, norm: str) -> str:
+    """3, input_layernorm -> model.layers.3.input_layernorm.weight."""
+    return f"model.layers.{n}.{norm}.weight"
 
 
 def weight_file(name: str) -> str:
@@ -105,6 +128,26 @@ def attention_weight_files(weights_dir: Path, n: int, bias: bool) -> dict[str, P
     """Tensor name -> step-1 CSV path of layer n's q/k/v/o_proj (weights, and biases when `bias`)."""
     kinds = ("weight", "bias") if bias else ("weight",)
     names = [weight_name(n, "self_attn", proj, kind) for proj in ATTENTION_PROJ for kind in kinds]
+    return {name: weights_dir / weight_file(name) for name in names}
+
+
+def mlp_weight_files(weights_dir: Path, n: int, bias: bool) -> dict[str, Path]:
+    """Tensor name -> step-1 CSV path of layer n's gate/up/down_proj (weights, and biases when `bias`)."""
+    kinds = ("weight", "bias") if bias else ("weight",)
+    names = [weight_name(n, "mlp", proj, kind) for proj in MLP_PROJ for kind in kinds]
+    return {name: weights_dir / weight_file(name) for name in names}
+
+
+def layer_weight_files(weights_dir: Path, n: int, attention_bias: bool, mlp_bias: bool) -> dict[str, Path]:
+    """Every tensor of decoder layer n that step 4 needs: both norms, attention, MLP."""
+    norms = {norm_weight_name(n, norm): weights_dir / weight_file(norm_weight_name(n, norm)) for norm in NORMS}
+    return {**norms, **attention_weight_files(weights_dir, n, attention_bias),
+            **mlp_weight_files(weights_dir, n, mlp_bias)}
+
+
+def head_weight_files(weights_dir: Path, tied: bool) -> dict[str, Path]:
+    """The final norm and the head: lm_head.weight, or the embedding when the embeddings are tied."""
+    names = (FINAL_NORM, EMBEDDING if tied else LM_HEAD)
     return {name: weights_dir / weight_file(name) for name in names}
 
 

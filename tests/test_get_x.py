@@ -130,9 +130,10 @@ def test_padded_batch_matches_each_prompt_alone(llama32, tmp_path, side):
 
 def test_rerun_overwrites_cleanly(llama32, tmp_path):
     out = capture(llama32, tmp_path / "x")
-    capture(llama32, out, "--layers", "1", "--no-save-reference", prompts=PROMPTS[:1])
+    capture(llama32, out, "--layers", "1", "--no-save-reference", "--no-save-layer-refs", "--no-save-attn-probs",
+            "--logits", "none", prompts=PROMPTS[:1])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["attention_mask.csv", "meta_layer1.json", "position_ids.csv", "tokens.json",
+    assert names == ["attention_mask.csv", "meta_layer1.json", "meta_model.json", "position_ids.csv", "tokens.json",
                      "x_layer1.csv", "xnorm_layer1.csv"]
     assert json.loads((out / "meta_layer1.json").read_text())["batch_size"] == 1
 
@@ -204,3 +205,48 @@ def test_rope_parameters_config_form(llama32, tmp_path):
     assert [a[k] for k in keys] == [b[k] for k in keys] and a["rope_scaling"]["factor"] == 8.0
     for stem in ("x", "ref_q", "ref_k"):
         assert (hub_form / f"{stem}_layer2.csv").read_bytes() == (new_form / f"{stem}_layer2.csv").read_bytes()
+
+
+@pytest.mark.parametrize("variant", ["llama32", "untied", "mlp_bias"])
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_every_node_is_what_the_model_computed(tiny_models, tmp_path, variant, logits):
+    """ref_h/hnorm/act/mlp/out/probs of every layer, ref_norm and ref_logits, against the test's own hooks."""
+    out = capture(tiny_models[variant], tmp_path / "x", "--logits", logits)
+    model = LlamaForCausalLM.from_pretrained(str(tiny_models[variant]), dtype=torch.float32,
+                                             attn_implementation="eager")
+    seen: dict = {}
+    hooks = [model.model.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("norm", o))]
+    for n, layer in enumerate(model.model.layers):
+        post, mlp = layer.post_attention_layernorm, layer.mlp
+        hooks += [post.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(f"h{n}", a[0])),
+                  post.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(f"hnorm{n}", o)),
+                  mlp.down_proj.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(f"act{n}", a[0])),
+                  mlp.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(f"mlp{n}", o)),
+                  layer.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(f"out{n}", o))]
+    tokens = read_tokens(out)
+    ids = torch.tensor(tokens["input_ids"])
+    mask = torch.from_numpy(read_csv(out / "attention_mask.csv")).long()
+    pos = torch.from_numpy(read_csv(out / "position_ids.csv")).long()
+    with torch.no_grad():
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    B, T = ids.shape
+    for n in range(model.config.num_hidden_layers):
+        for stem in ("h", "hnorm", "act", "mlp", "out"):
+            assert np.array_equal(read_csv(out / f"ref_{stem}_layer{n}.csv"), flat(seen[f"{stem}{n}"])), (stem, n)
+        probs = res.attentions[n]  # (B, H, T, T)
+        assert np.array_equal(read_csv(out / f"ref_probs_layer{n}.csv"), probs.reshape(-1, T).numpy())
+    assert np.array_equal(read_csv(out / "ref_norm.csv"), flat(seen["norm"]))
+    all_logits = flat(res.logits)
+    last = [b * T + T - 1 for b in range(B)]  # left padding: every prompt ends at T - 1
+    want = all_logits if logits == "all" else all_logits[last]
+    assert np.array_equal(read_csv(out / "ref_logits.csv"), want)
+    meta = json.loads((out / "meta_model.json").read_text())
+    c = model.config
+    assert (meta["num_layers"], meta["vocab_size"], meta["intermediate_size"]) == (c.num_hidden_layers, c.vocab_size,
+                                                                                  c.intermediate_size)
+    assert (meta["hidden_act"], meta["mlp_bias"], meta["norm_class"]) == ("silu", variant == "mlp_bias", "LlamaRMSNorm")
+    assert meta["tie_word_embeddings"] == (variant != "untied") and meta["logits"] == logits
+    vocab = json.loads((out / "vocab.json").read_text())["tokens"]
+    assert len(vocab) == c.vocab_size and "".join(vocab[i] for i in tokens["input_ids"][0]).endswith(PROMPTS[0])

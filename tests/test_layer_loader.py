@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from common.cli import InputError
 from common.layer_loader import LayerCollector
+from common import layout
 from common.layout import meta_file
 from common.prompts import encode_prompts
 from common.safetensors_io import list_tensors, read_tensor
@@ -62,18 +63,19 @@ def test_streaming_files_are_bit_identical(tiny_models, tmp_path, variant):
     full = capture(tiny_models[variant], tmp_path / "full")
     streamed = capture(tiny_models[variant], tmp_path / "streamed", "--streaming")
     names = sorted(p.name for p in full.iterdir())
-    assert names == sorted(p.name for p in streamed.iterdir()) and len(names) == 3 * 7 + 3
+    assert names == sorted(p.name for p in streamed.iterdir()) and len(names) == 3 * 13 + 7  # 12 CSVs + meta per layer; batch, head, meta_model, vocab
     for name in names:
         if name.endswith(".csv"):
             assert filecmp.cmp(full / name, streamed / name, shallow=False), name
-    for n in range(3):
-        a, b = (json.loads((d / meta_file(n)).read_text()) for d in (full, streamed))
+    for meta in [meta_file(n) for n in range(3)] + [layout.META_MODEL]:
+        a, b = (json.loads((d / meta).read_text()) for d in (full, streamed))
         assert (a["provenance"].pop("streaming"), b["provenance"].pop("streaming")) == (False, True)
         assert a == b
 
 
 def test_streaming_layer_subset(llama32, tmp_path):
-    out = capture(llama32, tmp_path / "x", "--streaming", "--layers", "1", "--no-save-x-norm")
+    out = capture(llama32, tmp_path / "x", "--streaming", "--layers", "1", "--no-save-x-norm", "--no-save-layer-refs",
+                  "--no-save-attn-probs")
     assert sorted(p.name for p in out.glob("*_layer*")) == [
         "meta_layer1.json", "ref_attn_layer1.csv", "ref_k_layer1.csv", "ref_q_layer1.csv", "ref_v_layer1.csv",
         "x_layer1.csv"]
