@@ -11,6 +11,7 @@ from conftest import load_script, run_script
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from common import layout
 from common.cli import InputError
 from common.layout import layer_file, meta_file, ref_file
 from common.csv_io import read_csv
@@ -234,9 +235,9 @@ def test_every_node_is_what_the_model_computed(tiny_models, tmp_path, variant, l
     B, T = ids.shape
     for n in range(model.config.num_hidden_layers):
         for stem in ("h", "hnorm", "act", "mlp", "out"):
-            assert np.array_equal(read_csv(out / f"ref_{stem}_layer{n}.csv"), flat(seen[f"{stem}{n}"])), (stem, n)
+            assert np.array_equal(read_csv(out / layout.ref_file(stem, n)), flat(seen[f"{stem}{n}"])), (stem, n)
         probs = res.attentions[n]  # (B, H, T, T)
-        assert np.array_equal(read_csv(out / f"ref_probs_layer{n}.csv"), probs.reshape(-1, T).numpy())
+        assert np.array_equal(read_csv(out / layout.ref_file("probs", n)), probs.reshape(-1, T).numpy())
     assert np.array_equal(read_csv(out / "ref_norm.csv"), flat(seen["norm"]))
     all_logits = flat(res.logits)
     last = [b * T + T - 1 for b in range(B)]  # left padding: every prompt ends at T - 1

@@ -13,9 +13,9 @@ from test_get_x import PROMPTS, capture
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from common import layout
 from common.cli import InputError
 from common.layer_loader import LayerCollector
-from common import layout
 from common.layout import meta_file
 from common.prompts import encode_prompts
 from common.safetensors_io import list_tensors, read_tensor
