@@ -1,6 +1,7 @@
-"""Step 3's verification report: the console table, report.json, report.md and the PNG plots.
+"""Steps 3 and 4's verification report: the console table, report.json, report.md and the PNG plots.
 
-`results` everywhere is {layer: {quantity: common.verify.compare(...) dict}}.
+`results` everywhere is {layer: {quantity: common.verify.compare(...) dict}}; `quantities` the
+columns, in forward order (step 3's QUANTITIES unless told otherwise).
 """
 from __future__ import annotations
 
@@ -46,44 +47,65 @@ def _cell(m: dict | None) -> str:
     return f"{m['max_rel']:.1e}" + ("" if m["pass"] else " FAIL")
 
 
-def table_rows(results: dict[int, dict[str, dict]]) -> list[list[str]]:
+def table_rows(results: dict[int, dict[str, dict]], quantities: tuple[str, ...] = QUANTITIES) -> list[list[str]]:
     """One row per layer: layer, max_rel of each quantity, the layer's max_abs, PASS/FAIL."""
     rows = []
     for layer in sorted(results):
         per = results[layer]
         max_abs = max((m["max_abs"] for m in per.values()), key=lambda e: math.inf if math.isnan(e) else e)
-        rows.append([str(layer), *(_cell(per.get(qn)) for qn in QUANTITIES), f"{max_abs:.1e}",
+        rows.append([str(layer), *(_cell(per.get(qn)) for qn in quantities), f"{max_abs:.1e}",
                      "PASS" if all(m["pass"] for m in per.values()) else "FAIL"])
     return rows
 
 
-HEADER = ["layer", *(f"{qn} max_rel" for qn in QUANTITIES), "max_abs", "result"]
+def header(quantities: tuple[str, ...] = QUANTITIES) -> list[str]:
+    """Step 3's few columns say "max_rel" in each; step 4's many say it once, in the title above."""
+    names = [f"{qn} max_rel" for qn in quantities] if len(quantities) <= len(QUANTITIES) else list(quantities)
+    return ["layer", *names, "max_abs", "result"]
 
 
-def summary_line(results: dict[int, dict[str, dict]], atol: float, rtol: float) -> str:
+HEADER = header()
+
+
+def summary_line(results: dict[int, dict[str, dict]], atol: float, rtol: float,
+                 quantities: tuple[str, ...] = QUANTITIES) -> str:
     layer, qn, m = worst(results)
     n_fail = sum(not m["pass"] for per in results.values() for m in per.values())
     n = sum(len(per) for per in results.values())
     verdict = "PASS" if n_fail == 0 else f"FAIL ({n_fail} of {n} checks)"
-    return (f"{verdict}: {len(results)} layers x {len(QUANTITIES)} quantities; worst max_rel {m['max_rel']:.2e} "
+    return (f"{verdict}: {len(results)} layers x {len(quantities)} quantities; worst max_rel {m['max_rel']:.2e} "
             f"(layer {layer} {qn}, max_abs {m['max_abs']:.2e}); PASS when max_abs <= ATOL {atol:g} + RTOL {rtol:g} * max|ref|")
 
 
-def console_table(results: dict[int, dict[str, dict]], atol: float, rtol: float) -> str:
-    rows = [HEADER, *table_rows(results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+def text_table(rows: list[list[str]]) -> str:
+    """Rows of cells (the first one the header) as right-aligned columns under a rule."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + [summary_line(results, atol, rtol)])
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells (the first one the header) as markdown table lines."""
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def console_table(results: dict[int, dict[str, dict]], atol: float, rtol: float,
+                  quantities: tuple[str, ...] = QUANTITIES) -> str:
+    table = text_table([header(quantities), *table_rows(results, quantities)])
+    return table + "\n" + summary_line(results, atol, rtol, quantities)
 
 
 def markdown(results: dict[int, dict[str, dict]], settings: dict, definition: str, plots: list[str],
-             atol: float, rtol: float) -> str:
-    lines = ["# Step 3: offline recomputation vs the model", "",
-             f"**{summary_line(results, atol, rtol)}**", "", "## Error definition", "", definition.strip(), "",
-             "## Per layer (max_rel per quantity)", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+             atol: float, rtol: float, quantities: tuple[str, ...] = QUANTITIES,
+             title: str = "Step 3: offline recomputation vs the model", extra: list[str] = ()) -> str:
+    """report.md; `extra` is markdown placed after the per-layer table."""
+    lines = [f"# {title}", "",
+             f"**{summary_line(results, atol, rtol, quantities)}**", "", "## Error definition", "",
+             definition.strip(), "", "## Per layer (max_rel per quantity)", ""]
+    lines += markdown_table([header(quantities), *table_rows(results, quantities)])
+    lines += list(extra)
     lines += ["", "## Settings", ""] + [f"- `{k}`: `{v}`" for k, v in settings.items()]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -102,10 +124,14 @@ def _json_safe(x):
 
 
 def write_reports(out_dir: Path, results: dict[int, dict[str, dict]], settings: dict, definition: str,
-                  plots: list[str], atol: float, rtol: float) -> None:
+                  plots: list[str], atol: float, rtol: float, quantities: tuple[str, ...] = QUANTITIES,
+                  title: str | None = None, extra_json: dict | None = None, extra_md: list[str] = (),
+                  passed: bool | None = None) -> None:
+    """report.json and report.md; `passed` overrides all_pass(results) (step 4's chain mode decides otherwise)."""
     layer, qn, m = worst(results)
     write_json(out_dir / layout.REPORT_JSON, _json_safe({
-        "pass": all_pass(results),
+        "pass": all_pass(results) if passed is None else passed,
+        **(extra_json or {}),
         "atol": atol, "rtol": rtol,
         "definition": definition.strip(),
         "worst": {"layer": layer, "quantity": qn, **m},
@@ -113,7 +139,8 @@ def write_reports(out_dir: Path, results: dict[int, dict[str, dict]], settings: 
         "settings": settings,
         "plots": plots,
     }))
-    write_text(out_dir / layout.REPORT_MD, markdown(results, settings, definition, plots, atol, rtol))
+    write_text(out_dir / layout.REPORT_MD, markdown(results, settings, definition, plots, atol, rtol, quantities,
+                                                    **({"title": title} if title else {}), extra=extra_md))
 
 
 def token_labels(tokens: dict, prompt: int, real: np.ndarray) -> list[str]:
@@ -133,13 +160,14 @@ def _save(fig, path: Path) -> None:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_errors(path: Path, results: dict[int, dict[str, dict]], rtol: float) -> None:
+def plot_errors(path: Path, results: dict[int, dict[str, dict]], rtol: float,
+                quantities: tuple[str, ...] = QUANTITIES, title: str = "Offline recomputation vs the model") -> None:
     """max_rel per layer, one line per quantity, log scale, with the RTOL line."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
     layers = sorted(results)
     fig, ax = plt.subplots(figsize=(8, 4))
-    for qn, marker in zip(QUANTITIES, "os^D"):
+    for qn, marker in zip(quantities, "os^Dv<>phX*P"):
         rel = [results[layer][qn]["max_rel"] if qn in results[layer] else np.nan for layer in layers]
         rel = [max(r, 1e-12) if math.isfinite(r) else np.nan for r in rel]  # log scale: exact zeros at the floor
         ax.plot(layers, rel, marker=marker, label=qn, linewidth=1, markersize=4)
@@ -147,9 +175,9 @@ def plot_errors(path: Path, results: dict[int, dict[str, dict]], rtol: float) ->
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("max |a - ref| / max |ref|")
-    ax.set_title("Offline recomputation vs the model, real tokens only")
+    ax.set_title(f"{title}, real tokens only")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(ncol=5, fontsize=8, loc="best")
+    ax.legend(ncol=6, fontsize=8, loc="best")
     ax.grid(True, which="both", alpha=0.3)
     _save(fig, path)
     plt.close(fig)

@@ -1,0 +1,260 @@
+"""Step 4: recompute every node of every layer, the final norm and the logits from CSV files alone, and verify.
+
+Reads only ACTS_DIR (step 2: meta_model.json, meta_layerN.json, x_layerN.csv, the ref_ files,
+attention_mask.csv, position_ids.csv, tokens.json, vocab.json) and WEIGHTS_DIR (step 1: every
+tensor of the layers it checks; model.norm and the head, lm_head or the tied embedding, for the
+logits). No transformers, no torch, no model: the math is common/forward.py (common/norm.py,
+common/attention.py with common/rope.py, common/mlp.py), float32 numpy.
+
+Two modes:
+  layer  (default) each layer starts from its own captured x_layerN.csv, so an error is pinned to the
+         layer that made it; every node is checked against the model's (PASS when
+         max_abs <= ATOL + RTOL * max|ref|); after the last layer the final norm and the logits,
+         from the captured last layer output.
+  chain  starts from x_layer0.csv only and feeds its own outputs through every layer, the final
+         norm and the head: the whole forward pass offline. PASS when the top-1 token agrees at every
+         real position and the logits' max_rel <= CHAIN_RTOL. One layer's weights in memory at a time.
+
+Writes to OUT_DIR: xnorm/h/hnorm/act/mlp/out_layerN.csv (the shapes of step 2's ref_ files),
+norm.csv, logits.csv, report.json, report.md, errors.png (layer) or chain_errors.png (chain), and
+top_tokens.png: the top next tokens, model vs offline, for each prompt.
+Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
+
+    python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
+    python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1 --mode chain
+    python 4_offline_forward.py --acts-dir A --weights-dir W --out-dir O --layers 0,5 --rtol 1e-5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common import forward, forward_io, forward_report, layout, paths, qkv, report
+from common.cli import InputError, parse_layers, print_settings, run
+from common.csv_io import read_csv, write_csv
+from common.verify import compare
+
+# --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
+MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
+ACTS_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
+WEIGHTS_DIR = None  # step 1's folder; None -> outputs/<model folder>/weights
+OUT_DIR = None  # None -> outputs/<model folder>/forward
+LAYERS = None  # layer mode: None = every layer with a meta_layerN.json in ACTS_DIR; else "0,5-7" or [0, 5]
+MODE = "layer"  # "layer": each layer from its captured input; "chain": x_layer0 through the whole model
+ATOL = 1e-7  # layer mode: PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py), as in step 3
+RTOL = 1e-5  # fp32 recomputation lands near 1e-7..1e-6; real mistakes near 1e-2 and above
+CHAIN_RTOL = 1e-4  # chain mode: the logits' max_rel after every layer (README: measured 2e-6..2e-5)
+TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per prompt
+PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
+# -------------------------------------------------------------------------------------------------
+
+MODES = ("layer", "chain")
+LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
+TITLE = "Step 4: the forward pass offline vs the model"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
+    p.add_argument("--acts-dir", default=ACTS_DIR, type=Path, help="step 2's output folder")
+    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=Path, help="step 1's output folder")
+    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
+    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="layer mode: e.g. 0,5-7 (default: all)")
+    p.add_argument("--mode", default=MODE, choices=MODES)
+    p.add_argument("--atol", default=ATOL, type=float)
+    p.add_argument("--rtol", default=RTOL, type=float)
+    p.add_argument("--chain-rtol", default=CHAIN_RTOL, type=float)
+    p.add_argument("--top-k", default=TOP_K, type=int)
+    p.add_argument("--plots", default=PLOTS, action=argparse.BooleanOptionalAction)
+    return p.parse_args(argv)
+
+
+def choose_layers(args, acts_dir: Path, meta: dict) -> list[int]:
+    """Layer mode: the chosen layers, each with its meta in ACTS_DIR. Chain mode: every layer."""
+    if args.mode == "chain":
+        if args.layers is not None:
+            raise InputError("--layers: chain mode runs every layer from x_layer0; drop --layers, or use --mode layer")
+        return list(range(meta["num_layers"]))
+    have = layout.step2_layers(acts_dir, args.model_dir)
+    missing = [n for n in args.layers or [] if n not in have]
+    if missing:
+        raise InputError(f"{acts_dir / layout.meta_file(missing[0])} is missing (layers there: {have[0]}..{have[-1]}): "
+                         f"choose --layers among them or {layout.rerun_step2(args.model_dir)}")
+    return args.layers or have
+
+
+def check_inputs(args, acts_dir: Path, meta: dict, layers: list[int]) -> bool:
+    """Everything the run needs, checked before any work; returns whether the head is checked."""
+    if args.top_k < 1:
+        raise InputError(f"--top-k {args.top_k}: give at least 1")
+    if args.mode == "layer":
+        metas = layout.read_metas(acts_dir, layers)
+        first = metas[layers[0]]
+        if (first["batch_size"], first["seq_len"]) != (meta["batch_size"], meta["seq_len"]):
+            raise InputError(f"{acts_dir / layout.META_MODEL} and {layout.meta_file(layers[0])} disagree on the "
+                             f"batch: {layout.rerun_step2(args.model_dir)}")
+    has_logits = meta["logits"] != "none" and (acts_dir / layout.REF_LOGITS).is_file()
+    if args.mode == "chain" and not has_logits:
+        raise InputError(f"{acts_dir / layout.REF_LOGITS} is missing (step 2 ran with --logits none?): chain mode "
+                         f"checks the logits; {layout.rerun_step2(args.model_dir)} --logits last")
+    return has_logits and meta["num_layers"] - 1 in layers
+
+
+def run_layer_mode(args, acts_dir, weights_dir, out_dir, meta, layers, batch) -> tuple[dict, dict]:
+    """Every node of every chosen layer from its captured input: ({layer: {node: metrics}}, missing refs)."""
+    mask, position_ids, real_rows, real_probs = batch
+    spec, n_rows = forward_io.layer_spec(meta), meta["batch_size"] * meta["seq_len"]
+    results, missing = {}, []
+    for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
+        x = forward_io.read_layer_input(acts_dir, n, meta)
+        nodes = forward.decoder_layer(x, forward_io.read_layer_weights(weights_dir, n, meta), position_ids, mask, spec)
+        rows = forward_io.node_rows(nodes, n_rows)
+        forward_io.write_layer_nodes(out_dir, n, rows)
+        checked, miss = forward_io.verify_layer(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
+        if checked:
+            results[n] = checked
+        missing += miss
+    return results, missing
+
+
+def run_chain(args, acts_dir, weights_dir, out_dir, meta, batch) -> tuple[dict, np.ndarray]:
+    """x_layer0 through every layer on our own outputs: ({layer: out vs ref_out}, the last layer's output)."""
+    mask, position_ids, real_rows, _ = batch
+    spec, n_rows = forward_io.layer_spec(meta), meta["batch_size"] * meta["seq_len"]
+    x = forward_io.read_layer_input(acts_dir, 0, meta)
+    growth = {}
+    layers = range(meta["num_layers"])
+    steps = forward.chain(x, layers, lambda n: forward_io.read_layer_weights(weights_dir, n, meta), position_ids,
+                          mask, lambda n: spec)
+    for n, nodes in tqdm(steps, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
+                         file=sys.stdout):
+        rows = forward_io.node_rows(nodes, n_rows)
+        forward_io.write_layer_nodes(out_dir, n, rows)
+        ref_path = acts_dir / layout.ref_file("out", n)
+        if ref_path.is_file():
+            growth[n] = compare(rows["out"], read_csv(ref_path, rows["out"].shape), real_rows, 0.0, args.chain_rtol)
+        x = rows["out"]
+    return growth, x
+
+
+def run_head(acts_dir, weights_dir, out_dir, meta, x: np.ndarray, mask: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Final norm and logits from the last layer's output x: (our nodes, the model's logits)."""
+    norm_w, head_w = forward_io.read_head_weights(weights_dir, meta)
+    kept = forward_io.logit_rows(meta, mask)
+    out = forward.head(x, norm_w, head_w, meta["rms_norm_eps"], kept)
+    del head_w
+    write_csv(out_dir / layout.NORM, out["norm"])
+    write_csv(out_dir / layout.LOGITS, out["logits"])
+    return out, forward_io.read_ref_logits(acts_dir, meta, out["logits"].shape[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
+    weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.FORWARD)
+    settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
+                "MODE": args.mode, "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol,
+                "RTOL": args.rtol, "CHAIN_RTOL": args.chain_rtol, "TOP_K": args.top_k, "PLOTS": args.plots}
+    print("4_offline_forward.py: recompute every node and the logits from CSV (float32, no model) and verify")
+    print_settings(settings)
+
+    t0 = time.perf_counter()
+    if not acts_dir.is_dir():
+        raise InputError(f"activations folder {acts_dir} does not exist: {layout.rerun_step2(args.model_dir)}")
+    meta = forward_io.read_model_meta(acts_dir, args.model_dir)
+    layers = choose_layers(args, acts_dir, meta)
+    with_head = check_inputs(args, acts_dir, meta, layers)
+    forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    B, T = meta["batch_size"], meta["seq_len"]
+    if meta["dtype"] != "float32":
+        print(f"note: the references were computed in {meta['dtype']}, this recomputation is float32: expect errors "
+              f"near {LOW_PRECISION_ERROR.get(meta['dtype'], 1e-2):g}, far above RTOL {args.rtol:g}")
+    mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
+    real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
+    batch = (mask, position_ids, real_rows, forward_io.real_prob_rows(mask, meta["num_heads"]))
+    vocab = forward_io.read_vocab(acts_dir, meta["vocab_size"])
+    last = forward.last_real_rows(mask)  # (B,) each prompt's last real row
+    settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
+                     "reference dtype": meta["dtype"], "logits captured": meta["logits"]})
+
+    if args.mode == "layer":
+        results, missing = run_layer_mode(args, acts_dir, weights_dir, out_dir, meta, layers, batch)
+        head, tops = {}, []
+        if with_head:  # from the captured input of the final norm, so a head error is the head's own
+            ref_out = acts_dir / layout.ref_file("out", layers[-1])
+            x = read_csv(ref_out, (B * T, meta["d_model"])) if ref_out.is_file() else \
+                read_csv(out_dir / layout.layer_file("out", layers[-1]), (B * T, meta["d_model"]))
+            ours, ref = run_head(acts_dir, weights_dir, out_dir, meta, x, mask)
+            rows_real = real_rows if meta["logits"] == "all" else np.ones(len(last), bool)
+            head = {"norm": compare(ours["norm"], read_csv(acts_dir / layout.REF_NORM, (B * T, meta["d_model"])),
+                                    real_rows, args.atol, args.rtol),
+                    "logits": compare(ours["logits"], ref, rows_real, args.atol, args.rtol)}
+            at_last = (lambda a: a[last]) if meta["logits"] == "all" else (lambda a: a)
+            tops = forward_report.top_tokens(at_last(ref), at_last(ours["logits"]), vocab, tokens.get("prompts", []),
+                                             args.top_k)
+        print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files"
+              + (f", {layout.NORM}, {layout.LOGITS}" if head else "") + f" to {out_dir}")
+        if not results:
+            print(f"no ref_ files in {acts_dir} (2_get_x.py run without references?): nothing verified")
+            return 0
+        if missing:
+            print(f"warning: {len(missing)} reference files missing, e.g. {missing[0]}: those were not verified")
+        plots = []
+        if args.plots:
+            plots = [out_dir / layout.ERRORS_PLOT] + ([out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
+            report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, TITLE.removeprefix("Step 4: "))
+            if tops:
+                forward_report.plot_top_tokens(plots[1], tops)
+        passed = report.all_pass(results) and all(m["pass"] for m in head.values())
+        extra_md = ([] if not head else ["", f"**{forward_report.head_line(head, args.atol, args.rtol)}**"]) \
+            + forward_report.top_tokens_markdown(tops)
+        report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, forward_report.DEFINITION,
+                             [p.name for p in plots], args.atol, args.rtol, forward_io.CHECKED,
+                             f"{TITLE} (layer mode)", {"mode": "layer", "head": head, "top_tokens": tops},
+                             extra_md, passed)
+        print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
+              + f" in {time.perf_counter() - t0:.2f} s")
+        if tops:
+            print(forward_report.top_tokens_text(tops))
+        print(report.console_table(results, args.atol, args.rtol, forward_io.CHECKED))  # the table ends the run
+        if head:
+            print(forward_report.head_line(head, args.atol, args.rtol))
+        return 0 if passed else 1
+
+    growth, x = run_chain(args, acts_dir, weights_dir, out_dir, meta, batch)
+    ours, ref = run_head(acts_dir, weights_dir, out_dir, meta, x, mask)
+    checked_rows = real_rows if meta["logits"] == "all" else np.ones(len(last), bool)
+    logits = compare(ours["logits"], ref, checked_rows, 0.0, args.chain_rtol)
+    top1 = {"agree": int((forward.top_k(ours["logits"][checked_rows], 1)
+                          == forward.top_k(ref[checked_rows], 1)).sum()), "total": int(checked_rows.sum())}
+    at_last = (lambda a: a[last]) if meta["logits"] == "all" else (lambda a: a)
+    tops = forward_report.top_tokens(at_last(ref), at_last(ours["logits"]), vocab, tokens.get("prompts", []),
+                                     args.top_k)
+    top5 = {"agree": sum(t["topk_same_set"] for t in tops), "total": len(tops)}
+    passed, verdict = forward_report.chain_verdict(logits, top1, top5, args.chain_rtol)
+    print(f"wrote {meta['num_layers'] * len(layout.FORWARD_STEMS)} layer CSV files, {layout.NORM}, {layout.LOGITS} "
+          f"to {out_dir}")
+    plots = []
+    if args.plots:
+        plots = [out_dir / layout.CHAIN_PLOT, out_dir / layout.TOP_TOKENS_PLOT]
+        forward_report.plot_chain(plots[0], growth, logits, args.chain_rtol)
+        forward_report.plot_top_tokens(plots[1], tops)
+    forward_report.write_chain_report(out_dir, passed, verdict, growth, logits, top1, top5, tops,
+                                      {k: str(v) for k, v in settings.items()}, [p.name for p in plots])
+    print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
+          + f" in {time.perf_counter() - t0:.2f} s")
+    print(forward_report.top_tokens_text(tops))
+    print(report.text_table(forward_report.chain_rows(growth)))  # the table ends the run
+    print(verdict)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    run(main)

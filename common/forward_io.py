@@ -1,0 +1,173 @@
+"""Step 4's files: a layer's weights and inputs read from steps 1 and 2, its nodes written and checked.
+
+The math is common/forward.py; this module only moves arrays between it and the CSV files named
+by common/layout.py, every shape taken from meta_model.json, and refuses what the math does not
+implement (another activation, another norm) instead of computing something else.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from common import forward, layout, mlp, norm
+from common.atomic import read_json
+from common.attention import AttentionWeights
+from common.cli import InputError
+from common.csv_io import read_csv, write_csv
+from common.mlp import MLPWeights
+from common.verify import compare
+
+MODEL_KEYS = ("num_layers", "vocab_size", "intermediate_size", "hidden_act", "mlp_bias", "norm_class",
+              "tie_word_embeddings", "logits", *layout.META_KEYS, "rms_norm_eps")
+# Nodes step 4 checks per layer, in forward order: its own files plus step 3's quantities.
+CHECKED = ("xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
+
+
+def read_model_meta(acts_dir: Path, model_dir: str | Path) -> dict:
+    """meta_model.json, checked: every key, an activation and a norm that common/ implements."""
+    path = acts_dir / layout.META_MODEL
+    meta = read_json(path, layout.rerun_step2(model_dir))
+    missing = [k for k in MODEL_KEYS if k not in meta]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: {layout.rerun_step2(model_dir)}")
+    layout.check_meta(meta, path)
+    if meta["hidden_act"] not in mlp.ACTIVATIONS:
+        raise InputError(f"{path}: hidden_act {meta['hidden_act']!r} is not supported (supported: "
+                         f"{', '.join(mlp.ACTIVATIONS)}); refusing to compute another activation")
+    for key in ("norm_class", "post_norm_class"):
+        if meta.get(key, meta["norm_class"]) not in norm.SUPPORTED_NORMS:
+            raise InputError(f"{path}: the model's norm is {meta[key]!r}, whose formula is not Llama's RMSNorm "
+                             f"(supported: {', '.join(norm.SUPPORTED_NORMS)}); refusing to guess")
+    return meta
+
+
+def layer_spec(meta: dict) -> forward.LayerSpec:
+    return forward.LayerSpec(meta["num_heads"], meta["num_kv_heads"], meta["head_dim"], meta["rope_theta"],
+                             meta.get("rope_scaling"), meta["rms_norm_eps"], meta["hidden_act"])
+
+
+def step1_command(meta: dict, weights_dir: Path, layers: list[int], head: bool, model_dir: str | Path) -> str:
+    """The step-1 command that exports what step 4 needs: everything, or these layers (and the head)."""
+    src = shlex.quote(str(meta.get("model_dir") or model_dir))
+    cmd = f"python 1_model_weights.py --model-dir {src} --out-dir {shlex.quote(str(weights_dir))}"
+    if head and layers == list(range(meta["num_layers"])):
+        return cmd
+    parts = [r"model\.layers\.(" + "|".join(map(str, layers)) + r")\."] if layers else []
+    if head:
+        parts += [r"model\.norm\.", r"model\.embed_tokens\." if meta["tie_word_embeddings"] else r"lm_head\."]
+    return f"{cmd} --filter {shlex.quote('^(' + '|'.join(parts) + ')')}"
+
+
+def check_weights(weights_dir: Path, meta: dict, layers: list[int], head: bool, model_dir: str | Path) -> None:
+    """Every weight file step 4 will read exists, or one InputError naming the step-1 command."""
+    files = [p for n in layers
+             for p in layout.layer_weight_files(weights_dir, n, meta["attention_bias"], meta["mlp_bias"]).values()]
+    if head:
+        files += list(layout.head_weight_files(weights_dir, meta["tie_word_embeddings"]).values())
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"{missing[0]} is missing{more}: run {step1_command(meta, weights_dir, layers, head, model_dir)}")
+
+
+def _proj_shapes(meta: dict) -> dict[str, tuple[int, int]]:
+    d, H, Hkv, Dh, I = (meta[k] for k in ("d_model", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"))
+    return {"q_proj": (H * Dh, d), "k_proj": (Hkv * Dh, d), "v_proj": (Hkv * Dh, d), "o_proj": (d, H * Dh),
+            "gate_proj": (I, d), "up_proj": (I, d), "down_proj": (d, I)}
+
+
+def read_layer_weights(weights_dir: Path, n: int, meta: dict) -> forward.LayerWeights:
+    """Every tensor of layer n from step 1's CSV, each checked against meta's sizes."""
+    shapes = _proj_shapes(meta)
+    arrays = {}
+    for name, path in layout.layer_weight_files(weights_dir, n, meta["attention_bias"], meta["mlp_bias"]).items():
+        module, kind = name.split(".")[-2:]  # model.layers.N.<block>.<module>.<kind>, or ...<norm>.weight
+        shape = (meta["d_model"],) if module in layout.NORMS else shapes[module] if kind == "weight" \
+            else shapes[module][:1]
+        arrays[(module, kind)] = read_csv(path, shape)
+    get = arrays.get
+    return forward.LayerWeights(
+        input_layernorm=arrays[("input_layernorm", "weight")],
+        attn=AttentionWeights(*(get((p, "weight")) for p in layout.ATTENTION_PROJ),
+                              *(get((p, "bias")) for p in layout.ATTENTION_PROJ)),
+        post_attention_layernorm=arrays[("post_attention_layernorm", "weight")],
+        mlp=MLPWeights(*(get((p, "weight")) for p in layout.MLP_PROJ), *(get((p, "bias")) for p in layout.MLP_PROJ)))
+
+
+def read_head_weights(weights_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The final norm's weight (d,) and the head (V, d): lm_head, or the embedding when tied."""
+    files = layout.head_weight_files(weights_dir, meta["tie_word_embeddings"])
+    norm_w, head_w = files.values()
+    return read_csv(norm_w, (meta["d_model"],)), read_csv(head_w, (meta["vocab_size"], meta["d_model"]))
+
+
+def read_layer_input(acts_dir: Path, n: int, meta: dict) -> np.ndarray:
+    """x entering layer n, as captured: (B*T, d), batch-major rows."""
+    return read_csv(acts_dir / layout.layer_file("x", n), (meta["batch_size"] * meta["seq_len"], meta["d_model"]))
+
+
+def read_vocab(acts_dir: Path, vocab_size: int) -> list[str] | None:
+    """Token id -> text from step 2's vocab.json; None when there is none (tables then show ids)."""
+    path = acts_dir / layout.VOCAB
+    if not path.is_file():
+        return None
+    tokens = read_json(path, "run 2_get_x.py again").get("tokens")
+    return tokens if isinstance(tokens, list) and len(tokens) == vocab_size else None
+
+
+def node_rows(nodes: dict[str, np.ndarray], n_rows: int) -> dict[str, np.ndarray]:
+    """Every node as its file holds it: (B*T, C), and probs (B, H, T, T) -> (B*H*T, T)."""
+    return {k: v.reshape(-1, v.shape[-1]) if k == "probs" else v.reshape(n_rows, -1) for k, v in nodes.items()}
+
+
+def write_layer_nodes(out_dir: Path, n: int, nodes: dict[str, np.ndarray]) -> list[str]:
+    """Step 4's files of layer n (layout.FORWARD_STEMS); returns their names."""
+    names = []
+    for stem in layout.FORWARD_STEMS:
+        names.append(layout.layer_file(stem, n))
+        write_csv(out_dir / names[-1], nodes[stem])
+    return names
+
+
+def real_prob_rows(attention_mask: np.ndarray, num_heads: int) -> np.ndarray:
+    """Which rows (b*H + h)*T + t of a probs file are real queries: (B, T) -> (B*H*T,) bool."""
+    B, T = attention_mask.shape
+    return np.broadcast_to(attention_mask[:, None, :] > 0, (B, num_heads, T)).reshape(-1)
+
+
+def verify_layer(acts_dir: Path, n: int, rows: dict[str, np.ndarray], real_rows: np.ndarray,
+                 real_probs: np.ndarray, atol: float, rtol: float,
+                 nodes: tuple[str, ...] = CHECKED) -> tuple[dict[str, dict], list[Path]]:
+    """Compare nodes of layer n with their ref_ files: ({node: metrics}, ref_ files missing).
+
+    `xnorm` has no ref_ twin named ref_xnorm: its reference is step 2's xnorm_layerN.csv.
+    """
+    results, missing = {}, []
+    for node in nodes:
+        path = acts_dir / (layout.layer_file("xnorm", n) if node == "xnorm" else layout.ref_file(node, n))
+        if not path.is_file():
+            missing.append(path)
+            continue
+        ref = read_csv(path, rows[node].shape)
+        results[node] = compare(rows[node], ref, real_probs if node == "probs" else real_rows, atol, rtol)
+    return results, missing
+
+
+def read_ref_logits(acts_dir: Path, meta: dict, n_rows: int) -> np.ndarray:
+    return read_csv(acts_dir / layout.REF_LOGITS, (n_rows, meta["vocab_size"]))
+
+
+def logit_rows(meta: dict, attention_mask: np.ndarray) -> np.ndarray | None:
+    """The rows of (B*T) that ref_logits holds: None (all) for LOGITS "all", else each prompt's last real one."""
+    return None if meta["logits"] == "all" else forward.last_real_rows(attention_mask)
+
+
+def top_k_table(model_logits: np.ndarray, our_logits: np.ndarray, k: int) -> dict:
+    """Top-k ids and logits of both, at the given rows (N, V) each."""
+    ids_model, ids_ours = forward.top_k(model_logits, k), forward.top_k(our_logits, k)
+    return {"model": ids_model, "offline": ids_ours,
+            "model_logits": np.take_along_axis(model_logits, ids_model, 1),
+            "offline_logits": np.take_along_axis(our_logits, ids_ours, 1)}
+
