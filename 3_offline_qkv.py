@@ -1,13 +1,16 @@
-"""Step 3: recompute Q, K, V and the attention output from CSV files alone, and verify them.
+"""Step 3: recompute the input norm, Q, K, V and the attention from CSV files alone, and verify them.
 
-Reads only ACTS_DIR (step 2: xnorm_layerN.csv, meta_layerN.json, attention_mask.csv,
-position_ids.csv, tokens.json, ref_{q,k,v,attn}_layerN.csv) and WEIGHTS_DIR (step 1: the
-q/k/v/o_proj CSVs of the chosen layers). No transformers, no model: the math is common/rope.py and
-common/attention.py, float32 numpy, RoPE in the rotate-half layout of HF checkpoints.
+Reads only ACTS_DIR (step 2: x_layerN.csv, meta_layerN.json, attention_mask.csv, position_ids.csv,
+tokens.json, and the model's own xnorm_layerN.csv, ref_{q,k,v,probs,attn}_layerN.csv) and
+WEIGHTS_DIR (step 1: input_layernorm and q/k/v/o_proj CSVs of the chosen layers). No transformers,
+no model: the math is common/norm.py, common/rope.py and common/attention.py, float32 numpy, RoPE in
+the rotate-half layout of HF checkpoints. The proof starts at the layer input x: the RMSNorm is
+recomputed too (and checked), never trusted.
 
 Writes to OUT_DIR: q_layerN.csv, k_layerN.csv, v_layerN.csv (after RoPE, the ref_ files' shapes and
-head-major column order, K/V before the GQA repeat), attn_layerN.csv (after o_proj), report.json,
-report.md, errors.png and attention_layerL_headH.png. Prints the verification table.
+head-major column order, K/V before the GQA repeat), probs_layerN.csv (softmax probabilities,
+(B*H*T, T)), attn_layerN.csv (after o_proj), report.json, report.md, errors.png and
+attention_layerL_headH.png. Prints the verification table.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 3_offline_qkv.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -23,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import attention, layout, paths, qkv, report
+from common import attention, layout, norm, paths, qkv, report
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.verify import DEFINITION, QUANTITIES
+from common.verify import DEFINITION
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -108,28 +111,33 @@ def main(argv: list[str] | None = None) -> int:
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
+    real_probs = qkv.real_prob_rows(mask, metas[layers[0]]["num_heads"])  # (B*H*T,)
 
     results: dict[int, dict[str, dict]] = {}
     missing_refs: list[Path] = []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         meta = metas[n]
-        xnorm, w = qkv.read_xnorm(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
-        # Attention runs in blocks of query rows (common/attention.py) and keeps only the plotted
-        # head's (T, T) probabilities: memory stays O(T x block) however long the prompt.
-        keep = (args.plot_prompt, args.plot_head) if n == plot_layer else None
+        x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
+        xnorm = norm.rms_norm(x, qkv.read_input_norm(weights_dir, n, meta), meta["rms_norm_eps"])
+        # Attention runs in blocks of query rows (common/attention.py). Every head's probabilities are
+        # kept (to write and check them) up to PROBS_MAX_SEQ_LEN tokens; past that only the plotted head's.
+        keep = qkv.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
         out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
                                         meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep,
                                         pow_lanes=pow_lanes)
-        del xnorm, w  # before the references are read: a long prompt's peak memory is here
         if n == plot_layer:
-            plot_probs = out["probs"]  # (T, T)
-        qkv.write_outputs(out_dir, n, out)
-        checked, missing = qkv.verify(acts_dir, n, out, real_rows, args.atol, args.rtol)
+            plot_probs = (out["probs"][args.plot_prompt, args.plot_head].copy() if keep == "all"
+                          else out["probs"])  # (T, T)
+        rows = qkv.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
+        del x, w, xnorm, out  # before the references are read: a long prompt's peak memory is here
+        qkv.write_outputs(out_dir, n, rows)
+        checked, missing = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
         if checked:
             results[n] = checked
         missing_refs += missing
 
-    print(f"wrote {len(layers) * len(QUANTITIES)} CSV files (q, k, v, attn of {len(layers)} layers) to {out_dir}")
+    print(f"wrote {len(layers) * len(layout.QKV_STEMS)} CSV files ({', '.join(layout.QKV_STEMS)} of {len(layers)} "
+          f"layers) to {out_dir}")
     if not results:
         print(f"no ref_ files in {acts_dir} (2_get_x.py run with SAVE_REFERENCE off?): nothing verified")
         return 0

@@ -112,11 +112,11 @@ def run_layer_mode(args, acts_dir, weights_dir, out_dir, meta, layers, batch) ->
     spec, n_rows = forward_io.layer_spec(meta), meta["batch_size"] * meta["seq_len"]
     results, missing = {}, []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
-        x = forward_io.read_layer_input(acts_dir, n, meta)
+        x = qkv.read_layer_input(acts_dir, n, meta)
         nodes = forward.decoder_layer(x, forward_io.read_layer_weights(weights_dir, n, meta), position_ids, mask, spec)
-        rows = forward_io.node_rows(nodes, n_rows)
+        rows = qkv.as_rows(nodes, n_rows)
         forward_io.write_layer_nodes(out_dir, n, rows)
-        checked, miss = forward_io.verify_layer(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
+        checked, miss = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol, forward_io.CHECKED)
         if checked:
             results[n] = checked
         missing += miss
@@ -127,14 +127,14 @@ def run_chain(args, acts_dir, weights_dir, out_dir, meta, batch) -> tuple[dict, 
     """x_layer0 through every layer on our own outputs: ({layer: out vs ref_out}, the last layer's output)."""
     mask, position_ids, real_rows, _ = batch
     spec, n_rows = forward_io.layer_spec(meta), meta["batch_size"] * meta["seq_len"]
-    x = forward_io.read_layer_input(acts_dir, 0, meta)
+    x = qkv.read_layer_input(acts_dir, 0, meta)
     growth = {}
     layers = range(meta["num_layers"])
     steps = forward.chain(x, layers, lambda n: forward_io.read_layer_weights(weights_dir, n, meta), position_ids,
                           mask, lambda n: spec)
     for n, nodes in tqdm(steps, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
                          file=sys.stdout):
-        rows = forward_io.node_rows(nodes, n_rows)
+        rows = qkv.as_rows(nodes, n_rows)
         forward_io.write_layer_nodes(out_dir, n, rows)
         ref_path = acts_dir / layout.ref_file("out", n)
         if ref_path.is_file():
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               f"near {LOW_PRECISION_ERROR.get(meta['dtype'], 1e-2):g}, far above RTOL {args.rtol:g}")
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
-    batch = (mask, position_ids, real_rows, forward_io.real_prob_rows(mask, meta["num_heads"]))
+    batch = (mask, position_ids, real_rows, qkv.real_prob_rows(mask, meta["num_heads"]))
     vocab = forward_io.read_vocab(acts_dir, meta["vocab_size"])
     last = forward.last_real_rows(mask)  # (B,) each prompt's last real row
     settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",

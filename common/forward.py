@@ -26,7 +26,7 @@ from common import attention, mlp, norm
 from common.attention import AttentionWeights
 from common.mlp import MLPWeights
 
-# Every node of a layer, in forward order (probs is (B, H, T, T); the others (B*T, C)).
+# Every node of a layer, in forward order (probs is (B, H, T, T) when kept; the others (B*T, C)).
 LAYER_NODES = ("xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
 HEAD_NODES = ("norm", "logits")
 
@@ -52,12 +52,16 @@ class LayerWeights:
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
-                  spec: LayerSpec) -> dict[str, np.ndarray]:
-    """x (B*T, d) -> every node of LAYER_NODES; position_ids, attention_mask (B, T)."""
+                  spec: LayerSpec, keep_probs: str | None = None) -> dict[str, np.ndarray]:
+    """x (B*T, d) -> every node of LAYER_NODES; position_ids, attention_mask (B, T).
+
+    probs is every head's (B, H, T, T) with keep_probs="all", else None (common.attention.attention).
+    """
     eps = spec.rms_norm_eps
     xnorm = norm.rms_norm(x, w.input_layernorm, eps)
     a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads,
-                                  spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.rope_scaling)
+                                  spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.rope_scaling,
+                                  keep_probs=keep_probs)
     h = x + a["attn"]
     hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
     m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)

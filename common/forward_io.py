@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common import forward, layout, mlp, norm
+from common import forward, layout, mlp, norm, qkv
 from common.atomic import read_json
 from common.attention import AttentionWeights
 from common.cli import InputError
 from common.csv_io import read_csv, write_csv
 from common.mlp import MLPWeights
-from common.verify import compare
 
 MODEL_KEYS = ("num_layers", "vocab_size", "intermediate_size", "hidden_act", "mlp_bias", "norm_class",
               "tie_word_embeddings", "logits", *layout.META_KEYS, "rms_norm_eps")
-# Nodes step 4 checks per layer, in forward order: its own files plus step 3's quantities.
+# Nodes step 4 checks per layer, in forward order: its own files plus step 3's quantities
+# (qkv.verify compares them, xnorm against step 2's xnorm_layerN.csv).
 CHECKED = ("xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
 
 
@@ -103,11 +103,6 @@ def read_head_weights(weights_dir: Path, meta: dict) -> tuple[np.ndarray, np.nda
     return read_csv(norm_w, (meta["d_model"],)), read_csv(head_w, (meta["vocab_size"], meta["d_model"]))
 
 
-def read_layer_input(acts_dir: Path, n: int, meta: dict) -> np.ndarray:
-    """x entering layer n, as captured: (B*T, d), batch-major rows."""
-    return read_csv(acts_dir / layout.layer_file("x", n), (meta["batch_size"] * meta["seq_len"], meta["d_model"]))
-
-
 def read_vocab(acts_dir: Path, vocab_size: int) -> list[str] | None:
     """Token id -> text from step 2's vocab.json; None when there is none (tables then show ids)."""
     path = acts_dir / layout.VOCAB
@@ -115,11 +110,6 @@ def read_vocab(acts_dir: Path, vocab_size: int) -> list[str] | None:
         return None
     tokens = read_json(path, "run 2_get_x.py again").get("tokens")
     return tokens if isinstance(tokens, list) and len(tokens) == vocab_size else None
-
-
-def node_rows(nodes: dict[str, np.ndarray], n_rows: int) -> dict[str, np.ndarray]:
-    """Every node as its file holds it: (B*T, C), and probs (B, H, T, T) -> (B*H*T, T)."""
-    return {k: v.reshape(-1, v.shape[-1]) if k == "probs" else v.reshape(n_rows, -1) for k, v in nodes.items()}
 
 
 def write_layer_nodes(out_dir: Path, n: int, nodes: dict[str, np.ndarray]) -> list[str]:
@@ -131,30 +121,6 @@ def write_layer_nodes(out_dir: Path, n: int, nodes: dict[str, np.ndarray]) -> li
     return names
 
 
-def real_prob_rows(attention_mask: np.ndarray, num_heads: int) -> np.ndarray:
-    """Which rows (b*H + h)*T + t of a probs file are real queries: (B, T) -> (B*H*T,) bool."""
-    B, T = attention_mask.shape
-    return np.broadcast_to(attention_mask[:, None, :] > 0, (B, num_heads, T)).reshape(-1)
-
-
-def verify_layer(acts_dir: Path, n: int, rows: dict[str, np.ndarray], real_rows: np.ndarray,
-                 real_probs: np.ndarray, atol: float, rtol: float,
-                 nodes: tuple[str, ...] = CHECKED) -> tuple[dict[str, dict], list[Path]]:
-    """Compare nodes of layer n with their ref_ files: ({node: metrics}, ref_ files missing).
-
-    `xnorm` has no ref_ twin named ref_xnorm: its reference is step 2's xnorm_layerN.csv.
-    """
-    results, missing = {}, []
-    for node in nodes:
-        path = acts_dir / (layout.layer_file("xnorm", n) if node == "xnorm" else layout.ref_file(node, n))
-        if not path.is_file():
-            missing.append(path)
-            continue
-        ref = read_csv(path, rows[node].shape)
-        results[node] = compare(rows[node], ref, real_probs if node == "probs" else real_rows, atol, rtol)
-    return results, missing
-
-
 def read_ref_logits(acts_dir: Path, meta: dict, n_rows: int) -> np.ndarray:
     return read_csv(acts_dir / layout.REF_LOGITS, (n_rows, meta["vocab_size"]))
 
@@ -162,12 +128,3 @@ def read_ref_logits(acts_dir: Path, meta: dict, n_rows: int) -> np.ndarray:
 def logit_rows(meta: dict, attention_mask: np.ndarray) -> np.ndarray | None:
     """The rows of (B*T) that ref_logits holds: None (all) for LOGITS "all", else each prompt's last real one."""
     return None if meta["logits"] == "all" else forward.last_real_rows(attention_mask)
-
-
-def top_k_table(model_logits: np.ndarray, our_logits: np.ndarray, k: int) -> dict:
-    """Top-k ids and logits of both, at the given rows (N, V) each."""
-    ids_model, ids_ours = forward.top_k(model_logits, k), forward.top_k(our_logits, k)
-    return {"model": ids_model, "offline": ids_ours,
-            "model_logits": np.take_along_axis(model_logits, ids_model, 1),
-            "offline_logits": np.take_along_axis(our_logits, ids_ours, 1)}
-

@@ -51,18 +51,20 @@ TOP_TOKENS_PLOT = "top_tokens.png"  # the top next tokens, model vs offline, per
 LAYER_REF_STEMS = ("h", "hnorm", "act", "mlp", "out")  # step 2's SAVE_LAYER_REFS
 STEP2_STEMS = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn", *(f"ref_{s}" for s in LAYER_REF_STEMS),
                "ref_probs")
+# Step 3's per-layer files (probs: (B*H*T, T), row (b*H + h)*T + t_query, column t_key).
+QKV_STEMS = ("q", "k", "v", "probs", "attn")
 # Step 4's per-layer files, in forward order (q/k/v/attn/probs are step 3's, checked there).
 FORWARD_STEMS = ("xnorm", "h", "hnorm", "act", "mlp", "out")
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 EMBEDDING, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-# Step 1's --filter for the attention projections (and their biases): what step 3 needs.
-ATTENTION_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
+# Step 1's --filter for what step 3 needs: the input norm and the attention projections (and biases).
+ATTENTION_FILTER = r"\.input_layernorm\.|\.self_attn\.(q|k|v|o)_proj\."
 
 _LAYER_FILE = re.compile(r"(?P<stem>\w+?)_layer(?P<n>\d+)\.(?P<ext>csv|json)")
 META_KEYS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "head_dim", "rope_theta",
-             "rope_type", "rope_scaling", "attention_bias", "dtype", "model_dir")
+             "rope_type", "rope_scaling", "attention_bias", "dtype", "model_dir", "rms_norm_eps")
 
 
 def default_dir(model_dir: str | Path, folder: str) -> Path:
@@ -201,16 +203,22 @@ def read_metas(acts_dir: Path, layers: list[int]) -> dict[int, dict]:
 
 # --- reading a step-1 folder -------------------------------------------------------------------
 
+def qkv_weight_files(weights_dir: Path, n: int, bias: bool) -> dict[str, Path]:
+    """What step 3 reads of layer n: input_layernorm and q/k/v/o_proj (and their biases)."""
+    norm = norm_weight_name(n, "input_layernorm")
+    return {norm: weights_dir / weight_file(norm), **attention_weight_files(weights_dir, n, bias)}
+
+
 def check_attention_weights(weights_dir: Path, metas: dict[int, dict]) -> None:
-    """Every q/k/v/o_proj file of the layers in `metas` exists, or InputError with the step-1 command."""
+    """Every file step 3 reads of the layers in `metas` exists, or InputError with the step-1 command."""
     layers = list(metas)
-    missing = [p for n in layers for p in attention_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()
+    missing = [p for n in layers for p in qkv_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()
                if not p.is_file()]
     if not missing:
         return
     src = shlex.quote(str(metas[layers[0]]["model_dir"]))
-    select = (f"--layer model.layers.{layers[0]}.self_attn" if len(layers) == 1
-              else f"--filter {shlex.quote(ATTENTION_FILTER)}")
+    one_layer = rf"^model\.layers\.{layers[0]}\.(input_layernorm|self_attn)\."
+    select = f"--filter {shlex.quote(one_layer if len(layers) == 1 else ATTENTION_FILTER)}"
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise InputError(f"{missing[0]} is missing{more}: run python 1_model_weights.py --model-dir {src} "
                      f"--out-dir {shlex.quote(str(weights_dir))} {select}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import layout, rope, torch_pow
+from common import attention, layout, rope, torch_pow
 from common.atomic import read_json
 from common.attention import AttentionWeights
 from common.csv_io import read_csv, write_csv
@@ -68,24 +68,63 @@ def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWe
 
 
 def read_xnorm(acts_dir: Path, n: int, meta: dict) -> np.ndarray:
-    """What q/k/v_proj of layer n saw: (B*T, d), batch-major rows."""
+    """What q/k/v_proj of layer n saw, as captured: (B*T, d), batch-major rows."""
     return read_csv(acts_dir / layout.layer_file("xnorm", n), (meta["batch_size"] * meta["seq_len"], meta["d_model"]))
 
 
-def write_outputs(out_dir: Path, n: int, out: dict[str, np.ndarray]) -> None:
-    """q/k/v/attn_layerN.csv: the ref_ files' shapes and column order."""
-    for qn in QUANTITIES:
-        write_csv(out_dir / layout.layer_file(qn, n), out[qn])
+def read_layer_input(acts_dir: Path, n: int, meta: dict) -> np.ndarray:
+    """x entering layer n, as captured: (B*T, d), batch-major rows."""
+    return read_csv(acts_dir / layout.layer_file("x", n), (meta["batch_size"] * meta["seq_len"], meta["d_model"]))
 
 
-def verify(acts_dir: Path, n: int, out: dict[str, np.ndarray], real_rows: np.ndarray, atol: float,
-           rtol: float) -> tuple[dict[str, dict], list[Path]]:
-    """Compare each recomputed quantity with its ref_ file: ({quantity: metrics}, ref_ files missing)."""
+def read_input_norm(weights_dir: Path, n: int, meta: dict) -> np.ndarray:
+    """Layer n's input_layernorm weight (d,)."""
+    name = layout.norm_weight_name(n, "input_layernorm")
+    return read_csv(weights_dir / layout.weight_file(name), (meta["d_model"],))
+
+
+def probs_to_keep(seq_len: int, plot: tuple[int, int] | None) -> str | tuple[int, int] | None:
+    """What attention_block keeps of the probabilities: every head's ("all", to write and check them)
+    up to attention.PROBS_MAX_SEQ_LEN tokens; past that the plotted (prompt, head)'s only, or none."""
+    return "all" if seq_len <= attention.PROBS_MAX_SEQ_LEN else plot
+
+
+def as_rows(out: dict[str, np.ndarray], n_rows: int, with_probs: bool = True) -> dict[str, np.ndarray]:
+    """Every quantity as its file holds it: (B*T, C), and probs (B, H, T, T) -> (B*H*T, T) (when kept)."""
+    rows = {k: v.reshape(n_rows, -1) for k, v in out.items() if k != "probs"}
+    if with_probs and out.get("probs") is not None:
+        rows["probs"] = out["probs"].reshape(-1, out["probs"].shape[-1])
+    return rows
+
+
+def real_prob_rows(attention_mask: np.ndarray, num_heads: int) -> np.ndarray:
+    """Which rows (b*H + h)*T + t of a probs file are real queries: (B, T) -> (B*H*T,) bool."""
+    B, T = attention_mask.shape
+    return np.broadcast_to(attention_mask[:, None, :] > 0, (B, num_heads, T)).reshape(-1)
+
+
+def write_outputs(out_dir: Path, n: int, rows: dict[str, np.ndarray]) -> list[str]:
+    """q/k/v/probs/attn_layerN.csv (probs when kept): the ref_ files' shapes and column order; returns the names."""
+    stems = [qn for qn in layout.QKV_STEMS if qn in rows]
+    for qn in stems:
+        write_csv(out_dir / layout.layer_file(qn, n), rows[qn])
+    return [layout.layer_file(qn, n) for qn in stems]
+
+
+def reference_file(acts_dir: Path, quantity: str, n: int) -> Path:
+    """The model's value of a quantity: its ref_ file; for xnorm, step 2's xnorm_layerN.csv."""
+    return acts_dir / (layout.layer_file("xnorm", n) if quantity == "xnorm" else layout.ref_file(quantity, n))
+
+
+def verify(acts_dir: Path, n: int, rows: dict[str, np.ndarray], real_rows: np.ndarray, real_probs: np.ndarray,
+           atol: float, rtol: float, quantities: tuple[str, ...] = QUANTITIES) -> tuple[dict[str, dict], list[Path]]:
+    """Compare each recomputed quantity (as_rows) with the model's: ({quantity: metrics}, references missing)."""
     results, missing = {}, []
-    for qn in QUANTITIES:
-        ref_path = acts_dir / layout.ref_file(qn, n)
+    for qn in (qn for qn in quantities if qn in rows):  # probs only when kept (a prompt short enough)
+        ref_path = reference_file(acts_dir, qn, n)
         if not ref_path.is_file():
             missing.append(ref_path)
             continue
-        results[qn] = compare(out[qn], read_csv(ref_path, out[qn].shape), real_rows, atol, rtol)
+        ref = read_csv(ref_path, rows[qn].shape)
+        results[qn] = compare(rows[qn], ref, real_probs if qn == "probs" else real_rows, atol, rtol)
     return results, missing

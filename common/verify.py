@@ -5,20 +5,22 @@ import math
 
 import numpy as np
 
-QUANTITIES = ("q", "k", "v", "attn")
+QUANTITIES = ("xnorm", "q", "k", "v", "probs", "attn")  # step 3's checks, in forward order
 COMPARE_ROWS = 256  # rows compared at a time
 
 # Written into report.md and report.json, so the numbers there say what they mean.
-DEFINITION = """Over the real (non-padding) token rows only, for one layer and one quantity (q, k, v, attn):
+DEFINITION = """Over the real (non-padding) token rows only, for one layer and one quantity (xnorm, q, k, v,
+probs, attn; probs rows are the real query rows of every head):
 
-    max_abs = max |a - r|                 (elementwise, a = recomputed, r = the model's ref_ file)
+    max_abs = max |a - r|                 (elementwise, a = recomputed, r = the model's file: ref_*, or
+                                           step 2's xnorm_layerN.csv for xnorm)
     scale   = max |r|
     max_rel = max_abs / scale             (relative to the largest reference value)
     PASS   <=> max_abs <= ATOL + RTOL * scale
 
 max_rel is relative to the quantity's scale rather than elementwise: an elementwise |a-r|/|r| blows
 up wherever r crosses zero and says nothing. fp32 recomputation lands near 1e-7..1e-6; any real
-mistake (RoPE layout, scaling, head mapping, a missing bias) lands near 1e-2..1.
+mistake (RoPE layout, scaling, head mapping, a missing bias, a (1 + w) norm) lands near 1e-2..1.
 NaN or inf anywhere in the compared rows is a FAIL.
 """
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, load_script, run_script
 from model_factory import VARIANTS
 
-from common import attention, rope
+from common import attention, layout, rope
 from common.cli import InputError
 from common.csv_io import read_csv, write_csv
 from common.layout import ATTENTION_FILTER, layer_file, ref_file
@@ -80,7 +80,7 @@ def step3(model, weights, acts, out, *args: str) -> tuple[int, dict]:
 def max_rel(report: dict) -> dict[str, float]:
     """Worst max_rel of each quantity over the layers."""
     layers = report["layers"].values()
-    return {qn: max(per[qn]["max_rel"] for per in layers) for qn in ("q", "k", "v", "attn")}
+    return {qn: max(per[qn]["max_rel"] for per in layers) for qn in ("xnorm", "q", "k", "v", "probs", "attn")}
 
 
 def failing(report: dict) -> dict[str, list[int]]:
@@ -100,7 +100,7 @@ def test_llama32_passes_as_a_user_runs_it(pipeline, tmp_path):
     r = run_script("3_offline_qkv.py", "--model-dir", model, "--weights-dir", weights, "--acts-dir", acts,
                    "--out-dir", out, "--plot-layer", "2", "--plot-head", "3")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"^PASS: 3 layers x 4 quantities", r.stdout, re.M), r.stdout
+    assert re.search(r"^PASS: 3 layers x 6 quantities", r.stdout, re.M), r.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["pass"] and sorted(report["layers"]) == ["0", "1", "2"]
     assert max(max_rel(report).values()) <= RTOL
@@ -117,7 +117,7 @@ def test_llama32_passes_as_a_user_runs_it(pipeline, tmp_path):
             ref = read_csv(acts / ref_file(qn, n), (B * T, cols))
             np.testing.assert_allclose(got[mask], ref[mask], rtol=0, atol=RTOL * np.abs(ref[mask]).max())
     md = (out / "report.md").read_text()
-    assert "| layer | q max_rel |" in md and "max_abs <= ATOL" in md
+    assert "| layer | xnorm max_rel | q max_rel |" in md and "max_abs <= ATOL" in md
     for png in ("errors.png", "attention_layer2_head3.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))  # atomic writes leave nothing behind
@@ -162,9 +162,9 @@ def linear_without_bias(x, w, b=None):
 
 ORIG_INV_FREQ = rope.rope_inv_freq
 BUGS = {  # name -> (module, function, buggy twin, quantities that must FAIL in every layer)
-    "ignore_llama3_scaling": (rope, "rope_inv_freq", inv_freq_without_scaling, {"q", "k", "attn"}),
-    "adjacent_pairs": (rope, "apply_rope", apply_rope_adjacent, {"q", "k", "attn"}),
-    "wrong_kv_head": (attention, "repeat_kv", repeat_kv_modulo, {"attn"}),
+    "ignore_llama3_scaling": (rope, "rope_inv_freq", inv_freq_without_scaling, {"q", "k", "probs", "attn"}),
+    "adjacent_pairs": (rope, "apply_rope", apply_rope_adjacent, {"q", "k", "probs", "attn"}),
+    "wrong_kv_head": (attention, "repeat_kv", repeat_kv_modulo, {"probs", "attn"}),
 }
 
 
@@ -183,7 +183,7 @@ def test_each_planted_bug_fails_on_llama32(pipeline, tmp_path, monkeypatch, bug)
 def test_dropping_the_biases_fails(pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(attention, "linear", linear_without_bias)
     code, report = step3(*pipeline("bias"), tmp_path / "qkv")
-    assert code == 1 and set(failing(report)) == {"q", "k", "v", "attn"}
+    assert code == 1 and set(failing(report)) == {"q", "k", "v", "probs", "attn"}
 
 
 def test_padded_rows_are_not_compared_but_real_ones_are(pipeline, tmp_path):
@@ -204,7 +204,7 @@ def test_padded_rows_are_not_compared_but_real_ones_are(pipeline, tmp_path):
     r = run_script("3_offline_qkv.py", "--model-dir", model, "--weights-dir", weights, "--acts-dir", bad,
                    "--out-dir", tmp_path / "qkv")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert re.search(r"^FAIL \(1 of 12 checks\)", r.stdout, re.M), r.stdout
+    assert re.search(r"^FAIL \(1 of 18 checks\)", r.stdout, re.M), r.stdout
     worst = json.loads((tmp_path / "qkv" / "report.json").read_text())["worst"]
     assert (worst["layer"], worst["quantity"], worst["worst_row"], worst["worst_col"]) == (1, "q", row, 5)
     assert worst["max_rel"] == pytest.approx(1e-3, rel=0.05)
@@ -212,7 +212,8 @@ def test_padded_rows_are_not_compared_but_real_ones_are(pipeline, tmp_path):
 
 def test_without_references_nothing_is_verified(pipeline, tmp_path):
     model, weights, _ = pipeline("llama32")
-    acts = capture(model, tmp_path / "x", "--layers", "1", "--no-save-reference")
+    acts = capture(model, tmp_path / "x", "--layers", "1", "--no-save-reference", "--no-save-attn-probs",
+                   "--no-save-x-norm")
     code = offline.main(["--weights-dir", str(weights), "--acts-dir", str(acts), "--out-dir", str(tmp_path / "q")])
     assert code == 0 and (tmp_path / "q" / "q_layer1.csv").is_file()
     assert not (tmp_path / "q" / "report.json").exists()
@@ -225,11 +226,11 @@ def test_missing_weights_name_the_step_1_command(pipeline, tmp_path):
     empty = tmp_path / "weights"
     r = run_script("3_offline_qkv.py", "--acts-dir", acts, "--weights-dir", empty, "--out-dir", tmp_path / "qkv")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "model.layers.0.self_attn.q_proj.weight.csv is missing" in r.stderr
+    assert "model.layers.0.input_layernorm.weight.csv is missing" in r.stderr
     assert (f"run python 1_model_weights.py --model-dir {model} --out-dir {empty} "
-            rf"--filter '\.self_attn\.(q|k|v|o)_proj\.'") in r.stderr, r.stderr
+            rf"--filter '\.input_layernorm\.|\.self_attn\.(q|k|v|o)_proj\.'") in r.stderr, r.stderr
     assert not (tmp_path / "qkv").exists()
-    with pytest.raises(InputError, match=r"--layer model\.layers\.1\.self_attn$"):
+    with pytest.raises(InputError, match=re.escape(r"--filter '^model\.layers\.1\.(input_layernorm|self_attn)\.'")):
         offline.main(["--acts-dir", str(acts), "--weights-dir", str(empty), "--layers", "1"])
 
 
@@ -282,7 +283,7 @@ def test_demo_model_every_layer_passes(demo_model, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert sorted(map(int, report["layers"])) == list(range(30))
     assert report["pass"] and max(max_rel(report).values()) <= RTOL, max_rel(report)
-    assert "PASS: 30 layers x 4 quantities" in r.stdout
+    assert "PASS: 30 layers x 6 quantities" in r.stdout
 
 
 def test_step_3_never_imports_torch(pipeline, tmp_path):
