@@ -148,7 +148,6 @@ def run_head(acts_dir, weights_dir, out_dir, meta, x: np.ndarray, mask: np.ndarr
     norm_w, head_w = forward_io.read_head_weights(weights_dir, meta)
     kept = forward_io.logit_rows(meta, mask)
     out = forward.head(x, norm_w, head_w, meta["rms_norm_eps"], kept)
-    del head_w
     write_csv(out_dir / layout.NORM, out["norm"])
     write_csv(out_dir / layout.LOGITS, out["logits"])
     return out, forward_io.read_ref_logits(acts_dir, meta, out["logits"].shape[0])

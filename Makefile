@@ -12,8 +12,6 @@ MODEL_DIR ?= $(call common,os.path.relpath(paths.MODEL_DIR))
 # (max_position_embeddings: Llama-3.2 131072, the demo model 8192), where RoPE is hard.
 LONG_OFFSET ?= 100000
 long_dir   = $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.offset_folder(layout.$(1), $(LONG_OFFSET)))))
-# Step 3 needs only the attention projections (and their biases, when a model has them).
-ATTN_FILTER = '$(call common,layout.ATTENTION_FILTER)'
 # Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
 GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
@@ -26,8 +24,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Offline: build the demo model, run steps 1 -> 2 -> 3 on it at positions 0.. and again at 8000.. (near
-# the end of its 8192-token window), write golden vectors (5) and grade step 3 (6).
+# Offline: build the demo model, run steps 1 -> 2 -> 3 -> 4 on it at positions 0.. and again at 8000.. (near
+# the end of its 8192-token window), write golden vectors (5), grade step 3 (6); ends with step 4's
+# chain table and the top-5 tokens.
 demo: $(STAMP)
 	$(PY) 0_download_models.py --demo
 	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000
@@ -37,18 +36,21 @@ pipeline: $(STAMP)
 	$(PY) 0_download_models.py
 	$(MAKE) --no-print-directory steps MODEL_DIR=$(MODEL_DIR)
 
-# Steps 1 -> 2 -> 3, then a second capture at positions LONG_OFFSET.. checked by step 3 into its own
-# folders. Step 4 (4_offline_forward.py) goes here once it exists, after each step 3, checking both
-# captures: its default folders, then --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,FORWARD).
+# Steps 1 (every tensor) -> 2 -> 3 -> 4, a second capture at positions LONG_OFFSET.. checked by steps 3
+# and 4 into their own folders, steps 5 and 6, and last step 4's chain mode: x_layer0 to the logits.
 steps: $(STAMP)
-	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR) --filter $(ATTN_FILTER)
+	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR)    # every tensor: step 4 needs them all
 	$(PY) 2_get_x.py --model-dir $(MODEL_DIR)
 	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR)
+	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR)
 	@echo "== the same check at positions $(LONG_OFFSET).. (2_get_x.py --position-offset)"
 	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --position-offset $(LONG_OFFSET) --out-dir $(call long_dir,ACTS)
 	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR) --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,QKV)
+	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,FORWARD)
 	$(PY) 5_golden.py --model-dir $(MODEL_DIR) $(GOLDEN)
 	$(PY) 6_grade.py --model-dir $(MODEL_DIR)
+	@echo "== the whole forward pass offline, from x_layer0 to the logits (positions 0..)"
+	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --mode chain
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

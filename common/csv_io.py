@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -258,3 +259,23 @@ def _parse(source, ncols: int, path: Path) -> np.ndarray:
     if df.null_count().sum_horizontal().item():
         raise InputError(f"{path}: not a plain numeric CSV (a row has fewer than {ncols} values, or an empty one)")
     return df.to_numpy(order="c")  # (rows, ncols), row-major like the file
+
+
+def read_csv_blocks(path: str | os.PathLike, shape: tuple[int, int], block_rows: int) -> Iterator[np.ndarray]:
+    """A 2-D CSV of `shape` as float32 blocks of up to `block_rows` rows, in order: a large matrix
+    (an embedding used as the head) never whole in memory. The row count is checked at the end."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} is missing")
+    rows, ncols = shape
+    seen = 0
+    with open(path, "rb") as f:
+        while lines := list(itertools.islice(f, block_rows)):
+            block = _parse(io.BytesIO(b"".join(lines)), ncols, path)
+            if block.shape[1] != ncols or seen + len(block) > rows:
+                raise InputError(f"{path} has more than {rows} rows or not {ncols} columns, expected {shape}: "
+                                 "re-export it")
+            seen += len(block)
+            yield block
+    if seen != rows:
+        raise InputError(f"{path} has shape ({seen}, {ncols}), expected {shape}: re-export it")

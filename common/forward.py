@@ -75,15 +75,18 @@ def last_real_rows(attention_mask: np.ndarray) -> np.ndarray:
     return np.arange(B) * T + last
 
 
-def head(x: np.ndarray, norm_weight: np.ndarray, head_weight: np.ndarray, eps: float,
+def head(x: np.ndarray, norm_weight: np.ndarray, head_weight: np.ndarray | Iterable[np.ndarray], eps: float,
          rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The last layer's output x (B*T, d) -> norm (B*T, d) and logits (len(rows) or B*T, V).
 
-    head_weight (V, d) is lm_head.weight, or model.embed_tokens.weight for tied embeddings.
+    head_weight (V, d) is lm_head.weight, or model.embed_tokens.weight for tied embeddings; or its
+    rows in consecutive blocks (V_i, d), so that a large vocabulary is never whole in memory.
     """
     normed = norm.rms_norm(x, norm_weight, eps)
     picked = normed if rows is None else normed[rows]
-    return {"norm": normed, "logits": attention.linear(picked, head_weight)}
+    blocks = [head_weight] if isinstance(head_weight, np.ndarray) else head_weight
+    logits = np.concatenate([attention.linear(picked, w) for w in blocks], axis=1)  # (N, V)
+    return {"norm": normed, "logits": logits}
 
 
 def chain(x0: np.ndarray, layers: Iterable[int], load: Callable[[int], LayerWeights], position_ids: np.ndarray,

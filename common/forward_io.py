@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from common import forward, layout, mlp, norm, qkv
 from common.atomic import read_json
 from common.attention import AttentionWeights
 from common.cli import InputError
-from common.csv_io import read_csv, write_csv
+from common.csv_io import read_csv, read_csv_blocks, write_csv
 from common.mlp import MLPWeights
 
 MODEL_KEYS = ("num_layers", "vocab_size", "intermediate_size", "hidden_act", "mlp_bias", "norm_class",
@@ -96,11 +97,15 @@ def read_layer_weights(weights_dir: Path, n: int, meta: dict) -> forward.LayerWe
         mlp=MLPWeights(*(get((p, "weight")) for p in layout.MLP_PROJ), *(get((p, "bias")) for p in layout.MLP_PROJ)))
 
 
-def read_head_weights(weights_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The final norm's weight (d,) and the head (V, d): lm_head, or the embedding when tied."""
-    files = layout.head_weight_files(weights_dir, meta["tie_word_embeddings"])
-    norm_w, head_w = files.values()
-    return read_csv(norm_w, (meta["d_model"],)), read_csv(head_w, (meta["vocab_size"], meta["d_model"]))
+HEAD_BLOCK_VALUES = 1 << 24  # the head is read in row blocks of ~64 MB of float32: never whole in memory
+
+
+def read_head_weights(weights_dir: Path, meta: dict) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """The final norm's weight (d,) and the head's rows (lm_head, or the embedding when tied), as an
+    iterator of (rows, d) blocks in order (read as they are consumed)."""
+    norm_w, head_w = layout.head_weight_files(weights_dir, meta["tie_word_embeddings"]).values()
+    V, d = meta["vocab_size"], meta["d_model"]
+    return read_csv(norm_w, (d,)), read_csv_blocks(head_w, (V, d), max(1, HEAD_BLOCK_VALUES // d))
 
 
 def read_vocab(acts_dir: Path, vocab_size: int) -> list[str] | None:

@@ -308,3 +308,21 @@ def test_demo_model_layers_and_head(demo_model, tmp_path):
     assert sorted(map(int, report["layers"])) == [0, 29] and max(worst_rel(report).values()) <= RTOL
     top = report["top_tokens"][0]
     assert top["model"][0]["text"] == top["offline"][0]["text"] == '" Paris"' and top["topk_same_set"]
+
+
+def test_the_head_is_read_in_blocks(pipeline, tmp_path, monkeypatch):
+    """Blocks of 7 vocabulary rows give the logits of one read; a short head file is an error."""
+    model, weights, acts = pipeline("untied")
+    step4(model, weights, acts, tmp_path / "whole", "--layers", "2")
+    monkeypatch.setattr(forward_io, "HEAD_BLOCK_VALUES", 7 * 64)
+    code, report = step4(model, weights, acts, tmp_path / "blocks", "--layers", "2")
+    assert code == 0 and report["head"]["logits"]["pass"]
+    whole, blocks = (read_csv(tmp_path / d / layout.LOGITS) for d in ("whole", "blocks"))
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+
+    short = tmp_path / "weights"
+    shutil.copytree(weights, short)
+    head = short / layout.weight_file(layout.LM_HEAD)
+    head.write_bytes(b"".join(head.read_bytes().splitlines(keepends=True)[:-3]))
+    with pytest.raises(InputError, match=re.escape(f"{head} has shape (317, 64), expected (320, 64)")):
+        step4(model, short, acts, tmp_path / "short", "--layers", "2")
