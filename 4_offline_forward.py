@@ -106,51 +106,111 @@ def check_inputs(args, acts_dir: Path, meta: dict, layers: list[int]) -> bool:
     return has_logits and meta["num_layers"] - 1 in layers
 
 
-def run_layer_mode(args, acts_dir, weights_dir, out_dir, meta, layers, batch) -> tuple[dict, dict]:
-    """Every node of every chosen layer from its captured input: ({layer: {node: metrics}}, missing refs)."""
-    mask, position_ids, real_rows, real_probs = batch
-    spec, n_rows = forward_io.layer_spec(meta), meta["batch_size"] * meta["seq_len"]
+def run_head(r: forward_io.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Final norm and logits from the last layer's output x; writes norm.csv, logits.csv.
+
+    Returns (our nodes, the model's logits: ref_logits.csv)."""
+    norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, r.meta)
+    out = forward.head(x, norm_w, head_blocks, r.meta["rms_norm_eps"], forward_io.logit_rows(r.meta, r.mask))
+    write_csv(r.out_dir / layout.NORM, out["norm"])
+    write_csv(r.out_dir / layout.LOGITS, out["logits"])
+    return out, forward_io.read_ref_logits(r.acts_dir, r.meta, out["logits"].shape[0])
+
+
+def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
+    """Every node of every chosen layer from its captured input, then the head from the captured last output."""
+    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta)
     results, missing = {}, []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
-        x = qkv.read_layer_input(acts_dir, n, meta)
-        nodes = forward.decoder_layer(x, forward_io.read_layer_weights(weights_dir, n, meta), position_ids, mask, spec)
-        rows = qkv.as_rows(nodes, n_rows)
-        forward_io.write_layer_nodes(out_dir, n, rows)
-        checked, miss = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol, forward_io.CHECKED)
+        x = qkv.read_layer_input(r.acts_dir, n, meta)
+        w = forward_io.read_layer_weights(r.weights_dir, n, meta)
+        rows = qkv.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec), r.n_rows)
+        forward_io.write_layer_nodes(r.out_dir, n, rows)
+        checked, miss = qkv.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
+                                   forward_io.CHECKED)
         if checked:
             results[n] = checked
         missing += miss
-    return results, missing
+    head, tops = {}, []
+    if with_head:  # from the captured input of the final norm, so a head error is the head's own
+        ref_out = r.acts_dir / layout.ref_file("out", layers[-1])
+        x = read_csv(ref_out if ref_out.is_file() else r.out_dir / layout.layer_file("out", layers[-1]),
+                     (r.n_rows, meta["d_model"]))
+        ours, ref = run_head(r, x)
+        head = {"norm": compare(ours["norm"], read_csv(r.acts_dir / layout.REF_NORM, (r.n_rows, meta["d_model"])),
+                                r.real_rows, args.atol, args.rtol),
+                "logits": compare(ours["logits"], ref, r.logit_checked_rows(), args.atol, args.rtol)}
+        tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
+    print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files"
+          + (f", {layout.NORM}, {layout.LOGITS}" if head else "") + f" to {r.out_dir}")
+    if not results:
+        print(f"no reference files in {r.acts_dir} (2_get_x.py run without them?): nothing verified")
+        return 0
+    if missing:
+        print(f"warning: {len(missing)} reference files missing, e.g. {missing[0]}: those were not verified")
+
+    plots = []
+    if args.plots:
+        plots = [r.out_dir / layout.ERRORS_PLOT] + ([r.out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
+        report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, TITLE.removeprefix("Step 4: "))
+        if tops:
+            forward_report.plot_top_tokens(plots[1], tops)
+    passed = report.all_pass(results) and all(m["pass"] for m in head.values())
+    head_md = ["", f"**{forward_report.head_line(head)}**"] if head else []
+    report.write_reports(r.out_dir, results, {k: str(v) for k, v in r.settings.items()}, forward_report.DEFINITION,
+                         [p.name for p in plots], args.atol, args.rtol, forward_io.CHECKED, f"{TITLE} (layer mode)",
+                         {"mode": "layer", "head": head, "top_tokens": tops},
+                         head_md + forward_report.top_tokens_markdown(tops), passed)
+    print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
+          + f" in {time.perf_counter() - r.t0:.2f} s")
+    if tops:
+        print(forward_report.top_tokens_text(tops))
+    print(report.console_table(results, args.atol, args.rtol, forward_io.CHECKED))  # the table ends the run
+    if head:
+        print(forward_report.head_line(head))
+    return 0 if passed else 1
 
 
-def run_chain(args, acts_dir, weights_dir, out_dir, meta, batch) -> tuple[dict, np.ndarray]:
-    """x_layer0 through every layer on our own outputs: ({layer: out vs ref_out}, the last layer's output)."""
-    mask, position_ids, real_rows, _ = batch
-    spec, n_rows = forward_io.layer_spec(meta), meta["batch_size"] * meta["seq_len"]
-    x = qkv.read_layer_input(acts_dir, 0, meta)
-    growth = {}
+def chain_mode(r: forward_io.Inputs) -> int:
+    """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
+    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta)
     layers = range(meta["num_layers"])
-    steps = forward.chain(x, layers, lambda n: forward_io.read_layer_weights(weights_dir, n, meta), position_ids,
-                          mask, lambda n: spec)
+    steps = forward.chain(qkv.read_layer_input(r.acts_dir, 0, meta), layers,
+                          lambda n: forward_io.read_layer_weights(r.weights_dir, n, meta), r.position_ids, r.mask,
+                          lambda n: spec)
+    growth = {}
     for n, nodes in tqdm(steps, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
                          file=sys.stdout):
-        rows = qkv.as_rows(nodes, n_rows)
-        forward_io.write_layer_nodes(out_dir, n, rows)
-        ref_path = acts_dir / layout.ref_file("out", n)
+        rows = qkv.as_rows(nodes, r.n_rows)
+        forward_io.write_layer_nodes(r.out_dir, n, rows)
+        ref_path = r.acts_dir / layout.ref_file("out", n)
         if ref_path.is_file():
-            growth[n] = compare(rows["out"], read_csv(ref_path, rows["out"].shape), real_rows, 0.0, args.chain_rtol)
+            growth[n] = compare(rows["out"], read_csv(ref_path, rows["out"].shape), r.real_rows, 0.0, args.chain_rtol)
         x = rows["out"]
-    return growth, x
+    ours, ref = run_head(r, x)
+    checked = r.logit_checked_rows()
+    logits = compare(ours["logits"], ref, checked, 0.0, args.chain_rtol)
+    agree = forward.top_k(ours["logits"][checked], 1) == forward.top_k(ref[checked], 1)
+    top1 = {"agree": int(agree.sum()), "total": int(checked.sum())}
+    tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
+    top5 = {"agree": sum(t["topk_same_set"] for t in tops), "total": len(tops)}
+    passed, verdict = forward_report.chain_verdict(logits, top1, top5, args.chain_rtol)
+    print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files, {layout.NORM}, {layout.LOGITS} "
+          f"to {r.out_dir}")
 
-
-def run_head(acts_dir, weights_dir, out_dir, meta, x: np.ndarray, mask: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Final norm and logits from the last layer's output x: (our nodes, the model's logits)."""
-    norm_w, head_w = forward_io.read_head_weights(weights_dir, meta)
-    kept = forward_io.logit_rows(meta, mask)
-    out = forward.head(x, norm_w, head_w, meta["rms_norm_eps"], kept)
-    write_csv(out_dir / layout.NORM, out["norm"])
-    write_csv(out_dir / layout.LOGITS, out["logits"])
-    return out, forward_io.read_ref_logits(acts_dir, meta, out["logits"].shape[0])
+    plots = []
+    if args.plots:
+        plots = [r.out_dir / layout.CHAIN_PLOT, r.out_dir / layout.TOP_TOKENS_PLOT]
+        forward_report.plot_chain(plots[0], growth, logits, args.chain_rtol)
+        forward_report.plot_top_tokens(plots[1], tops)
+    forward_report.write_chain_report(r.out_dir, passed, verdict, growth, logits, top1, top5, tops,
+                                      {k: str(v) for k, v in r.settings.items()}, [p.name for p in plots])
+    print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
+          + f" in {time.perf_counter() - r.t0:.2f} s")
+    print(forward_report.top_tokens_text(tops))
+    print(report.text_table(forward_report.chain_rows(growth)))  # the table ends the run
+    print(verdict)
+    return 0 if passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,82 +237,12 @@ def main(argv: list[str] | None = None) -> int:
               f"near {LOW_PRECISION_ERROR.get(meta['dtype'], 1e-2):g}, far above RTOL {args.rtol:g}")
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
-    batch = (mask, position_ids, real_rows, qkv.real_prob_rows(mask, meta["num_heads"]))
-    vocab = forward_io.read_vocab(acts_dir, meta["vocab_size"])
-    last = forward.last_real_rows(mask)  # (B,) each prompt's last real row
     settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
                      "reference dtype": meta["dtype"], "logits captured": meta["logits"]})
-
-    if args.mode == "layer":
-        results, missing = run_layer_mode(args, acts_dir, weights_dir, out_dir, meta, layers, batch)
-        head, tops = {}, []
-        if with_head:  # from the captured input of the final norm, so a head error is the head's own
-            ref_out = acts_dir / layout.ref_file("out", layers[-1])
-            x = read_csv(ref_out, (B * T, meta["d_model"])) if ref_out.is_file() else \
-                read_csv(out_dir / layout.layer_file("out", layers[-1]), (B * T, meta["d_model"]))
-            ours, ref = run_head(acts_dir, weights_dir, out_dir, meta, x, mask)
-            rows_real = real_rows if meta["logits"] == "all" else np.ones(len(last), bool)
-            head = {"norm": compare(ours["norm"], read_csv(acts_dir / layout.REF_NORM, (B * T, meta["d_model"])),
-                                    real_rows, args.atol, args.rtol),
-                    "logits": compare(ours["logits"], ref, rows_real, args.atol, args.rtol)}
-            at_last = (lambda a: a[last]) if meta["logits"] == "all" else (lambda a: a)
-            tops = forward_report.top_tokens(at_last(ref), at_last(ours["logits"]), vocab, tokens.get("prompts", []),
-                                             args.top_k)
-        print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files"
-              + (f", {layout.NORM}, {layout.LOGITS}" if head else "") + f" to {out_dir}")
-        if not results:
-            print(f"no ref_ files in {acts_dir} (2_get_x.py run without references?): nothing verified")
-            return 0
-        if missing:
-            print(f"warning: {len(missing)} reference files missing, e.g. {missing[0]}: those were not verified")
-        plots = []
-        if args.plots:
-            plots = [out_dir / layout.ERRORS_PLOT] + ([out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
-            report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, TITLE.removeprefix("Step 4: "))
-            if tops:
-                forward_report.plot_top_tokens(plots[1], tops)
-        passed = report.all_pass(results) and all(m["pass"] for m in head.values())
-        extra_md = ([] if not head else ["", f"**{forward_report.head_line(head, args.atol, args.rtol)}**"]) \
-            + forward_report.top_tokens_markdown(tops)
-        report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, forward_report.DEFINITION,
-                             [p.name for p in plots], args.atol, args.rtol, forward_io.CHECKED,
-                             f"{TITLE} (layer mode)", {"mode": "layer", "head": head, "top_tokens": tops},
-                             extra_md, passed)
-        print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
-              + f" in {time.perf_counter() - t0:.2f} s")
-        if tops:
-            print(forward_report.top_tokens_text(tops))
-        print(report.console_table(results, args.atol, args.rtol, forward_io.CHECKED))  # the table ends the run
-        if head:
-            print(forward_report.head_line(head, args.atol, args.rtol))
-        return 0 if passed else 1
-
-    growth, x = run_chain(args, acts_dir, weights_dir, out_dir, meta, batch)
-    ours, ref = run_head(acts_dir, weights_dir, out_dir, meta, x, mask)
-    checked_rows = real_rows if meta["logits"] == "all" else np.ones(len(last), bool)
-    logits = compare(ours["logits"], ref, checked_rows, 0.0, args.chain_rtol)
-    top1 = {"agree": int((forward.top_k(ours["logits"][checked_rows], 1)
-                          == forward.top_k(ref[checked_rows], 1)).sum()), "total": int(checked_rows.sum())}
-    at_last = (lambda a: a[last]) if meta["logits"] == "all" else (lambda a: a)
-    tops = forward_report.top_tokens(at_last(ref), at_last(ours["logits"]), vocab, tokens.get("prompts", []),
-                                     args.top_k)
-    top5 = {"agree": sum(t["topk_same_set"] for t in tops), "total": len(tops)}
-    passed, verdict = forward_report.chain_verdict(logits, top1, top5, args.chain_rtol)
-    print(f"wrote {meta['num_layers'] * len(layout.FORWARD_STEMS)} layer CSV files, {layout.NORM}, {layout.LOGITS} "
-          f"to {out_dir}")
-    plots = []
-    if args.plots:
-        plots = [out_dir / layout.CHAIN_PLOT, out_dir / layout.TOP_TOKENS_PLOT]
-        forward_report.plot_chain(plots[0], growth, logits, args.chain_rtol)
-        forward_report.plot_top_tokens(plots[1], tops)
-    forward_report.write_chain_report(out_dir, passed, verdict, growth, logits, top1, top5, tops,
-                                      {k: str(v) for k, v in settings.items()}, [p.name for p in plots])
-    print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
-          + f" in {time.perf_counter() - t0:.2f} s")
-    print(forward_report.top_tokens_text(tops))
-    print(report.text_table(forward_report.chain_rows(growth)))  # the table ends the run
-    print(verdict)
-    return 0 if passed else 1
+    r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
+               qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
+               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0)
+    return layer_mode(r, layers, with_head) if args.mode == "layer" else chain_mode(r)
 
 
 if __name__ == "__main__":

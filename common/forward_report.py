@@ -92,7 +92,7 @@ def chain_verdict(logits: dict, top1: dict, top5: dict, chain_rtol: float) -> tu
     return ok, line
 
 
-def head_line(head: dict[str, dict], atol: float, rtol: float) -> str:
+def head_line(head: dict[str, dict]) -> str:
     cells = [f"{name} max_rel {m['max_rel']:.2e}{'' if m['pass'] else ' FAIL'}" for name, m in head.items()]
     ok = all(m["pass"] for m in head.values())
     return f"{'PASS' if ok else 'FAIL'}: final norm and head from the captured last layer output: " + ", ".join(cells)
