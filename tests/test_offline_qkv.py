@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, load_script, run_script
 from model_factory import VARIANTS
 
-from common import attention, layout, rope
+from common import attention, layout, norm, rope
 from common.cli import InputError
 from common.csv_io import read_csv, write_csv
 from common.layout import ATTENTION_FILTER, layer_file, ref_file
@@ -160,11 +160,17 @@ def linear_without_bias(x, w, b=None):
     return x @ w.T
 
 
-ORIG_INV_FREQ = rope.rope_inv_freq
+def rms_norm_one_plus_w(x, weight, eps):
+    """Gemma's (1 + w) norm weight on a Llama model."""
+    return ORIG_RMS_NORM(x, 1 + weight, eps)
+
+
+ORIG_INV_FREQ, ORIG_RMS_NORM = rope.rope_inv_freq, norm.rms_norm
 BUGS = {  # name -> (module, function, buggy twin, quantities that must FAIL in every layer)
     "ignore_llama3_scaling": (rope, "rope_inv_freq", inv_freq_without_scaling, {"q", "k", "probs", "attn"}),
     "adjacent_pairs": (rope, "apply_rope", apply_rope_adjacent, {"q", "k", "probs", "attn"}),
     "wrong_kv_head": (attention, "repeat_kv", repeat_kv_modulo, {"probs", "attn"}),
+    "norm_one_plus_w": (norm, "rms_norm", rms_norm_one_plus_w, {"xnorm", "q", "k", "v", "probs", "attn"}),
 }
 
 
