@@ -2,7 +2,7 @@
 
 Every layer must pass at <= 1e-5 relative error, and the check must have teeth: each classic
 mistake (ignoring the Llama-3 scaling, pairing adjacent dimensions, the wrong KV head, dropping
-the biases) FAILs on the Llama-3.2-shaped model with a prompt of a few dozen tokens.
+the biases, a (1 + w) input norm) FAILs on the Llama-3.2-shaped model with a prompt of a few dozen tokens.
 The mistakes are planted by swapping one equation of common/ for a buggy twin written here.
 """
 from __future__ import annotations
