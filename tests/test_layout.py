@@ -32,5 +32,20 @@ def test_attention_weight_files_are_what_step_1_writes(tiny_models, tmp_path):
         assert step1.main(["--model-dir", str(tiny_models[variant]), "--out-dir", str(out),
                            "--filter", layout.ATTENTION_FILTER]) == 0
         want = {p for n in range(TINY["num_hidden_layers"])
-                for p in layout.attention_weight_files(out, n, bias).values()}
-        assert set(out.glob("*.csv")) == want and len(want) == 3 * 4 * (2 if bias else 1)
+                for p in layout.qkv_weight_files(out, n, bias).values()}
+        assert set(out.glob("*.csv")) == want and len(want) == 3 * (1 + 4 * (2 if bias else 1))
+
+
+def test_step_4_weight_files_are_what_step_1_writes(tiny_models, tmp_path):
+    """Every tensor of a model is a file step 4 names: the layers' (biases included), the norm and the head."""
+    step1 = load_script("1_model_weights.py")
+    for variant, attention_bias, mlp_bias, tied in (("untied", False, False, False), ("bias", True, False, True),
+                                                     ("mlp_bias", False, True, True)):
+        out = tmp_path / variant
+        assert step1.main(["--model-dir", str(tiny_models[variant]), "--out-dir", str(out)]) == 0
+        want = {p for n in range(TINY["num_hidden_layers"])
+                for p in layout.layer_weight_files(out, n, attention_bias, mlp_bias).values()}
+        want |= set(layout.head_weight_files(out, tied).values())
+        if not tied:  # the input embedding is a tensor too, though step 4 reads lm_head
+            want.add(out / layout.weight_file(layout.EMBEDDING))
+        assert set(out.glob("*.csv")) == want

@@ -2,7 +2,7 @@
 
 A refactor must not change a single output byte. Two layers (the first and the last) keep this
 fast; reports, plots, manifests and hidden lock files are left out (they hold timings and paths),
-and so is the provenance block of meta_layerN.json (absolute paths and library versions).
+and so is the provenance block of the meta files (absolute paths and library versions).
 Regenerate the record only for an intended change of an output format:
     python tests/test_outputs_unchanged.py
 """
@@ -20,12 +20,12 @@ from common import paths
 
 RECORD = Path(__file__).parent / "data" / "demo_outputs.json"
 LAYERS = "0,29"
-WEIGHTS_FILTER = r"^model\.layers\.(0|29)\.self_attn\.(q|k|v|o)_proj\."
+WEIGHTS_FILTER = r"^model\.layers\.(0|29)\.(input_layernorm|self_attn\.(q|k|v|o)_proj)\."
 NOT_COMPARED = {"report.json", "report.md", "manifest.json"}
 
 
 def digest(path: Path) -> str:
-    if path.name.startswith("meta_layer"):
+    if path.name.startswith("meta_"):  # meta_layerN.json, meta_model.json
         meta = json.loads(path.read_text())
         provenance = meta.pop("provenance")
         meta["provenance keys"] = sorted(provenance)
