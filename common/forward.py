@@ -106,6 +106,8 @@ def chain(x0: np.ndarray, layers: Iterable[int], load: Callable[[int], LayerWeig
 
 
 def top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """(N, V) -> (N, k) token ids, most likely first (ties: the lower id first, as torch.topk on CPU)."""
-    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-    return idx
+    """(N, V) -> (N, k) token ids, most likely first; the vocabulary is partitioned, never fully sorted."""
+    k = min(k, logits.shape[-1])
+    part = np.argpartition(-logits, k - 1, axis=-1)[:, :k]  # (N, k): the k largest, in no order
+    order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1)

@@ -83,13 +83,11 @@ def _proj_shapes(meta: dict) -> dict[str, tuple[int, int]]:
 
 def read_layer_weights(weights_dir: Path, n: int, meta: dict) -> forward.LayerWeights:
     """Every tensor of layer n from step 1's CSV, each checked against meta's sizes."""
-    shapes = _proj_shapes(meta)
+    shapes = {**_proj_shapes(meta), **{norm: (meta["d_model"],) for norm in layout.NORMS}}
     arrays = {}
     for name, path in layout.layer_weight_files(weights_dir, n, meta["attention_bias"], meta["mlp_bias"]).items():
         module, kind = name.split(".")[-2:]  # model.layers.N.<block>.<module>.<kind>, or ...<norm>.weight
-        shape = (meta["d_model"],) if module in layout.NORMS else shapes[module] if kind == "weight" \
-            else shapes[module][:1]
-        arrays[(module, kind)] = read_csv(path, shape)
+        arrays[(module, kind)] = read_csv(path, shapes[module] if kind == "weight" else shapes[module][:1])
     get = arrays.get
     return forward.LayerWeights(
         input_layernorm=arrays[("input_layernorm", "weight")],

@@ -114,10 +114,7 @@ def run_model(model, ids, mask, pos):
     return out.hidden_states[0], [seen[n] for n in range(len(model.model.layers))], out.logits
 
 
-VARIANTS = ["llama32", "untied", "head_dim", "default_rope", "bias", "mlp_bias", "linear_rope"]
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", model_factory.VARIANTS)
 def test_chain_matches_the_running_model(variant):
     """x_layer0 -> every layer -> norm -> head equals the model, layer by layer and at the logits."""
     model = random_model(model_factory.VARIANTS[variant])
@@ -157,3 +154,27 @@ def test_chain_matches_the_running_model(variant):
 def test_last_real_rows_with_right_padding():
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     assert forward.last_real_rows(mask).tolist() == [2, 7, 8]
+
+
+def test_chain_holds_one_layer_of_weights_at_a_time():
+    """Each layer's weights are dropped before the caller sees its output, and loaded only when needed."""
+    import weakref
+
+    model = random_model({})
+    c = model.config
+    B, T = 1, 5
+    alive: list[weakref.ref] = []
+
+    def load(n):
+        assert all(r() is None for r in alive), "an earlier layer's weights are still alive"
+        w = layer_weights(model.model.layers[n])  # fresh arrays: only the chain holds them
+        alive.append(weakref.ref(w))
+        return w
+
+    x = np.random.default_rng(0).standard_normal((B * T, c.hidden_size)).astype(np.float32)
+    mask, pos = np.ones((B, T), np.int64), np.arange(T)[None]
+    seen = []
+    for n, nodes in forward.chain(x, range(c.num_hidden_layers), load, pos, mask, lambda n: spec(c)):
+        assert alive[-1]() is None and len(alive) == n + 1
+        seen.append(n)
+    assert seen == list(range(c.num_hidden_layers))

@@ -8,18 +8,17 @@ equation of common/ for a buggy twin written here.
 """
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import re
 import shutil
+import subprocess
 import sys
-import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
+from model_factory import VARIANTS
 
 from common import attention, forward, forward_io, layout, mlp, norm
 from common.cli import InputError
@@ -29,31 +28,18 @@ from common.csv_io import read_csv
 LONG = ("The capital of France is Paris. The capital of Italy is Rome. "
         "What is the capital of France? Paris is the capital.")
 SHORT = "Hello world, the quick brown fox"
-VARIANTS = ["llama32", "fp16_single", "untied", "head_dim", "default_rope", "bias", "mlp_bias", "linear_rope"]
 RTOL = 1e-5
 CHAIN_RTOL = 1e-4
 
 
-def load_script(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-get_x = load_script("get_x", "2_get_x.py")
-offline = load_script("offline_forward", "4_offline_forward.py")
-model_weights = load_script("model_weights", "1_model_weights.py")
+get_x = load_script("2_get_x.py")
+offline = load_script("4_offline_forward.py")
+model_weights = load_script("1_model_weights.py")
 
 
 def export_weights(model_dir: Path, out_dir: Path, *args: str) -> Path:
     """Step 1 in-process: every tensor (or those args select) as CSV."""
-    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), *args]
-    if inspect.signature(model_weights.main).parameters:
-        assert model_weights.main(argv) == 0
-    else:  # its main() reads sys.argv
-        with unittest.mock.patch.object(sys, "argv", ["1_model_weights.py", *argv]):
-            assert model_weights.main() == 0
+    assert model_weights.main(["--model-dir", str(model_dir), "--out-dir", str(out_dir), *args]) == 0
     return out_dir
 
 
@@ -326,3 +312,20 @@ def test_the_head_is_read_in_blocks(pipeline, tmp_path, monkeypatch):
     head.write_bytes(b"".join(head.read_bytes().splitlines(keepends=True)[:-3]))
     with pytest.raises(InputError, match=re.escape(f"{head} has shape (317, 64), expected (320, 64)")):
         step4(model, short, acts, tmp_path / "short", "--layers", "2")
+
+
+def test_step_4_never_imports_transformers_or_torch(pipeline, tmp_path):
+    """Step 4 is a numpy-only process: transformers never, and torch never once common.csv_io is free of it."""
+    model, weights, acts = pipeline("llama32")
+    wrapper = ("import runpy, sys\n"
+               f"sys.argv = ['4_offline_forward.py', '--weights-dir', {str(weights)!r}, '--acts-dir', {str(acts)!r}, "
+               f"'--out-dir', {str(tmp_path / 'o')!r}, '--mode', 'chain']\n"
+               "try:\n    runpy.run_path('4_offline_forward.py', run_name='__main__')\n"
+               "except SystemExit as e:\n    code = e.code\n"
+               "print('exit', code, 'transformers', 'transformers' in sys.modules, 'torch', 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("exit 0 transformers False torch "), r.stdout[-2000:] + r.stderr[-2000:]
+    csv_io_needs_torch = subprocess.run([sys.executable, "-c", "import sys, common.csv_io; print('torch' in sys.modules)"],
+                                        capture_output=True, text=True, cwd=ROOT).stdout.strip() == "True"
+    assert last.endswith("torch True" if csv_io_needs_torch else "torch False"), last
