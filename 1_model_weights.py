@@ -1,7 +1,7 @@
 """Step 1: export a model's tensors from its safetensors files (CSV by default).
 
-    python 1_model_weights.py --model-dir model_paths/meta-llama_Llama-3.2-1B-Instruct \
-        --filter '\\.self_attn\\.(q|k|v|o)_proj\\.'                   # what `make steps` runs
+    python 1_model_weights.py --model-dir model_paths/meta-llama_Llama-3.2-1B-Instruct   # every tensor: what `make steps` runs
+    python 1_model_weights.py --filter '\\.input_layernorm\\.|\\.self_attn\\.(q|k|v|o)_proj\\.'  # only what step 3 reads
     python 1_model_weights.py --list                                    # names, shapes, dtypes, shards
     python 1_model_weights.py --layer model.layers.8 --format ckpt      # one state dict, prefix stripped
     python 1_model_weights.py --filter '^model\\.embed_tokens\\.weight$' --format npy --dtype float16

@@ -226,17 +226,17 @@ def test_rerun_skips_matching_files_and_force_rewrites(llama32, tmp_path):
     out = tmp_path / "out"
     assert step1("--model-dir", model, "--out-dir", out, "--filter", ATTENTION_FILTER).code == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")}
-    assert len(stamps) == 12
+    assert len(stamps) == 15  # 3 layers x (q/k/v/o_proj + input_layernorm): what step 3 reads
     r = step1("--model-dir", model, "--out-dir", out, "--filter", ATTENTION_FILTER)
-    assert "kept 12 file(s)" in r.out and r.out.splitlines()[-1].startswith("exported 0 tensors")
+    assert "kept 15 file(s)" in r.out and r.out.splitlines()[-1].startswith("exported 0 tensors")
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")} == stamps
     r = step1("--model-dir", model, "--out-dir", out, "--filter", ATTENTION_FILTER, "--force")
-    assert r.out.splitlines()[-1].startswith("exported 12 tensors")
+    assert r.out.splitlines()[-1].startswith("exported 15 tensors")
     assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("*.csv"))
     # Another selection adds to the manifest; a changed shard is exported again; a damaged file too.
     assert step1("--model-dir", model, "--out-dir", out, "--filter", "norm").code == 0
     files = json.loads((out / "manifest.json").read_text())["files"]
-    assert len(files) == 12 + 7
+    assert len(files) == 12 + 7  # the input norms were there already
     shard = model / files["model.layers.0.self_attn.q_proj.weight.csv"]["tensors"][0]["shard"]
     os.utime(shard, ns=(time.time_ns(), time.time_ns()))
     (out / "model.norm.weight.csv").write_text("1.0\n")
@@ -282,7 +282,7 @@ def test_cli_errors_and_exports_as_a_user_runs_it(llama32, tmp_path):
     r = run_script("1_model_weights.py", "--model-dir", llama32, "--out-dir", tmp_path / "out", "--filter", ATTENTION_FILTER)
     assert r.returncode == 0, r.stderr
     assert "NAME_FILTER = regex" in r.stdout
-    assert r.stdout.splitlines()[-1].startswith("exported 12 tensors")
+    assert r.stdout.splitlines()[-1].startswith("exported 15 tensors")
 
 
 def is_temp(name: str, final: str) -> bool:
