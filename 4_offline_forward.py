@@ -35,7 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common import forward, forward_io, forward_report, layout, paths, qkv, report
-from common.cli import InputError, parse_layers, print_settings, run
+from common.atomic import output_folder
+from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.csv_io import read_csv, write_csv
 from common.verify import compare
 
@@ -61,15 +62,15 @@ TITLE = "Step 4: the forward pass offline vs the model"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
-    p.add_argument("--acts-dir", default=ACTS_DIR, type=Path, help="step 2's output folder")
-    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=Path, help="step 1's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
+    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
+    p.add_argument("--acts-dir", default=ACTS_DIR, type=path_arg, help="step 2's output folder")
+    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="step 1's output folder")
+    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
     p.add_argument("--layers", default=LAYERS, type=parse_layers, help="layer mode: e.g. 0,5-7 (default: all)")
     p.add_argument("--mode", default=MODE, choices=MODES)
-    p.add_argument("--atol", default=ATOL, type=float)
-    p.add_argument("--rtol", default=RTOL, type=float)
-    p.add_argument("--chain-rtol", default=CHAIN_RTOL, type=float)
+    p.add_argument("--atol", default=ATOL, type=tolerance)
+    p.add_argument("--rtol", default=RTOL, type=tolerance)
+    p.add_argument("--chain-rtol", default=CHAIN_RTOL, type=tolerance)
     p.add_argument("--top-k", default=TOP_K, type=int)
     p.add_argument("--plots", default=PLOTS, action=argparse.BooleanOptionalAction)
     return p.parse_args(argv)
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = choose_layers(args, acts_dir, meta)
     with_head = check_inputs(args, acts_dir, meta, layers)
     forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     B, T = meta["batch_size"], meta["seq_len"]
     if meta["dtype"] != "float32":
         print(f"note: the references were computed in {meta['dtype']}, this recomputation is float32: expect errors "
