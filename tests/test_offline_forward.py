@@ -329,3 +329,13 @@ def test_step_4_never_imports_transformers_or_torch(pipeline, tmp_path):
     csv_io_needs_torch = subprocess.run([sys.executable, "-c", "import sys, common.csv_io; print('torch' in sys.modules)"],
                                         capture_output=True, text=True, cwd=ROOT).stdout.strip() == "True"
     assert last.endswith("torch True" if csv_io_needs_torch else "torch False"), last
+
+
+def test_never_writes_into_what_it_reads(pipeline, tmp_path):
+    model, weights, acts = pipeline("llama32")
+    before = sorted(p.name for p in acts.iterdir())
+    with pytest.raises(InputError, match="input folder"):
+        step4(model, weights, acts, acts)
+    with pytest.raises(InputError, match="finite number"):
+        step4(model, weights, acts, tmp_path / "o", "--chain-rtol", "nan")
+    assert sorted(p.name for p in acts.iterdir()) == before and not (tmp_path / "o").exists()
