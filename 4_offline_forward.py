@@ -44,7 +44,7 @@ from common.verify import compare
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
 ACTS_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
 WEIGHTS_DIR = None  # step 1's folder; None -> outputs/<model folder>/weights
-OUT_DIR = None  # None -> outputs/<model folder>/forward
+OUT_DIR = None  # None -> outputs/<model folder>/forward (chain mode: forward_chain, so both reports stay)
 LAYERS = None  # layer mode: None = every layer with a meta_layerN.json in ACTS_DIR; else "0,5-7" or [0, 5]
 MODE = "layer"  # "layer": each layer from its captured input; "chain": x_layer0 through the whole model
 ATOL = 1e-7  # layer mode: PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py), as in step 3
@@ -153,7 +153,7 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     plots = []
     if args.plots:
         plots = [r.out_dir / layout.ERRORS_PLOT] + ([r.out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
-        report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, TITLE.removeprefix("Step 4: "))
+        report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, "Step 4, layer mode: every node vs the model")
         if tops:
             forward_report.plot_top_tokens(plots[1], tops)
     passed = report.all_pass(results) and all(m["pass"] for m in head.values())
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.FORWARD)
+    out_dir = args.out_dir or layout.default_dir(args.model_dir,
+                                                 layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN)
     settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
                 "MODE": args.mode, "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol,
                 "RTOL": args.rtol, "CHAIN_RTOL": args.chain_rtol, "TOP_K": args.top_k, "PLOTS": args.plots}

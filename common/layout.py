@@ -27,6 +27,7 @@ from common.step_files import check_meta_values
 
 # Default folders under outputs/<model folder>/ (paths.output_dir).
 WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
+FORWARD_CHAIN = "forward_chain"  # step 4's chain mode, beside its layer mode's folder
 
 # Step 2's files besides the per-layer ones: exactly what was fed to the model.
 ATTENTION_MASK = "attention_mask.csv"  # (B, T), 1 = real token
@@ -68,7 +69,7 @@ META_KEYS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "h
 
 
 def default_dir(model_dir: str | Path, folder: str) -> Path:
-    """outputs/<model folder>/<folder>, folder one of WEIGHTS, ACTS, QKV, FORWARD, GOLDEN."""
+    """outputs/<model folder>/<folder>, folder one of the constants above (WEIGHTS, ACTS, ...)."""
     return paths.output_dir(model_dir, folder)
 
 
