@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from common import capture, layout, paths
+from common import attention, capture, layout, paths
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run
 from common.model_config import load_config
@@ -56,7 +56,7 @@ SAVE_X_NORM = True  # xnorm_layerN.csv
 SAVE_MASKS = True  # attention_mask.csv, position_ids.csv
 SAVE_REFERENCE = True  # ref_q/ref_k/ref_v/ref_attn_layerN.csv
 SAVE_LAYER_REFS = True  # ref_h/ref_hnorm/ref_act/ref_mlp/ref_out_layerN.csv
-SAVE_ATTN_PROBS = True  # ref_probs_layerN.csv: B*H*T*T values per layer (its size is printed)
+SAVE_ATTN_PROBS = True  # ref_probs_layerN.csv: B*H*T*T values per layer (size printed; up to 1024 tokens)
 LOGITS = "all"  # ref_norm.csv + ref_logits.csv: "all" positions, "last" real position of each prompt, or "none"
 DTYPE = "float32"  # compute dtype: float32 (exact references; bf16/fp16 files are widened), bfloat16, float16
 LAYERS = None  # None: every layer; or "0,3-5"
@@ -120,16 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                            vocab_size=cfg.vocab_size, position_offset=args.position_offset)
     B, T = batch.input_ids.shape
     logit_rows = {"all": B * T, "last": B, "none": 0}[args.logits]
+    # Steps 3 and 4 hold (and check) every head's probabilities up to PROBS_MAX_SEQ_LEN tokens only.
+    save_probs = args.save_attn_probs and T <= attention.PROBS_MAX_SEQ_LEN
     size = capture.csv_bytes_estimate(cfg, B * T, len(layers), args.save_x_norm, args.save_reference,
-                                      args.save_layer_refs, args.save_attn_probs, T, logit_rows)
+                                      args.save_layer_refs, save_probs, T, logit_rows)
     probs_mb = capture.CSV_BYTES_PER_VALUE * len(layers) * B * cfg.num_heads * T * T / 1e6
+    probs = (f"{len(layers)} x [{B * cfg.num_heads * T}, {T}], about {probs_mb:.1f} MB" if save_probs
+             else f"off: {T} tokens > PROBS_MAX_SEQ_LEN {attention.PROBS_MAX_SEQ_LEN}" if args.save_attn_probs
+             else "off")
     print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,
                     "positions": f"from {args.position_offset}",
                     "layers": f"{len(layers)} of {cfg.num_layers}", "dtype": args.dtype, "device": device,
                     "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
                     "layer refs": args.save_layer_refs, "logits": args.logits,
-                    "attention probs": (f"{len(layers)} x [{B * cfg.num_heads * T}, {T}], about {probs_mb:.1f} MB"
-                                        if args.save_attn_probs else "off"),
+                    "attention probs": probs,
                     "out dir": out_dir, "about to write": f"~{size / 1e9:.2f} GB of CSV"})
     if size > args.warn_write_gb * 1e9:
         print(f"warning: this capture writes ~{size / 1e9:.1f} GB to {out_dir} ({B} x {T} tokens, "
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     run_model = capture.stream_capture if args.streaming else capture.full_model_capture
     with torch.inference_mode():
         facts = run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference,
-                          meta, args.save_layer_refs, args.save_attn_probs, args.logits, head_sink)
+                          meta, args.save_layer_refs, save_probs, args.logits, head_sink)
     written.update(capture.write_batch(out_dir, batch, args.save_masks))
     written.update(capture.write_model_files(out_dir, cfg, meta, facts, args.logits, tokenizer))
     for stale in capture.stale_files(out_dir, written):

@@ -125,7 +125,8 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         x = qkv.read_layer_input(r.acts_dir, n, meta)
         w = forward_io.read_layer_weights(r.weights_dir, n, meta)
-        rows = qkv.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec), r.n_rows)
+        keep = qkv.probs_to_keep(meta["seq_len"], None)  # every head's, up to PROBS_MAX_SEQ_LEN tokens
+        rows = qkv.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec, keep), r.n_rows)
         forward_io.write_layer_nodes(r.out_dir, n, rows)
         checked, miss = qkv.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
                                    forward_io.CHECKED)

@@ -77,7 +77,8 @@ def prepare() -> tuple[Path, Path, Path]:
             "vocab_size"], "bos_token_id": 0, "eos_token_id": [1, 4], "tie_word_embeddings": True}
         model_factory.build_model(model, config=config, max_shard_size="2GB")
         run("1_model_weights.py", "--model-dir", str(model), "--out-dir", str(weights), "--filter", ATTN_FILTER)
-        r = run("2_get_x.py", "--model-dir", str(model), "--out-dir", str(acts), "--prompt", long_prompt(model))
+        r = run("2_get_x.py", "--model-dir", str(model), "--out-dir", str(acts), "--prompt", long_prompt(model),
+                "--no-save-layer-refs", "--logits", "none")  # step 3's files only: what is benchmarked
         if r.returncode:
             sys.exit(r.stdout[-2000:] + r.stderr[-2000:])
         (WORK_DIR / ".prepared").write_text("")
