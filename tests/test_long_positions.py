@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -117,7 +118,9 @@ def offline_qk_max_rel(weights, acts) -> dict[str, float]:
     out = attention.attention_block(qkv.read_xnorm(acts, 0, meta), qkv.read_attention_weights(weights, 0, meta),
                                     position_ids, mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
                                     meta["rope_theta"], meta["rope_scaling"])
-    checked, _ = qkv.verify(acts, 0, out, mask.reshape(-1) > 0, 0, RTOL)
+    rows = qkv.as_rows(out, B * T, with_probs=False)
+    checked, _ = qkv.verify(acts, 0, rows, mask.reshape(-1) > 0, qkv.real_prob_rows(mask, meta["num_heads"]), 0, RTOL,
+                            ("q", "k"))
     return {qn: checked[qn]["max_rel"] for qn in ("q", "k")}
 
 
@@ -152,10 +155,13 @@ def test_an_offset_outside_the_window_is_an_input_error(long_model, tmp_path):
 
 def test_step_2_prints_what_it_is_about_to_write(long_model, tmp_path, capsys):
     model, _, _ = long_model
-    capture(model, tmp_path / "x", "--warn-write-gb", "0")
+    # step 3's inputs only; step 4's (layer refs, probabilities, logits) add to the estimate likewise
+    capture(model, tmp_path / "x", "--warn-write-gb", "0", "--no-save-layer-refs", "--no-save-attn-probs",
+            "--logits", "none")
     out = capsys.readouterr().out
-    assert "about to write = ~0.00 GB of layer CSVs" in out and "warning: this capture writes" in out
-    written = sum((tmp_path / "x" / layout.layer_file(stem, 0)).stat().st_size for stem in layout.STEP2_STEMS)
+    assert re.search(r"about to write +=( ~0\.00 GB of CSV)", out) and "warning: this capture writes" in out
+    files = (tmp_path / "x" / layout.layer_file(stem, 0) for stem in layout.STEP2_STEMS)
+    written = sum(f.stat().st_size for f in files if f.is_file())
     meta = json.loads((tmp_path / "x" / layout.meta_file(0)).read_text())
     values = meta["batch_size"] * meta["seq_len"] * (3 * 128 + 4 * 64)  # x, xnorm, attn; q (2 heads), k, v
     assert 0.5 < written / (13 * values) < 2  # the estimate's bytes per value are about right
@@ -372,7 +378,7 @@ def test_demo_model_passes_near_the_end_of_its_window(demo_model, tmp_path):
     """What `make demo` adds: the real model at positions near max_position_embeddings (8192)."""
     weights = tmp_path / "weights"
     r = run_script("1_model_weights.py", "--model-dir", demo_model, "--out-dir", weights,
-                   "--filter", r"layers\.(0|29)\.self_attn\.(q|k|v|o)_proj\.")
+                   "--filter", r"layers\.(0|29)\.(input_layernorm|self_attn\.(q|k|v|o)_proj)\.")
     assert r.returncode == 0, r.stderr
     offset = 8192 - encode_prompts(load_tokenizer(demo_model), [LONG]).input_ids.shape[1]
     acts = capture(demo_model, tmp_path / "x", "--layers", "0,29", "--position-offset", str(offset), prompts=(LONG,))
