@@ -38,9 +38,9 @@ t0 = time.perf_counter()
 files = [acts / layout.ATTENTION_MASK, acts / layout.POSITION_IDS]
 for n in layout.step2_layers(acts):
     meta = json.loads((acts / layout.meta_file(n)).read_text())
-    files.append(acts / layout.layer_file("xnorm", n))
-    files += [acts / layout.ref_file(q, n) for q in ("q", "k", "v", "attn")]
-    files += layout.attention_weight_files(weights, n, meta["attention_bias"]).values()
+    files += [acts / layout.layer_file("x", n), acts / layout.layer_file("xnorm", n)]
+    files += [acts / layout.ref_file(q, n) for q in ("q", "k", "v", "probs", "attn")]
+    files += layout.qkv_weight_files(weights, n, meta["attention_bias"]).values()
 nbytes = sum(f.stat().st_size for f in files)
 for f in files:
     read_csv(f)
@@ -52,8 +52,7 @@ PHASES = r"""
 import json, sys, time, tempfile
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from common import attention, layout, qkv
-from common.verify import QUANTITIES
+from common import attention, layout, norm, qkv
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t = {"read_csv": 0.0, "compute": 0.0, "write_csv": 0.0}
 t_start = time.perf_counter()
@@ -65,20 +64,25 @@ with tempfile.TemporaryDirectory() as out:
     mask, position_ids, _ = qkv.read_batch(acts, B, T)
     t["read_csv"] += time.perf_counter() - t0
     real_rows = mask.reshape(B * T) > 0
+    real_probs = qkv.real_prob_rows(mask, metas[layers[0]]["num_heads"])
     for n in layers:
         m = metas[n]
         t0 = time.perf_counter()
-        xnorm, w = qkv.read_xnorm(acts, n, m), qkv.read_attention_weights(weights, n, m)
+        x, w = qkv.read_layer_input(acts, n, m), qkv.read_attention_weights(weights, n, m)
+        w_norm = qkv.read_input_norm(weights, n, m)
         t["read_csv"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        xnorm = norm.rms_norm(x, w_norm, m["rms_norm_eps"])
+        keep = qkv.probs_to_keep(T, None)
         res = attention.attention_block(xnorm, w, position_ids, mask, m["num_heads"], m["num_kv_heads"],
-                                        m["head_dim"], m["rope_theta"], m["rope_scaling"])
+                                        m["head_dim"], m["rope_theta"], m["rope_scaling"], keep_probs=keep)
+        rows = qkv.as_rows({"xnorm": xnorm, **res}, B * T, with_probs=keep == "all")
         t["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        qkv.write_outputs(Path(out), n, res)
+        qkv.write_outputs(Path(out), n, rows)
         t["write_csv"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        qkv.verify(acts, n, res, real_rows, 1e-7, 1e-5)  # reads the ref_ files
+        qkv.verify(acts, n, rows, real_rows, real_probs, 1e-7, 1e-5)  # reads the references
         t["read_csv"] += time.perf_counter() - t0
 t["total"] = time.perf_counter() - t_start
 print(json.dumps(t))
