@@ -135,8 +135,8 @@ def main() -> int:
     print(f"    its loop, timed phase by phase          {med['total']:7.2f} s")
     print(f"      reading CSV                           {med['read_csv']:7.2f} s  "
           f"({100 * med['read_csv'] / med['total']:.0f}% of the loop, {100 * med['read_csv'] / s3:.0f}% of the process)")
-    print(f"      compute (RoPE, attention, o_proj)     {med['compute']:7.2f} s")
-    print(f"      writing CSV (q, k, v, attn)           {med['write_csv']:7.2f} s")
+    print(f"      compute (norm, RoPE, attention, o_proj) {med['compute']:5.2f} s")
+    print(f"      writing CSV (q, k, v, probs, attn)    {med['write_csv']:7.2f} s")
     print(f"  baseline: a process that only reads them  {ro:7.2f} s")
     print(f"  ratio step 3 / read-only baseline         {s3 / ro:7.2f}x")
     return 0 if report["pass"] else 1
