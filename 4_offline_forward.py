@@ -120,7 +120,7 @@ def run_head(r: forward_io.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
 
 def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     """Every node of every chosen layer from its captured input, then the head from the captured last output."""
-    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta)
+    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
     results, missing = {}, []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         x = qkv.read_layer_input(r.acts_dir, n, meta)
@@ -175,7 +175,7 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
 
 def chain_mode(r: forward_io.Inputs) -> int:
     """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
-    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta)
+    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
     layers = range(meta["num_layers"])
     steps = forward.chain(qkv.read_layer_input(r.acts_dir, 0, meta), layers,
                           lambda n: forward_io.read_layer_weights(r.weights_dir, n, meta), r.position_ids, r.mask,
@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = choose_layers(args, acts_dir, meta)
     with_head = check_inputs(args, acts_dir, meta, layers)
     forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
+    print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     B, T = meta["batch_size"], meta["seq_len"]
     if meta["dtype"] != "float32":
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                      "reference dtype": meta["dtype"], "logits captured": meta["logits"]})
     r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
                qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
-               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0)
+               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes)
     return layer_mode(r, layers, with_head) if args.mode == "layer" else chain_mode(r)
 
 

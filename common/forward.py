@@ -41,6 +41,7 @@ class LayerSpec:
     rope_scaling: dict | None
     rms_norm_eps: float
     hidden_act: str = "silu"
+    pow_lanes: int | None = None  # the capture machine's SIMD width for RoPE's pow (common/rope.py)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, position_ids: np.ndarray, atte
     xnorm = norm.rms_norm(x, w.input_layernorm, eps)
     a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads,
                                   spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.rope_scaling,
-                                  keep_probs=keep_probs)
+                                  keep_probs=keep_probs, pow_lanes=spec.pow_lanes)
     h = x + a["attn"]
     hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
     m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)

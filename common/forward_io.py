@@ -46,9 +46,9 @@ def read_model_meta(acts_dir: Path, model_dir: str | Path) -> dict:
     return meta
 
 
-def layer_spec(meta: dict) -> forward.LayerSpec:
+def layer_spec(meta: dict, pow_lanes: int | None = None) -> forward.LayerSpec:
     return forward.LayerSpec(meta["num_heads"], meta["num_kv_heads"], meta["head_dim"], meta["rope_theta"],
-                             meta.get("rope_scaling"), meta["rms_norm_eps"], meta["hidden_act"])
+                             meta.get("rope_scaling"), meta["rms_norm_eps"], meta["hidden_act"], pow_lanes)
 
 
 def step1_command(meta: dict, weights_dir: Path, layers: list[int], head: bool, model_dir: str | Path) -> str:
@@ -152,6 +152,7 @@ class Inputs:
     vocab: list[str] | None
     settings: dict
     t0: float
+    pow_lanes: int | None = None  # RoPE's pow as torch's on the capture machine (qkv.rope_check)
 
     @property
     def n_rows(self) -> int:
