@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common import golden, layout, paths
 from common.atomic import output_folder, read_json
-from common.cli import InputError, print_settings, run
+from common.cli import InputError, path_arg, print_settings, run
 
 # --- constants (each has a flag of the same name: IN_DIR -> --in-dir) ---------------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None
@@ -42,10 +42,10 @@ ON_OVERFLOW = "saturate"  # saturate (counted and reported) | error (exit 2, not
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
-    p.add_argument("--in-dir", default=IN_DIR, type=Path, help="a step 1/2/3/4 output folder")
+    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
+    p.add_argument("--in-dir", default=IN_DIR, type=path_arg, help="a step 1/2/3/4 output folder")
     p.add_argument("--select", default=SELECT, help="regex searched in the CSV file names (default: all)")
-    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
+    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
     p.add_argument("--format", default=FORMAT, choices=golden.FORMATS)
     p.add_argument("--encoding", default=ENCODING, choices=golden.ENCODINGS)
     p.add_argument("--bits", default=BITS, type=int, help="fixed point word size: 8, 16 or 32")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from common import grade, layout, paths
 from common.atomic import output_folder
-from common.cli import InputError, print_settings, run
+from common.cli import InputError, path_arg, print_settings, run, tolerance
 from common.csv_io import read_csv
 
 # --- constants (each has a flag of the same name: CANDIDATE_DIR -> --candidate-dir) -------------
@@ -39,12 +39,12 @@ RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (c
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=Path, help="derives the default folders")
-    p.add_argument("--candidate-dir", default=CANDIDATE_DIR, type=Path, help="the outputs to grade")
-    p.add_argument("--reference-dir", default=REFERENCE_DIR, type=Path, help="step 2's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=Path)
-    p.add_argument("--atol", default=ATOL, type=float)
-    p.add_argument("--rtol", default=RTOL, type=float)
+    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
+    p.add_argument("--candidate-dir", default=CANDIDATE_DIR, type=path_arg, help="the outputs to grade")
+    p.add_argument("--reference-dir", default=REFERENCE_DIR, type=path_arg, help="step 2's output folder")
+    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
+    p.add_argument("--atol", default=ATOL, type=tolerance)
+    p.add_argument("--rtol", default=RTOL, type=tolerance)
     return p.parse_args(argv)
 
 
