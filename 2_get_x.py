@@ -29,6 +29,9 @@ and once per run:
     meta_model.json            num_layers, vocab_size, intermediate_size, hidden_act, mlp_bias, norm class,
                                tie_word_embeddings, logits mode, and the layer meta (RoPE, eps, provenance)
     attention_mask.csv, position_ids.csv [B, T], tokens.json
+    manifest.json              every file above (path, shape, bytes, sha256) and what was read of the model
+                               folder (small files by sha256, the weights by size and mtime); written
+                               last, so a run cut short leaves none. Steps 3 and 4 check their inputs by it.
 Everything is captured by hooks on the running model (eager attention), never recomputed.
 Positions count each prompt's real tokens from POSITION_OFFSET (default 0), as generate() does, so a
 padded batch matches each prompt run alone; an offset K feeds positions K.. as position_ids, as if K
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from common import attention, capture, layout, paths
+from common import attention, capture, layout, manifest, paths
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run
 from common.model_config import load_config
@@ -140,25 +143,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(layers)} layers); fewer --layers or a shorter prompt write less", flush=True)
 
     output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
+    manifest.remove_manifest(out_dir)  # until this run's is written, last, nothing vouches for the folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
-    written: set[str] = set()
-    nbytes = probs_bytes = 0
-
-    def sizes(names: list[str]) -> int:
-        return sum((out_dir / name).stat().st_size for name in names if name.endswith(".csv"))
+    written: dict[str, dict] = {}  # file name -> manifest entry (shape, bytes, sha256)
+    probs_bytes = 0
 
     def sink(n: int, tensors: dict) -> None:
-        nonlocal nbytes, probs_bytes
-        names = capture.write_layer(out_dir, n, tensors, meta)
-        nbytes += sizes(names)
-        probs_bytes += sizes([layout.ref_file("probs", n)] if "ref_probs" in tensors else [])
-        written.update(names)
+        nonlocal probs_bytes
+        entries = capture.write_layer(out_dir, n, tensors, meta)
+        probs_bytes += entries.get(layout.ref_file("probs", n), {}).get("bytes", 0)
+        written.update(entries)
 
     def head_sink(tensors: dict) -> None:
-        nonlocal nbytes
-        names = capture.write_head(out_dir, tensors)
-        nbytes += sizes(names)
-        written.update(names)
+        written.update(capture.write_head(out_dir, tensors))
 
     t0 = time.perf_counter()
     run_model = capture.stream_capture if args.streaming else capture.full_model_capture
@@ -170,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     for stale in capture.stale_files(out_dir, written):
         stale.unlink()
         print(f"removed {stale.name} (left by an earlier run)")
+    manifest.write_step_manifest(out_dir, 2, written, manifest.input_signature(args.model_dir))
+    nbytes = sum(e["bytes"] for name, e in written.items() if name.endswith(".csv"))
     print(f"wrote {len(written)} files ({nbytes / 1e6:.1f} MB of CSV, attention probabilities "
-          f"{probs_bytes / 1e6:.1f} MB of it) to {out_dir} in {time.perf_counter() - t0:.1f} s")
+          f"{probs_bytes / 1e6:.1f} MB of it) and {layout.MANIFEST} (their sha256) to {out_dir} "
+          f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

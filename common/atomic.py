@@ -236,8 +236,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj) -> bytes:
+    """What write_json writes: indented JSON, UTF-8, one final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_bytes(path, json_bytes(obj))
 
 
 def check_regular_file(path: Path, fix: str) -> None:

@@ -37,16 +37,16 @@ import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Container, Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from common import layout
-from common.atomic import sha256_file, write_json
-from common.csv_io import write_csv
+from common.atomic import sha256_file
 from common.layer_loader import LayerCollector
+from common.manifest import save_csv, save_json
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
 # for the duration of a capture, so a model outside a capture is untouched.
@@ -286,12 +286,10 @@ def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dt
     return facts
 
 
-def write_head(out_dir: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Write ref_norm.csv and ref_logits.csv; return the names written."""
+def write_head(out_dir: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Write ref_norm.csv and ref_logits.csv; return their manifest entries (name -> entry)."""
     files = {"ref_norm": layout.REF_NORM, "ref_logits": layout.REF_LOGITS}
-    for stem, name in files.items():
-        write_csv(out_dir / name, tensors[stem])
-    return list(files.values())
+    return {k: v for stem, name in files.items() for k, v in save_csv(out_dir, name, tensors[stem]).items()}
 
 
 def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
@@ -300,12 +298,12 @@ def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
     return tokenizer.batch_decode([[i] for i in range(n)]) + [f"<id {i}>" for i in range(n, vocab_size)]
 
 
-def write_model_files(out_dir: Path, cfg, layer_meta: dict, facts: dict, logits: str, tokenizer) -> list[str]:
-    """meta_model.json (and vocab.json when there are logits); return the names written.
+def write_model_files(out_dir: Path, cfg, layer_meta: dict, facts: dict, logits: str, tokenizer) -> dict[str, dict]:
+    """meta_model.json (and vocab.json when there are logits); return their manifest entries.
 
     `facts` (model_facts) are read off the modules that ran: activation, MLP bias, norm classes.
     """
-    write_json(out_dir / layout.META_MODEL, {
+    entries = save_json(out_dir, layout.META_MODEL, {
         "num_layers": cfg.num_layers,
         "vocab_size": cfg.vocab_size,
         "intermediate_size": cfg.intermediate_size,
@@ -315,41 +313,38 @@ def write_model_files(out_dir: Path, cfg, layer_meta: dict, facts: dict, logits:
         **layer_meta,
     })
     if logits == "none":
-        return [layout.META_MODEL]
-    write_json(out_dir / layout.VOCAB, {"vocab_size": cfg.vocab_size, "tokens": vocab_strings(tokenizer, cfg.vocab_size)})
-    return [layout.META_MODEL, layout.VOCAB]
+        return entries
+    return {**entries, **save_json(out_dir, layout.VOCAB, {"vocab_size": cfg.vocab_size,
+                                                           "tokens": vocab_strings(tokenizer, cfg.vocab_size)})}
 
 
-def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> list[str]:
-    """Write layer n's captured tensors and its meta file; return the names written."""
-    names = []
+def write_layer(out_dir: Path, n: int, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, dict]:
+    """Write layer n's captured tensors and its meta file; return their manifest entries (name -> entry)."""
+    entries = {}
     for stem in layout.STEP2_STEMS:
         if stem in tensors:
-            names.append(layout.layer_file(stem, n))
-            write_csv(out_dir / names[-1], tensors[stem])
-    write_json(out_dir / layout.meta_file(n), {"layer": n, **meta})
-    return names + [layout.meta_file(n)]
+            entries.update(save_csv(out_dir, layout.layer_file(stem, n), tensors[stem]))
+    return {**entries, **save_json(out_dir, layout.meta_file(n), {"layer": n, **meta})}
 
 
-def write_batch(out_dir: Path, batch, save_masks: bool) -> list[str]:
+def write_batch(out_dir: Path, batch, save_masks: bool) -> dict[str, dict]:
     """tokens.json, and (with save_masks) the attention mask and position ids: exactly what was fed.
 
-    Returns the names written.
+    Returns their manifest entries (name -> entry).
     """
-    write_json(out_dir / layout.TOKENS, {
+    entries = save_json(out_dir, layout.TOKENS, {
         "prompts": batch.prompts,
         "padding_side": batch.padding_side,
         "input_ids": batch.input_ids.tolist(),
         "tokens": batch.tokens,
     })
-    if not save_masks:
-        return [layout.TOKENS]
-    write_csv(out_dir / layout.ATTENTION_MASK, batch.attention_mask)
-    write_csv(out_dir / layout.POSITION_IDS, batch.position_ids)
-    return [layout.TOKENS, layout.ATTENTION_MASK, layout.POSITION_IDS]
+    if save_masks:
+        entries.update(save_csv(out_dir, layout.ATTENTION_MASK, batch.attention_mask))
+        entries.update(save_csv(out_dir, layout.POSITION_IDS, batch.position_ids))
+    return entries
 
 
-def stale_files(out_dir: Path, written: set[str]) -> list[Path]:
+def stale_files(out_dir: Path, written: Container[str]) -> list[Path]:
     """Step-2 files in out_dir that this run did not write (left by an earlier run with other settings)."""
     if not out_dir.is_dir():
         return []

@@ -39,7 +39,7 @@ META_MODEL = "meta_model.json"
 VOCAB = "vocab.json"  # every token id's text, so step 4 shows top tokens without a tokenizer
 MODEL_FILES = (REF_NORM, REF_LOGITS, META_MODEL, VOCAB)
 BATCH_FILES = (ATTENTION_MASK, POSITION_IDS, TOKENS)
-MANIFEST = "manifest.json"  # step 1's record of what it wrote
+MANIFEST = "manifest.json"  # steps 1 and 2: every file written, with its sha256 (common/manifest.py)
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # a verifying step's report
 ERRORS_PLOT = "errors.png"  # max_rel per layer and quantity
 # Step 4's files besides the per-layer ones (its recomputed norm and logits: step 2's without ref_).

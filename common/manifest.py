@@ -15,19 +15,30 @@ one-file formats); `offsets` are the tensor's absolute byte range in its shard. 
 file whose entry says the same thing as the planned export and whose shards have the same size
 and mtime, and whose file is still there with the recorded size (it does not re-hash the file).
 Entries of other files are kept, so reruns with different filters add up.
+
+Step 2 writes one too (write_step_manifest), last, over the whole run: every file it wrote, keyed by
+its path inside OUT_DIR (so files in subfolders are covered), with its shape (CSV), bytes and sha256,
+and the inputs it read (input_signature). Steps 3 and 4 check every file they will read against
+the manifest of its folder before computing anything (verify_files): a change below the
+verification tolerance (one digit of a weight, rope_theta in a meta file, a padding row that no
+check looks at) is invisible to the numbers, never to a sha256.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from common.atomic import open_lock, write_json
+from common import layout
+from common.atomic import json_bytes, open_lock, read_json, sha256_file, write_bytes, write_json
+from common.cli import InputError
+from common.csv_io import write_numbers
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = layout.MANIFEST
 # What a planned export and a recorded entry must agree on for the file to be reused.
 IDENTITY_KEYS = ("format", "dtype", "tensors", "sources", "model_dir")
 
@@ -70,3 +81,84 @@ def still_matches(out_dir: Path, file_name: str, planned: dict, recorded: dict |
         return os.stat(Path(out_dir) / file_name).st_size == recorded.get("bytes")
     except OSError:
         return False
+
+
+# --- step 2's manifest, and the check of a step's inputs against their folders' manifests --------
+
+HASHED_INPUT_BYTES = 64 << 20  # model-folder files up to this size are hashed; larger (the weights): size + mtime
+
+
+def save_csv(folder: Path, name: str, x) -> dict[str, dict]:
+    """Write folder/name (a path inside folder) as CSV; {name: its manifest entry}: shape, bytes, sha256.
+
+    The sha256 is taken as the file is written (csv_io.write_numbers), not by reading it back."""
+    nbytes, sha = write_numbers(Path(folder) / name, x, ",", sha256=True)
+    return {name: {"shape": list(x.shape), "bytes": nbytes, "sha256": sha}}
+
+
+def save_json(folder: Path, name: str, obj) -> dict[str, dict]:
+    """Write folder/name as JSON (atomic.write_json's bytes); {name: its manifest entry}: bytes, sha256."""
+    data = json_bytes(obj)
+    write_bytes(Path(folder) / name, data)
+    return {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+
+
+def input_signature(model_dir: Path) -> dict:
+    """What a capture read from the model folder: its small files (config.json, the tokenizer, the
+    safetensors index) by sha256, its large ones (the weights) by size and mtime, as step 1 records
+    shards: hashing gigabytes of weights would cost more than many captures."""
+    files = {}
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        st = p.stat()
+        files[p.name] = ({"bytes": st.st_size, "sha256": sha256_file(p)} if st.st_size <= HASHED_INPUT_BYTES
+                         else {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"model_dir": str(Path(model_dir).resolve()), "files": files}
+
+
+def remove_manifest(folder: Path) -> None:
+    """Before a step rewrites a folder: from then until its new manifest, nothing vouches for the files."""
+    (Path(folder) / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def write_step_manifest(folder: Path, step: int, files: dict[str, dict], inputs: dict) -> None:
+    """folder/manifest.json for a step that writes its whole folder in one run. Call it last, after
+    every file is in place: a run killed before it leaves no manifest vouching for partial files."""
+    write_json(Path(folder) / MANIFEST_NAME, {"step": step, "files": dict(sorted(files.items())), "inputs": inputs})
+
+
+def verify_files(folder: Path, names: Iterable[str], step: str, fix: str) -> tuple[int, int]:
+    """Check the named files (paths inside `folder`) against folder/manifest.json before a step reads
+    them; returns (files hashed, bytes hashed).
+
+    A file that is there must be listed with its sha256 and match it; a listed file must be there.
+    A file neither there nor listed is left to the reading step (an optional file). Anything else is
+    an InputError naming the file: `step` ("step 2") wrote the folder, `fix` says how to redo it.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    anyway = "; --no-verify-hashes reads the files unchecked"
+    data = read_json(path, f"{step} records every file it writes there; {fix}{anyway}")
+    listed = data.get("files")
+    if not isinstance(listed, dict):
+        raise InputError(f"{path} has no 'files' mapping: {fix}{anyway}")
+    count = nbytes = 0
+    for name in dict.fromkeys(names):
+        file, entry = folder / name, listed.get(name)
+        there = file.is_file()
+        if entry is None and not there:
+            continue
+        if entry is None:
+            raise InputError(f"{file} is not listed in {path}: {step} did not write it; {fix}{anyway}")
+        if not there:
+            raise InputError(f"{file} is listed in {path} but is gone (deleted after {step} wrote it?): "
+                             f"{fix}{anyway}")
+        size = file.stat().st_size
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise InputError(f"{path} has no sha256 for {name}: {fix}{anyway}")
+        if size != entry.get("bytes", size) or sha256_file(file) != entry["sha256"]:
+            raise InputError(f"{file} was modified after {step} wrote it (its sha256 differs from {path}): "
+                             f"{fix}{anyway}")
+        count, nbytes = count + 1, nbytes + size
+    return count, nbytes

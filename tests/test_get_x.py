@@ -134,8 +134,10 @@ def test_rerun_overwrites_cleanly(llama32, tmp_path):
     capture(llama32, out, "--layers", "1", "--no-save-reference", "--no-save-layer-refs", "--no-save-attn-probs",
             "--logits", "none", prompts=PROMPTS[:1])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["attention_mask.csv", "meta_layer1.json", "meta_model.json", "position_ids.csv", "tokens.json",
-                     "x_layer1.csv", "xnorm_layer1.csv"]
+    assert names == ["attention_mask.csv", "manifest.json", "meta_layer1.json", "meta_model.json", "position_ids.csv",
+                     "tokens.json", "x_layer1.csv", "xnorm_layer1.csv"]
+    listed = json.loads((out / "manifest.json").read_text())["files"]
+    assert sorted(listed) == [n for n in names if n != "manifest.json"]  # this run's files, none left over
     assert json.loads((out / "meta_layer1.json").read_text())["batch_size"] == 1
 
 
