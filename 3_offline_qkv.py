@@ -11,6 +11,9 @@ Writes to OUT_DIR: q_layerN.csv, k_layerN.csv, v_layerN.csv (after RoPE, the ref
 head-major column order, K/V before the GQA repeat), probs_layerN.csv (softmax probabilities,
 (B*H*T, T)), attn_layerN.csv (after o_proj), report.json, report.md, errors.png and
 attention_layerL_headH.png. Prints the verification table.
+Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
+common/manifest.py): an edit below RTOL (a digit of a weight, rope_theta, a padding row) is named,
+exit 2. --no-verify-hashes skips that, and the report says so.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 3_offline_qkv.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import attention, layout, norm, paths, qkv, report
+from common import attention, layout, manifest, norm, paths, qkv, report
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.verify import DEFINITION
@@ -42,6 +45,7 @@ RTOL = 1e-5  # fp32 recomputation lands near 1e-7; real mistakes near 1e-2 and a
 PLOT_LAYER = None  # layer of the attention-pattern plot; None = the first verified layer
 PLOT_HEAD = 0  # query head of that plot
 PLOT_PROMPT = 0  # which prompt of the batch that plot shows
+VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 # -------------------------------------------------------------------------------------------------
 
 LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
@@ -60,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot-layer", default=PLOT_LAYER, type=int)
     p.add_argument("--plot-head", default=PLOT_HEAD, type=int)
     p.add_argument("--plot-prompt", default=PLOT_PROMPT, type=int)
+    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
+                   help="check input files against the manifests of steps 1 and 2 (default: on)")
     return p.parse_args(argv)
 
 
@@ -92,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.QKV)
     settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
-                "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol, "RTOL": args.rtol}
+                "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol, "RTOL": args.rtol,
+                "VERIFY_HASHES": args.verify_hashes}
     print("3_offline_qkv.py: recompute Q/K/V/attention from CSV (float32, no model) and verify")
     print_settings(settings)
 
     t0 = time.perf_counter()
     layers = choose_layers(args, acts_dir)
+    hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
+    hashes.folder(acts_dir, qkv.step2_inputs(layers), "step 2", layout.rerun_step2(args.model_dir))
     metas = layout.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
     dtype = metas[layers[0]]["dtype"]
@@ -108,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     pow_lanes, rope_note = qkv.rope_check(metas[layers[0]])  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
     layout.check_attention_weights(weights_dir, metas)
+    hashes.folder(weights_dir, [p.name for n in layers for p in
+                                layout.qkv_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()],
+                  "step 1", layout.rerun_step1(metas[layers[0]]["model_dir"], weights_dir))
+    print(f"input files: {hashes.line()}")
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                           plot_layer, args.plot_head, args.plot_prompt)
     settings.update({"PLOT_LAYER": plot_layer, "PLOT_HEAD": args.plot_head, "PLOT_PROMPT": args.plot_prompt,
                      "batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
-                     "reference dtype": dtype, "RoPE inv_freq": rope_note})
+                     "reference dtype": dtype, "RoPE inv_freq": rope_note, "input hashes": hashes.line()})
     report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, DEFINITION,
                          [p.name for p in plots], args.atol, args.rtol)
     print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}, {plots[0].name}, {plots[1].name} "

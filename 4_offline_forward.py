@@ -18,6 +18,8 @@ Two modes:
 Writes to OUT_DIR: xnorm/h/hnorm/act/mlp/out_layerN.csv (the shapes of step 2's ref_ files),
 norm.csv, logits.csv, report.json, report.md, errors.png (layer) or chain_errors.png (chain), and
 top_tokens.png: the top next tokens, model vs offline, for each prompt.
+Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
+common/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import forward, forward_io, forward_report, layout, paths, qkv, report
+from common import forward, forward_io, forward_report, layout, manifest, paths, qkv, report
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.csv_io import read_csv, write_csv
@@ -52,6 +54,7 @@ RTOL = 1e-5  # fp32 recomputation lands near 1e-7..1e-6; real mistakes near 1e-2
 CHAIN_RTOL = 1e-4  # chain mode: the logits' max_rel after every layer (README: measured 2e-6..2e-5)
 TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per prompt
 PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
+VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chain-rtol", default=CHAIN_RTOL, type=tolerance)
     p.add_argument("--top-k", default=TOP_K, type=int)
     p.add_argument("--plots", default=PLOTS, action=argparse.BooleanOptionalAction)
+    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
+                   help="check input files against the manifests of steps 1 and 2 (default: on)")
     return p.parse_args(argv)
 
 
@@ -223,19 +228,27 @@ def main(argv: list[str] | None = None) -> int:
                                                  layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN)
     settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
                 "MODE": args.mode, "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol,
-                "RTOL": args.rtol, "CHAIN_RTOL": args.chain_rtol, "TOP_K": args.top_k, "PLOTS": args.plots}
+                "RTOL": args.rtol, "CHAIN_RTOL": args.chain_rtol, "TOP_K": args.top_k, "PLOTS": args.plots,
+                "VERIFY_HASHES": args.verify_hashes}
     print("4_offline_forward.py: recompute every node and the logits from CSV (float32, no model) and verify")
     print_settings(settings)
 
     t0 = time.perf_counter()
     if not acts_dir.is_dir():
         raise InputError(f"activations folder {acts_dir} does not exist: {layout.rerun_step2(args.model_dir)}")
+    hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
+    rerun2 = layout.rerun_step2(args.model_dir)
+    hashes.folder(acts_dir, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
     meta = forward_io.read_model_meta(acts_dir, args.model_dir)
     layers = choose_layers(args, acts_dir, meta)
+    hashes.folder(acts_dir, forward_io.step2_inputs(args.mode, layers), "step 2", rerun2)
     with_head = check_inputs(args, acts_dir, meta, layers)
     forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
     pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
+    hashes.folder(weights_dir, [p.name for p in forward_io.weight_files(weights_dir, meta, layers, with_head)],
+                  "step 1", layout.rerun_step1(meta["model_dir"], weights_dir))
+    print(f"input files: {hashes.line()}")
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     B, T = meta["batch_size"], meta["seq_len"]
     if meta["dtype"] != "float32":
@@ -244,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
     settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
-                     "reference dtype": meta["dtype"], "logits captured": meta["logits"]})
+                     "reference dtype": meta["dtype"], "logits captured": meta["logits"],
+                     "input hashes": hashes.line()})
     r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
                qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
                forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes)

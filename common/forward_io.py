@@ -63,13 +63,26 @@ def step1_command(meta: dict, weights_dir: Path, layers: list[int], head: bool, 
     return f"{cmd} --filter {shlex.quote('^(' + '|'.join(parts) + ')')}"
 
 
-def check_weights(weights_dir: Path, meta: dict, layers: list[int], head: bool, model_dir: str | Path) -> None:
-    """Every weight file step 4 will read exists, or one InputError naming the step-1 command."""
+def weight_files(weights_dir: Path, meta: dict, layers: list[int], head: bool) -> list[Path]:
+    """Every step-1 file step 4 reads: the layers' tensors, and (with `head`) the final norm and the head."""
     files = [p for n in layers
              for p in layout.layer_weight_files(weights_dir, n, meta["attention_bias"], meta["mlp_bias"]).values()]
     if head:
         files += list(layout.head_weight_files(weights_dir, meta["tie_word_embeddings"]).values())
-    missing = [p for p in files if not p.is_file()]
+    return files
+
+
+def step2_inputs(mode: str, layers: list[int]) -> list[str]:
+    """Every step-2 file step 4 reads. Layer mode: each layer's meta, x and references of CHECKED (ref_out
+    included: the head's input); chain mode: x_layer0 and each layer's ref_out. Both: batch and model files."""
+    per_layer = (qkv.step2_inputs(layers, CHECKED) if mode == "layer"
+                 else [layout.layer_file("x", 0), *(layout.ref_file("out", n) for n in layers)])
+    return [layout.META_MODEL, layout.VOCAB, layout.REF_NORM, layout.REF_LOGITS, *layout.BATCH_FILES, *per_layer]
+
+
+def check_weights(weights_dir: Path, meta: dict, layers: list[int], head: bool, model_dir: str | Path) -> None:
+    """Every weight file step 4 will read exists, or one InputError naming the step-1 command."""
+    missing = [p for p in weight_files(weights_dir, meta, layers, head) if not p.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(f"{missing[0]} is missing{more}: run {step1_command(meta, weights_dir, layers, head, model_dir)}")

@@ -161,6 +161,12 @@ def rerun_step2(model_dir: str | Path | None = None) -> str:
     return "run: python 2_get_x.py" + (f" --model-dir {shlex.quote(str(model_dir))}" if model_dir else "")
 
 
+def rerun_step1(model_dir: str | Path, weights_dir: Path) -> str:
+    """The command that rewrites a step-1 folder's files, even those its manifest says still match."""
+    return (f"run: python 1_model_weights.py --model-dir {shlex.quote(str(model_dir))} "
+            f"--out-dir {shlex.quote(str(weights_dir))} --force")
+
+
 def step2_layers(acts_dir: Path, model_dir: str | Path | None = None) -> list[int]:
     """The layers with a meta file in a step-2 folder; InputError when there are none."""
     if not acts_dir.is_dir():

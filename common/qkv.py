@@ -111,9 +111,19 @@ def write_outputs(out_dir: Path, n: int, rows: dict[str, np.ndarray]) -> list[st
     return [layout.layer_file(qn, n) for qn in stems]
 
 
-def reference_file(acts_dir: Path, quantity: str, n: int) -> Path:
+def reference_name(quantity: str, n: int) -> str:
     """The model's value of a quantity: its ref_ file; for xnorm, step 2's xnorm_layerN.csv."""
-    return acts_dir / (layout.layer_file("xnorm", n) if quantity == "xnorm" else layout.ref_file(quantity, n))
+    return layout.layer_file("xnorm", n) if quantity == "xnorm" else layout.ref_file(quantity, n)
+
+
+def reference_file(acts_dir: Path, quantity: str, n: int) -> Path:
+    return acts_dir / reference_name(quantity, n)
+
+
+def step2_inputs(layers: list[int], quantities: tuple[str, ...] = QUANTITIES) -> list[str]:
+    """Every step-2 file a check of `quantities` reads: the batch files, each layer's meta, x and references."""
+    return [*layout.BATCH_FILES, *(name for n in layers for name in (
+        layout.meta_file(n), layout.layer_file("x", n), *(reference_name(qn, n) for qn in quantities)))]
 
 
 def verify(acts_dir: Path, n: int, rows: dict[str, np.ndarray], real_rows: np.ndarray, real_probs: np.ndarray,

@@ -72,9 +72,11 @@ def acts_copy(pipeline, tmp_path):
 
 
 def step3(pipeline, acts, out, *args):
+    """Step 3 on files edited on purpose: their sha256 check (tests/test_integrity.py) is off, so the
+    content checks these tests are about are what answers."""
     model, weights, _ = pipeline
     return run_main("3_offline_qkv.py", "--model-dir", model, "--weights-dir", weights, "--acts-dir", acts,
-                    "--out-dir", out, "--layers", "0", *args)
+                    "--out-dir", out, "--layers", "0", "--no-verify-hashes", *args)
 
 
 def check_refused(pipeline, acts, tmp_path, *words) -> str:

@@ -228,7 +228,7 @@ def test_one_wrong_logit_fails_the_head_in_layer_mode(pipeline, tmp_path):
     row = int(np.flatnonzero(mask)[0])
     logits[row, 7] += 1e-3 * np.abs(logits[mask]).max()
     np.savetxt(bad / layout.REF_LOGITS, logits, delimiter=",", fmt="%.9g")
-    code, report = step4(model, weights, bad, tmp_path / "out")
+    code, report = step4(model, weights, bad, tmp_path / "out", "--no-verify-hashes")  # the numbers, not the sha256
     assert code == 1 and failing(report) == {"logits": ["head"]}
     assert report["head"]["logits"]["worst_row"] == row and report["head"]["logits"]["worst_col"] == 7
 
@@ -266,7 +266,7 @@ def test_what_the_math_does_not_implement_is_an_error(pipeline, tmp_path, key, v
     meta = {k: v for k, v in meta.items() if k != key} if value is None else {**meta, key: value}
     (bad / layout.META_MODEL).write_text(json.dumps(meta))
     with pytest.raises(InputError, match=re.escape(message)):
-        step4(model, weights, bad, tmp_path / "out")
+        step4(model, weights, bad, tmp_path / "out", "--no-verify-hashes")
     assert not (tmp_path / "out").exists()
 
 
@@ -311,7 +311,7 @@ def test_the_head_is_read_in_blocks(pipeline, tmp_path, monkeypatch):
     head = short / layout.weight_file(layout.LM_HEAD)
     head.write_bytes(b"".join(head.read_bytes().splitlines(keepends=True)[:-3]))
     with pytest.raises(InputError, match=re.escape(f"{head} has shape (317, 64), expected (320, 64)")):
-        step4(model, short, acts, tmp_path / "short", "--layers", "2")
+        step4(model, short, acts, tmp_path / "short", "--layers", "2", "--no-verify-hashes")
 
 
 def test_step_4_never_imports_transformers_or_torch(pipeline, tmp_path):
