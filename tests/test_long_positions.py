@@ -342,7 +342,7 @@ def test_step_3_reads_an_older_meta_with_this_machines_lanes(theta_1e6, tmp_path
     meta = json.loads((old / layout.meta_file(0)).read_text())
     del meta["torch_cpu_capability"], meta["rope_inv_freq"]
     (old / layout.meta_file(0)).write_text(json.dumps(meta))
-    code, report = step3(model, weights, old, tmp_path / "qkv")
+    code, report = step3(model, weights, old, tmp_path / "qkv", "--no-verify-hashes")  # edited: its sha256 differs
     assert code == 0, failing(report)
     assert "(this machine's; not in the meta); no rope_inv_freq in the meta" in capsys.readouterr().out
 
