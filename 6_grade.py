@@ -3,7 +3,8 @@
 Reads CANDIDATE_DIR: files named as steps 3/4 write them (q_layerN, k_layerN, v_layerN, probs_layerN,
 attn_layerN, xnorm/h/hnorm/act/mlp/out_layerN, norm, logits) as CSV or float npy, or in any format
 and encoding 5_golden.py writes (its golden_manifest.json beside them says which; every sha256 must
-match). Reads REFERENCE_DIR (step 2: the ref_ files and attention_mask.csv).
+match). Reads REFERENCE_DIR (step 2: the ref_ files and attention_mask.csv), each checked first against step 2's
+manifest.json (sha256; --no-verify-hashes skips that, and the report says so).
 For every candidate file, over real tokens only: max_abs, max_rel (as step 3), cosine similarity and
 NMSE in dB, PASS/FAIL against ATOL/RTOL; names the first failing node in forward order.
 Writes to OUT_DIR: report.json, report.md, errors.png. Prints the table, the first failing node last.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import grade, layout, paths
+from common import grade, layout, manifest, paths
 from common.atomic import output_folder
 from common.cli import InputError, path_arg, print_settings, run, tolerance
 from common.csv_io import read_csv
@@ -33,6 +34,7 @@ REFERENCE_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_la
 OUT_DIR = None  # None -> outputs/<model folder>/grade
 ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py)
 RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/grade.py)
+VERIFY_HASHES = True  # check every reference file's sha256 against step 2's manifest.json first
 # -------------------------------------------------------------------------------------------------
 
 
@@ -45,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
     p.add_argument("--atol", default=ATOL, type=tolerance)
     p.add_argument("--rtol", default=RTOL, type=tolerance)
+    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
+                   help="check the reference files against step 2's manifest.json (default: on)")
     return p.parse_args(argv)
 
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_dir = args.reference_dir or layout.default_dir(args.model_dir, layout.ACTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GRADE)
     settings = {"MODEL_DIR": args.model_dir, "CANDIDATE_DIR": cand_dir, "REFERENCE_DIR": ref_dir,
-                "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol}
+                "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol, "VERIFY_HASHES": args.verify_hashes}
     print("6_grade.py: grade a candidate implementation's outputs against the model")
     print_settings(settings)
     output_folder(out_dir, inputs=[cand_dir, ref_dir], create=False)  # never into (or around) what is read
@@ -63,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     candidates, skipped = grade.find_candidates(cand_dir)
+    refs = [grade.reference_path(ref_dir, c) for c in candidates]  # all there, before any reading
+    hashes = manifest.HashCheck(args.verify_hashes)
+    hashes.folder(ref_dir, [layout.ATTENTION_MASK, *(p.name for p in refs)], "step 2",
+                  layout.rerun_step2(args.model_dir))
+    print(f"reference files: {hashes.line()}")
     mask_path = ref_dir / layout.ATTENTION_MASK
     if not mask_path.is_file():
         raise InputError(f"{mask_path} is missing: it says which rows are real tokens; "
@@ -75,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(f"note: the candidate is {enc.describe()}: tolerance {note}")
 
-    refs = [grade.reference_path(ref_dir, c) for c in candidates]  # all there, before any reading
     results = []
     for c, ref_path in tqdm(list(zip(candidates, refs)), desc="nodes", unit="node", disable=len(candidates) < 40,
                             file=sys.stdout):
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = out_dir / layout.ERRORS_PLOT
     grade.plot_errors(plot, results)
     settings.update({"encoding": enc.describe(), "effective ATOL": atol, "effective RTOL": rtol,
-                     "tolerance note": note or "none", "skipped": ", ".join(skipped) or "none"})
+                     "tolerance note": note or "none", "skipped": ", ".join(skipped) or "none",
+                     "reference hashes": hashes.line()})
     grade.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, [plot.name], atol, rtol)
     print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}, {plot.name}; graded in {t_grade:.2f} s, "
           f"{time.perf_counter() - t0:.2f} s in all")

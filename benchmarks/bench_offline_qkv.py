@@ -126,7 +126,7 @@ def main() -> int:
         r = run("3_offline_qkv.py", "--model-dir", str(MODEL_DIR), "--weights-dir", str(weights),
                 "--acts-dir", str(acts), "--out-dir", str(out))
         step3.append(time.perf_counter() - t0)
-        hashed = re.search(r"^input files: the sha256 of all (\d+) input files \(([\d.]+) MB\).*\(([\d.]+) s\)$",
+        hashed = re.search(r"^input files: the sha256 of all (\d+) input files \(([\d.]+) MB\) match .*\(([\d.]+) s\)$",
                            r.stdout, re.M)
         hash_s.append(float(hashed[3]))
         t0 = time.perf_counter()

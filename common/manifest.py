@@ -181,7 +181,7 @@ class HashCheck:
 
     def line(self) -> str:
         if not self.enabled:
-            return ("NOT verified (--no-verify-hashes): the input files were not checked against the manifests "
-                    "of steps 1 and 2, so an edit below the tolerance would pass unseen")
-        return (f"the sha256 of all {self.files} input files ({self.bytes / 1e6:.1f} MB) match the manifests of "
-                f"steps 1 and 2 ({self.seconds:.2f} s)")
+            return ("NOT verified (--no-verify-hashes): the input files were not checked against their folders' "
+                    f"{MANIFEST_NAME}, so an edit below the tolerance would pass unseen")
+        return (f"the sha256 of all {self.files} input files ({self.bytes / 1e6:.1f} MB) match their folders' "
+                f"{MANIFEST_NAME} ({self.seconds:.2f} s)")

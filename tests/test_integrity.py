@@ -110,7 +110,7 @@ def test_untouched_folders_pass_and_are_left_as_they_were(pipeline, tmp_path, na
     assert fingerprint(weights, acts) == before
     settings = json.loads((tmp_path / "out" / layout.REPORT_JSON).read_text())["settings"]
     assert settings["VERIFY_HASHES"] == "True"
-    assert re.match(r"the sha256 of all \d+ input files \(.* MB\) match the manifests of steps 1 and 2",
+    assert re.match(r"the sha256 of all \d+ input files \(.* MB\) match their folders' manifest.json",
                     settings["input hashes"]), settings["input hashes"]
 
 
@@ -177,3 +177,14 @@ def test_a_decode_subfolder_is_checked_like_any_file(pipeline, tmp_path):
     write_csv(folder / "decode/step_1/x_layer0.csv", np.full((2, 3), 2, np.float32))
     with pytest.raises(Exception, match=r"decode/step_1/x_layer0.csv was modified after step 2 wrote it"):
         manifest.verify_files(folder, ["decode/step_1/x_layer0.csv"], "step 2", "rerun")
+
+
+def test_grade_checks_its_references_too(pipeline, tmp_path):
+    """6_grade.py reads step 2's ref_ files: a padding row changed there is named, as in steps 3 and 4."""
+    weights, acts = copies(pipeline, tmp_path)
+    assert step(STEPS[0], pipeline, weights, acts, tmp_path / "qkv").code == 0
+    tamper_padding_rows(acts / layout.ref_file("q", 1))
+    args = ("--candidate-dir", tmp_path / "qkv", "--reference-dir", acts, "--out-dir", tmp_path / "grade")
+    one_line(run_main("6_grade.py", *args), str(acts / layout.ref_file("q", 1)), "was modified after step 2")
+    r = run_main("6_grade.py", *args, "--no-verify-hashes")
+    assert r.code == 0 and "NOT verified" in r.out, r.out[-2000:]
