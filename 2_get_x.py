@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(layers)} layers); fewer --layers or a shorter prompt write less", flush=True)
 
     output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
-    manifest.remove_manifest(out_dir)  # until this run's is written, last, nothing vouches for the folder
+    manifest.remove_manifest(out_dir, 2)  # until this run's is written, last, nothing vouches for the folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
     written: dict[str, dict] = {}  # file name -> manifest entry (shape, bytes, sha256)
     probs_bytes = 0

@@ -19,9 +19,9 @@ Entries of other files are kept, so reruns with different filters add up.
 Step 2 writes one too (write_step_manifest), last, over the whole run: every file it wrote, keyed by
 its path inside OUT_DIR (so files in subfolders are covered), with its shape (CSV), bytes and sha256,
 and the inputs it read (input_signature). Steps 3 and 4 check every file they will read against
-the manifest of its folder before computing anything (verify_files): a change below the
-verification tolerance (one digit of a weight, rope_theta in a meta file, a padding row that no
-check looks at) is invisible to the numbers, never to a sha256.
+the manifest of its folder before computing anything (verify_files; 6_grade.py its references): a
+change below the verification tolerance (one digit of a weight, rope_theta in a meta file, a
+padding row that no check looks at) is invisible to the numbers, never to a sha256.
 """
 from __future__ import annotations
 
@@ -118,9 +118,20 @@ def input_signature(model_dir: Path) -> dict:
     return {"model_dir": str(Path(model_dir).resolve()), "files": files}
 
 
-def remove_manifest(folder: Path) -> None:
-    """Before a step rewrites a folder: from then until its new manifest, nothing vouches for the files."""
-    (Path(folder) / MANIFEST_NAME).unlink(missing_ok=True)
+def remove_manifest(folder: Path, step: int) -> None:
+    """Before a step rewrites a folder: from then until its new manifest, nothing vouches for the files.
+    Another step's manifest (step 1's, in a weights folder given as OUT_DIR) is refused, never removed."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        owner = json.loads(path.read_bytes()).get("step", 1)  # step 1's record has no "step"
+    except (ValueError, AttributeError):
+        owner = step  # unreadable: no record worth keeping
+    if owner != step:
+        raise InputError(f"{folder} holds the {MANIFEST_NAME} of step {owner}: give step {step} a folder of "
+                         "its own (--out-dir)")
+    path.unlink()
 
 
 def write_step_manifest(folder: Path, step: int, files: dict[str, dict], inputs: dict) -> None:
@@ -171,11 +182,14 @@ class HashCheck:
 
     def __init__(self, enabled: bool):
         self.enabled, self.files, self.bytes, self.seconds = enabled, 0, 0, 0.0
+        self.checked: set[Path] = set()  # each file is hashed once, however often it is named
 
     def folder(self, folder: Path, names: Iterable[str], step: str, fix: str) -> None:
         if self.enabled:
             t0 = time.perf_counter()
-            files, nbytes = verify_files(folder, names, step, fix)
+            todo = [n for n in names if Path(folder) / n not in self.checked]
+            self.checked.update(Path(folder) / n for n in todo)
+            files, nbytes = verify_files(folder, todo, step, fix)
             self.files, self.bytes = self.files + files, self.bytes + nbytes
             self.seconds += time.perf_counter() - t0
 

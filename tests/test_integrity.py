@@ -17,6 +17,7 @@ from conftest import load_script
 import test_offline_qkv as qkv_tests
 from common import capture, layout
 from common.atomic import sha256_file
+from common.cli import InputError
 from common.csv_io import read_csv, write_csv
 from hostile import fingerprint, one_line, run_main
 
@@ -188,3 +189,14 @@ def test_grade_checks_its_references_too(pipeline, tmp_path):
     one_line(run_main("6_grade.py", *args), str(acts / layout.ref_file("q", 1)), "was modified after step 2")
     r = run_main("6_grade.py", *args, "--no-verify-hashes")
     assert r.code == 0 and "NOT verified" in r.out, r.out[-2000:]
+
+
+def test_step_2_never_removes_step_1s_manifest(pipeline, tmp_path):
+    model, weights, _ = pipeline
+    shared = tmp_path / "weights"
+    shutil.copytree(weights, shared)
+    before = fingerprint(shared)
+    with pytest.raises(InputError, match=re.escape(f"{shared} holds the manifest.json of step 1: give step 2 a "
+                                                   "folder of its own")):
+        qkv_tests.capture(model, shared, "--layers", "0")
+    assert fingerprint(shared) == before
