@@ -63,10 +63,13 @@ def test_streaming_files_are_bit_identical(tiny_models, tmp_path, variant):
     full = capture(tiny_models[variant], tmp_path / "full")
     streamed = capture(tiny_models[variant], tmp_path / "streamed", "--streaming")
     names = sorted(p.name for p in full.iterdir())
-    assert names == sorted(p.name for p in streamed.iterdir()) and len(names) == 3 * 13 + 7  # 12 CSVs + meta per layer; batch, head, meta_model, vocab
+    # 12 CSVs + meta per layer; batch, head, meta_model, vocab, manifest
+    assert names == sorted(p.name for p in streamed.iterdir()) and len(names) == 3 * 13 + 8
+    listed = [json.loads((d / layout.MANIFEST).read_text())["files"] for d in (full, streamed)]
     for name in names:
         if name.endswith(".csv"):
             assert filecmp.cmp(full / name, streamed / name, shallow=False), name
+            assert listed[0][name] == listed[1][name], name  # the same shape, bytes and sha256
     for meta in [meta_file(n) for n in range(3)] + [layout.META_MODEL]:
         a, b = (json.loads((d / meta).read_text()) for d in (full, streamed))
         assert (a["provenance"].pop("streaming"), b["provenance"].pop("streaming")) == (False, True)
