@@ -68,7 +68,7 @@ def long_prompt(model_dir: Path) -> str:
 
 def prepare() -> tuple[Path, Path, Path]:
     model, weights, acts = WORK_DIR / "model", WORK_DIR / layout.WEIGHTS, WORK_DIR / layout.ACTS
-    if not (WORK_DIR / ".prepared").is_file():
+    if not (WORK_DIR / ".prepared").is_file() or not (acts / layout.MANIFEST).is_file():  # older: no manifest
         import model_factory
 
         print(f"preparing a {LAYERS}-layer Llama-3.2-1B-shaped model and a {T}-token capture in {WORK_DIR} ...",

@@ -90,7 +90,7 @@ def prepare_demo() -> tuple[Path, Path]:
     if not (DEMO_DIR / ".complete").is_file():
         print("building the demo model (0_download_models.py --demo) ...", flush=True)
         run("0_download_models.py", "--demo")
-    if not (WORK_DIR / ".demo_prepared").is_file():
+    if not (WORK_DIR / ".demo_prepared").is_file() or not (acts / layout.MANIFEST).is_file():  # older: no manifest
         print(f"preparing the demo model's step 1 (every tensor) and step 2 outputs in {WORK_DIR} ...", flush=True)
         run("1_model_weights.py", "--model-dir", str(DEMO_DIR), "--out-dir", str(weights))
         run("2_get_x.py", "--model-dir", str(DEMO_DIR), "--out-dir", str(acts), "--chat")
