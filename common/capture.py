@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Container, Iterator
 
@@ -161,13 +161,15 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
                 layer.register_forward_hook(lambda m, a, out, n=n: add(n, "ref_out", rows(output_tensor(out)))),
             ]
         if save_reference or save_attn_probs:
-            def qkv(q, k, v, probs, n=n):  # (B, H, T, Dh) after RoPE; (B, Hkv, T, Dh) before repeat_kv
+            def qkv(q, k, v, probs, n=n):  # (B, H, T, Dh) after RoPE; (B, Hkv, T_cache, Dh) before repeat_kv
                 if save_reference:
+                    # With a KV cache k and v are the whole cache; the model computed only the last T rows.
+                    T = q.shape[2]
                     add(n, "ref_q", head_rows(q))
-                    add(n, "ref_k", head_rows(k))
-                    add(n, "ref_v", head_rows(v))
+                    add(n, "ref_k", head_rows(k[:, :, -T:]))
+                    add(n, "ref_v", head_rows(v[:, :, -T:]))
                 if save_attn_probs:
-                    add(n, "ref_probs", prob_rows(probs))  # (B, H, T, T)
+                    add(n, "ref_probs", prob_rows(probs))  # (B, H, T, T_cache)
 
             _RECORDERS[layer.self_attn] = qkv
         handles.append(layer.register_forward_hook(done))  # registered last: runs after the others
@@ -232,29 +234,71 @@ def model_facts(config, layer: nn.Module) -> dict:
 def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
                        device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
                        meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
-                       logits: str = "all", head_sink: Callable | None = None) -> dict:
+                       logits: str = "all", head_sink: Callable | None = None, generate: int = 0,
+                       decode_sinks: Callable | None = None) -> dict:
     """Load the whole model (eager attention, `dtype`), run the batch once with hooks; return model_facts.
 
     meta, if given, gets rope_meta of the model before sink sees the first layer. With logits "all"
     or "last" the model runs to its logits and head_sink receives ref_norm and ref_logits; with
-    "none" only the decoder runs.
+    "none" only the decoder runs. With generate = N > 0 the prefill fills a KV cache and N greedy
+    decode steps follow (decode_capture; decode_sinks as there).
     """
-    from transformers import LlamaForCausalLM
+    from transformers import DynamicCache, LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
                                              attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
     if meta is not None:
         meta.update(rope_meta(model.model.rotary_emb))
     hooked = {n: model.model.layers[n] for n in layers}
+    cache = DynamicCache(config=model.config) if generate else None
     inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
-              "position_ids": batch.position_ids.to(device), "use_cache": False}
+              "position_ids": batch.position_ids.to(device), "use_cache": bool(generate),
+              "past_key_values": cache}
+    head = (capture_head(model.model.norm, model.lm_head, head_sink, logit_rows(batch.attention_mask, logits))
+            if logits != "none" else nullcontext())
     with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs, save_attn_probs):
-        if logits == "none":
+        if logits == "none" and not generate:
             model.model(**inputs)
         else:
-            with capture_head(model.model.norm, model.lm_head, head_sink, logit_rows(batch.attention_mask, logits)):
-                model(**inputs, logits_to_keep=0)  # 0: the logits of every position
+            with head:
+                out = model(**inputs, logits_to_keep=0)  # 0: the logits of every position
+    if generate:
+        rows_last = logit_rows(batch.attention_mask, "last")
+        first = rows(out.logits)[rows_last].float().argmax(-1)  # (B,): each prompt's greedy next token
+        decode_capture(model, batch, first, cache, generate, hooked, decode_sinks, save_x_norm, save_reference,
+                       save_layer_refs, save_attn_probs, logits != "none")
     return model_facts(model.config, model.model.layers[0])
+
+
+def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hooked: dict[int, nn.Module],
+                   decode_sinks: Callable, save_x_norm: bool, save_reference: bool, save_layer_refs: bool,
+                   save_attn_probs: bool, save_head: bool) -> None:
+    """Greedy decode steps 1..steps after a prefill that filled `cache` (a DynamicCache), captured as it runs.
+
+    Each step feeds every prompt its last greedy token (next_ids, (B,)) as one new row, as
+    generate() does: the attention mask grows by a 1 per step (cache + new token), and the position
+    is generate()'s, cumsum(mask) - 1 (+ the batch's position offset) at the new token: each prompt's
+    last position + 1, whatever its padding. decode_sinks(S, fed) -> (sink, head_sink, done) for
+    step S (S = 1..steps), where fed = {"input_ids" (B, 1), "attention_mask" (B, T + S),
+    "position_ids" (B, 1)}: sink and head_sink receive the step's layers and head as in
+    capture_layers/capture_head, and done(next_ids) the step's greedy tokens (B,).
+    """
+    from common.prompts import position_ids_from_mask
+
+    device = next(model.parameters()).device
+    mask = batch.attention_mask
+    for step in tqdm(range(1, steps + 1), desc="decode", unit="step", disable=not os.isatty(2)):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + step)
+        fed = {"input_ids": next_ids[:, None].clone(), "attention_mask": mask,
+               "position_ids": position_ids_from_mask(mask, batch.position_offset)[:, -1:]}
+        sink, head_sink, done = decode_sinks(step, fed)
+        head = capture_head(model.model.norm, model.lm_head, head_sink, None) if save_head else nullcontext()
+        with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs,
+                            save_attn_probs), head:
+            out = model(input_ids=fed["input_ids"].to(device), attention_mask=mask.to(device),
+                        position_ids=fed["position_ids"].to(device), past_key_values=cache, use_cache=True)
+        next_ids = out.logits[:, -1].float().argmax(-1).cpu()  # (B,): generate()'s greedy choice
+        done(next_ids)
 
 
 def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
@@ -342,6 +386,51 @@ def write_batch(out_dir: Path, batch, save_masks: bool) -> dict[str, dict]:
         entries.update(save_csv(out_dir, layout.ATTENTION_MASK, batch.attention_mask))
         entries.update(save_csv(out_dir, layout.POSITION_IDS, batch.position_ids))
     return entries
+
+
+def write_decode_batch(folder: Path, batch, step: int, fed: dict[str, torch.Tensor], generated: torch.Tensor,
+                       tokenizer, save_masks: bool) -> dict[str, dict]:
+    """Decode step `step`'s tokens.json (and with save_masks its attention mask (B, T + step) and position
+    ids (B, 1)): the token fed, the greedy next token, and every id generated so far (B, step + 1).
+
+    Returns their manifest entries (name inside folder -> entry).
+    """
+    fed_ids, next_ids = fed["input_ids"].tolist(), generated[:, -1].tolist()
+    entries = save_json(folder, layout.TOKENS, {
+        "prompts": batch.prompts,
+        "padding_side": batch.padding_side,
+        "decode_step": step,
+        "input_ids": fed_ids,  # [B][1]: the token this step feeds (the previous step's greedy choice)
+        "tokens": [tokenizer.convert_ids_to_tokens(row) for row in fed_ids],
+        "next_ids": next_ids,  # [B]: argmax of this step's logits, what step + 1 feeds
+        "next_tokens": tokenizer.convert_ids_to_tokens(next_ids),
+        "generated_ids": generated.tolist(),  # [B][step + 1]: the prefill's greedy token, then each step's
+        "generated_text": [tokenizer.decode(row) for row in generated.tolist()],
+    })
+    if save_masks:
+        entries.update(save_csv(folder, layout.ATTENTION_MASK, fed["attention_mask"]))
+        entries.update(save_csv(folder, layout.POSITION_IDS, fed["position_ids"]))
+    return entries
+
+
+def stale_decode_files(out_dir: Path, written: Container[str]) -> list[Path]:
+    """Step-2 files under decode/step_S/ that this run did not write (more steps, or other settings, before);
+    written holds paths inside out_dir (layout.decode_path)."""
+    stale = []
+    for s in layout.decode_steps(out_dir):
+        folder = layout.decode_dir(out_dir, s)
+        stale += stale_files(folder, {p.name for p in folder.iterdir() if layout.decode_path(s, p.name) in written})
+    return stale
+
+
+def remove_empty_decode_dirs(out_dir: Path) -> None:
+    """The step folders (and decode/) that stale_decode_files emptied; a folder holding anything else stays."""
+    for s in layout.decode_steps(out_dir):
+        if not any(layout.decode_dir(out_dir, s).iterdir()):
+            layout.decode_dir(out_dir, s).rmdir()
+    decode = out_dir / layout.DECODE
+    if decode.is_dir() and not any(decode.iterdir()):
+        decode.rmdir()
 
 
 def stale_files(out_dir: Path, written: Container[str]) -> list[Path]:

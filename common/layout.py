@@ -7,6 +7,8 @@ One home for the on-disk contract (SPEC): no other module builds these names.
                            qkv/            step 3: q/k/v/attn/probs_layerN.csv, report.json, report.md, PNGs
                            x_all_layers_offsetK/, qkv_offsetK/   the same at positions K.. (make demo)
                            forward/, forward_chain/   step 4: every node of every layer, norm.csv, logits.csv
+                           x_all_layers/decode/step_S/   step 2 with --generate N: decode step S (1..N),
+                                           the same files for one new token per prompt (qkv/, forward/ alike)
 
 Per-layer files are `<stem>_layer<N>.<ext>`; the model's own value of a quantity that a later
 step recomputes is its `ref_` twin (`ref_q_layerN.csv` beside step 3's `q_layerN.csv`). A new
@@ -28,6 +30,9 @@ from common.step_files import check_meta_values
 # Default folders under outputs/<model folder>/ (paths.output_dir).
 WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
 FORWARD_CHAIN = "forward_chain"  # step 4's chain mode, beside its layer mode's folder
+
+DECODE = "decode"  # step 2's --generate N: decode/step_S/ for S = 1..N, in the step folders of 2, 3 and 4
+STEP_FOLDER = "step_{}"  # decode step S's folder inside DECODE
 
 # Step 2's files besides the per-layer ones: exactly what was fed to the model.
 ATTENTION_MASK = "attention_mask.csv"  # (B, T), 1 = real token
@@ -77,6 +82,22 @@ def offset_folder(folder: str, offset: int) -> str:
     """A capture at positions offset.. and its checks live beside the default ones:
     x_all_layers, 100000 -> x_all_layers_offset100000 (qkv -> qkv_offset100000)."""
     return f"{folder}_offset{offset}"
+
+
+def decode_dir(folder: Path, step: int) -> Path:
+    """Decode step `step` (1-based) of a step folder: x_all_layers, 2 -> x_all_layers/decode/step_2."""
+    return Path(folder) / DECODE / STEP_FOLDER.format(step)
+
+
+def decode_path(step: int, name: str) -> str:
+    """A decode step's file as a path inside its step folder (a manifest key): 2, x_layer0.csv -> decode/step_2/x_layer0.csv."""
+    return f"{DECODE}/{STEP_FOLDER.format(step)}/{name}"
+
+
+def decode_steps(folder: Path) -> list[int]:
+    """The decode steps a step folder holds (decode/step_S/), in order; [] when none."""
+    found = (re.fullmatch(r"step_(\d+)", p.name) for p in (Path(folder) / DECODE).glob("step_*") if p.is_dir())
+    return sorted(int(m[1]) for m in found if m)
 
 
 def layer_file(stem: str, n: int, ext: str = "csv") -> str:
