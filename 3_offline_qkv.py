@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import attention, layout, manifest, norm, paths, qkv, report
+from common import attention, decode, layout, manifest, norm, paths, qkv, report
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.verify import DEFINITION
+from common.verify import DEFINITION, QUANTITIES
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -92,6 +92,16 @@ def check_plot_choice(args, layers: list[int], metas: dict[int, dict]) -> int:
     return layer
 
 
+def step_attention(w: attention.AttentionWeights, norm_w: np.ndarray, meta: dict, pow_lanes: int) -> decode.Compute:
+    """One decode step of one layer, as step 3 checks it: the input norm, then attention over the cache."""
+    def compute(x: np.ndarray, step: decode.Step, cache: decode.Cache) -> dict:
+        xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
+        return {"xnorm": xnorm, **attention.attention_block(
+            xnorm, w, step.positions, step.mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
+            meta["rope_theta"], meta["rope_scaling"], keep_probs="all", pow_lanes=pow_lanes, past_kv=cache)}
+    return compute
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     layers = choose_layers(args, acts_dir)
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
-    hashes.folder(acts_dir, qkv.step2_inputs(layers), "step 2", layout.rerun_step2(args.model_dir))
+    hashes.folder(acts_dir, decode.with_steps(acts_dir, qkv.step2_inputs(layers)), "step 2",
+                  layout.rerun_step2(args.model_dir))
     metas = layout.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
     dtype = metas[layers[0]]["dtype"]
@@ -125,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
     real_probs = qkv.real_prob_rows(mask, metas[layers[0]]["num_heads"])  # (B*H*T,)
+    steps = decode.read_steps(acts_dir, layers, B, T, mask)  # step 2's --generate: [] without
+    if steps:
+        print(f"decode steps: {len(steps)}, each verified over a KV cache of its own recomputed K and V")
 
     results: dict[int, dict[str, dict]] = {}
     missing_refs: list[Path] = []
@@ -142,12 +156,19 @@ def main(argv: list[str] | None = None) -> int:
             plot_probs = (out["probs"][args.plot_prompt, args.plot_head].copy() if keep == "all"
                           else out["probs"])  # (T, T)
         rows = qkv.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
-        del x, w, xnorm, out  # before the references are read: a long prompt's peak memory is here
+        del x, xnorm, out  # before the references are read: a long prompt's peak memory is here
         qkv.write_outputs(out_dir, n, rows)
         checked, missing = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
         if checked:
             results[n] = checked
         missing_refs += missing
+        if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
+            checked, missing = decode.verify_steps(steps, n, decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"]),
+                                                   step_attention(w, qkv.read_input_norm(weights_dir, n, meta), meta, pow_lanes),
+                                                   qkv.write_outputs, out_dir, QUANTITIES, args.atol, args.rtol)
+            results.update(checked)
+            missing_refs += missing
+        del w
 
     print(f"wrote {len(layers) * len(layout.QKV_STEMS)} CSV files ({', '.join(layout.QKV_STEMS)} of {len(layers)} "
           f"layers) to {out_dir}")

@@ -5,6 +5,7 @@
     query head h reads KV head h // (H / Hkv)   (grouped-query attention)
     p = softmax(q k^T / sqrt(Dh) + mask)         (causal by index, padded keys masked;
                                                   QUERY_BLOCK query rows at a time)
+    decode: k, v = concat(cache, new rows)       (the new queries are the last rows of the keys)
     attn = concat_h(p v) Wo^T (+ bo)
 
 No transformers here: this is the independent recomputation that step 3 checks the model against.
@@ -60,14 +61,16 @@ def check_heads(num_heads: int, num_kv_heads: int) -> None:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
 
 
-def attention_allowed(attention_mask: np.ndarray, rows: slice = slice(None), keys: int | None = None) -> np.ndarray:
+def attention_allowed(attention_mask: np.ndarray, rows: slice = slice(None), keys: int | None = None,
+                      past: int = 0) -> np.ndarray:
     """Which key each query may see: causal by index (j <= i) and not padding.
 
-    attention_mask (B, T) -> (B, t, n) bool for the query rows `rows` and the first n = keys keys.
+    attention_mask (B, past + T) covers the keys: a KV cache of `past` rows, then the T queries' own.
+    -> (B, t, n) bool for the query rows `rows` (of T) and the first n = keys keys; query i is key past + i.
     """
-    T = attention_mask.shape[1]
-    n = T if keys is None else keys
-    i = np.arange(T)[rows]  # (t,) query indices
+    T = attention_mask.shape[1] - past
+    n = past + T if keys is None else keys
+    i = past + np.arange(T)[rows]  # (t,) query indices among the keys
     causal = np.arange(n)[None, :] <= i[:, None]  # (t, n)
     return causal[None, :, :] & (attention_mask[:, None, :n] > 0)
 
@@ -89,31 +92,33 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attention_mask: np.nd
               keep_probs: str | tuple[int, int] | None = None, block: int | None = None):
     """Scaled dot-product attention with GQA, QUERY_BLOCK query rows at a time.
 
-    q (B, T, H, Dh), k/v (B, T, Hkv, Dh), attention_mask (B, T) -> context (B, T, H, Dh), probs.
-    probs: None; with keep_probs="all" every head's (B, H, T, T); with keep_probs=(b, h) that
-    prompt's and head's (T, T) only (what a plot needs). Only "all" ever holds B x H x T x T.
+    q (B, T, H, Dh), k/v (B, Tk, Hkv, Dh), attention_mask (B, Tk) -> context (B, T, H, Dh), probs.
+    Tk = T without a KV cache; with one (a decode step) the T queries are the last T keys.
+    probs: None; with keep_probs="all" every head's (B, H, T, Tk); with keep_probs=(b, h) that
+    prompt's and head's (T, Tk) only (what a plot needs). Only "all" ever holds B x H x T x Tk.
     """
     B, T, H, Dh = q.shape
-    Hkv = k.shape[2]
+    Tk, Hkv = k.shape[1], k.shape[2]
+    past = Tk - T  # KV-cache rows before the first query
     block = block or QUERY_BLOCK
     if keep_probs == "all" and T > PROBS_MAX_SEQ_LEN:
         raise ValueError(f"every head's probabilities of {T} tokens ({B * H * T * T * 4 / 1e9:.1f} GB): "
                          f"kept up to PROBS_MAX_SEQ_LEN = {PROBS_MAX_SEQ_LEN} tokens only")
     # Keys and values contiguous per head (and each query block below): BLAS multiplies those up to
     # three times faster than strided views.
-    kh = np.ascontiguousarray(repeat_kv(k, H // Hkv).transpose(0, 2, 1, 3))  # (B, T, H, Dh) -> (B, H, T, Dh)
+    kh = np.ascontiguousarray(repeat_kv(k, H // Hkv).transpose(0, 2, 1, 3))  # (B, Tk, H, Dh) -> (B, H, Tk, Dh)
     vh = np.ascontiguousarray(repeat_kv(v, H // Hkv).transpose(0, 2, 1, 3))
     qh = q.transpose(0, 2, 1, 3)  # (B, H, T, Dh), a view
     scale = np.float32(1.0 / np.sqrt(Dh))
     context = np.empty((B, H, T, Dh), np.float32)
-    probs = (np.zeros((B, H, T, T), np.float32) if keep_probs == "all"
-             else np.zeros((T, T), np.float32) if keep_probs is not None else None)
+    probs = (np.zeros((B, H, T, Tk), np.float32) if keep_probs == "all"
+             else np.zeros((T, Tk), np.float32) if keep_probs is not None else None)
     for s in range(0, T, block):
         rows = slice(s, min(s + block, T))
-        n = rows.stop  # causal: the rows of this block see keys 0 .. rows.stop - 1 only
+        n = past + rows.stop  # causal: the rows of this block see keys 0 .. past + rows.stop - 1 only
         q_rows = np.ascontiguousarray(qh[:, :, rows])  # (B, H, t, Dh)
         scores = (q_rows @ kh[:, :, :n].transpose(0, 1, 3, 2)) * scale  # (B, H, t, n)
-        p = softmax(scores, attention_allowed(attention_mask, rows, n)[:, None])  # (B, H, t, n)
+        p = softmax(scores, attention_allowed(attention_mask, rows, n, past)[:, None])  # (B, H, t, n)
         context[:, :, rows] = p @ vh[:, :, :n]  # (B, H, t, Dh)
         if keep_probs == "all":
             probs[:, :, rows, :n] = p
@@ -122,18 +127,30 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attention_mask: np.nd
     return context.transpose(0, 2, 1, 3), probs  # (B, T, H, Dh)
 
 
+def with_cache(past_kv: tuple[np.ndarray, np.ndarray] | None, k: np.ndarray, v: np.ndarray,
+               attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The keys and values the new queries attend to: the cache's (B, P, Hkv, Dh), then their own
+    (B, T, Hkv, Dh); attention_mask (B, P + T) covers both. No cache: k, v as they are."""
+    if past_kv is None:
+        return k, v, attention_mask
+    return np.concatenate([past_kv[0], k], axis=1), np.concatenate([past_kv[1], v], axis=1), attention_mask
+
+
 def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
                     num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
                     rope_scaling: dict | None, keep_probs: str | tuple[int, int] | None = None,
-                    pow_lanes: int | None = None) -> dict[str, np.ndarray]:
+                    pow_lanes: int | None = None, past_kv: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> dict[str, np.ndarray]:
     """Recompute one layer's attention from its normalised input.
 
-    xnorm (B*T, d) batch-major; position_ids, attention_mask (B, T). Returns q (B*T, H*Dh) and
-    k, v (B*T, Hkv*Dh) after RoPE (v has none), head-major columns (h*Dh + j) like the model's
-    projections; attn (B*T, d) after o_proj; probs as `attention` keeps them (keep_probs).
+    xnorm (B*T, d) batch-major; position_ids (B, T); attention_mask (B, T), or (B, P + T) with a
+    KV cache past_kv = (k, v), each (B, P, Hkv, Dh) after RoPE: the keys of earlier tokens, which
+    the new queries attend to before their own (a decode step: T = 1). Returns q (B*T, H*Dh) and
+    k, v (B*T, Hkv*Dh) after RoPE (v has none) of the new rows only, head-major columns (h*Dh + j)
+    like the model's projections; attn (B*T, d) after o_proj; probs as `attention` keeps them.
     pow_lanes: the capture machine's SIMD width for RoPE's pow (common/rope.py, point 4; None: here's).
     """
-    B, T = attention_mask.shape
+    B, T = position_ids.shape
     H, Hkv, Dh = num_heads, num_kv_heads, head_dim
     check_heads(H, Hkv)
     q = linear(xnorm, w.wq, w.bq).reshape(B, T, H, Dh)  # (B*T, H*Dh) -> (B, T, H, Dh)
@@ -141,7 +158,8 @@ def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.nda
     v = linear(xnorm, w.wv, w.bv).reshape(B, T, Hkv, Dh)
     cos, sin = rope.rope_cos_sin(position_ids, rope.rope_inv_freq(Dh, rope_theta, rope_scaling, pow_lanes))
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    context, probs = attention(q, k, v, attention_mask, keep_probs)
+    k_all, v_all, attention_mask = with_cache(past_kv, k, v, attention_mask)
+    context, probs = attention(q, k_all, v_all, attention_mask, keep_probs)  # over (B, P + T) keys
     attn = linear(context.reshape(B * T, H * Dh), w.wo, w.bo)  # (B, T, H, Dh) -> (B*T, H*Dh) -> (B*T, d)
     return {"q": q.reshape(B * T, H * Dh), "k": k.reshape(B * T, Hkv * Dh), "v": v.reshape(B * T, Hkv * Dh),
             "attn": attn, "probs": probs}

@@ -1,7 +1,9 @@
 """Steps 3 and 4's verification report: the console table, report.json, report.md and the PNG plots.
 
 `results` everywhere is {layer: {quantity: common.verify.compare(...) dict}}; `quantities` the
-columns, in forward order (step 3's QUANTITIES unless told otherwise).
+columns, in forward order (step 3's QUANTITIES unless told otherwise). A decode step's layer is the
+key (step, layer): its row in the tables follows the prefill's, labelled "step S: N" (report.json
+keeps them apart, under "decode"), and the plots show the prefill's layers only.
 """
 from __future__ import annotations
 
@@ -41,6 +43,20 @@ def all_pass(results: dict[int, dict[str, dict]]) -> bool:
     return all(m["pass"] for per in results.values() for m in per.values())
 
 
+def row_key(key) -> tuple[int, int]:
+    """Table order: the prefill's layers (step 0), then each decode step's."""
+    return key if isinstance(key, tuple) else (0, key)
+
+
+def row_label(key) -> str:
+    """3 -> "3"; (2, 3) -> "step 2: 3" (decode step 2, layer 3)."""
+    return f"step {key[0]}: {key[1]}" if isinstance(key, tuple) else str(key)
+
+
+def prefill_only(results: dict) -> dict[int, dict[str, dict]]:
+    return {k: v for k, v in results.items() if not isinstance(k, tuple)}
+
+
 def _cell(m: dict | None) -> str:
     if m is None:
         return "-"
@@ -50,10 +66,10 @@ def _cell(m: dict | None) -> str:
 def table_rows(results: dict[int, dict[str, dict]], quantities: tuple[str, ...] = QUANTITIES) -> list[list[str]]:
     """One row per layer: layer, max_rel of each quantity, the layer's max_abs, PASS/FAIL."""
     rows = []
-    for layer in sorted(results):
+    for layer in sorted(results, key=row_key):
         per = results[layer]
         max_abs = max((m["max_abs"] for m in per.values()), key=lambda e: math.inf if math.isnan(e) else e)
-        rows.append([str(layer), *(_cell(per.get(qn)) for qn in quantities), f"{max_abs:.1e}",
+        rows.append([row_label(layer), *(_cell(per.get(qn)) for qn in quantities), f"{max_abs:.1e}",
                      "PASS" if all(m["pass"] for m in per.values()) else "FAIL"])
     return rows
 
@@ -73,8 +89,10 @@ def summary_line(results: dict[int, dict[str, dict]], atol: float, rtol: float,
     n_fail = sum(not m["pass"] for per in results.values() for m in per.values())
     n = sum(len(per) for per in results.values())
     verdict = "PASS" if n_fail == 0 else f"FAIL ({n_fail} of {n} checks)"
-    return (f"{verdict}: {len(results)} layers x {len(quantities)} quantities; worst max_rel {m['max_rel']:.2e} "
-            f"(layer {layer} {qn}, max_abs {m['max_abs']:.2e}); PASS when max_abs <= ATOL {atol:g} + RTOL {rtol:g} * max|ref|")
+    decode = len(results) - len(prefill_only(results))
+    rows = f"{len(results) - decode} layers" + (f" + {decode} decode-step layers" if decode else "")
+    return (f"{verdict}: {rows} x {len(quantities)} quantities; worst max_rel {m['max_rel']:.2e} "
+            f"(layer {row_label(layer)} {qn}, max_abs {m['max_abs']:.2e}); PASS when max_abs <= ATOL {atol:g} + RTOL {rtol:g} * max|ref|")
 
 
 def text_table(rows: list[list[str]]) -> str:
@@ -134,13 +152,22 @@ def write_reports(out_dir: Path, results: dict[int, dict[str, dict]], settings: 
         **(extra_json or {}),
         "atol": atol, "rtol": rtol,
         "definition": definition.strip(),
-        "worst": {"layer": layer, "quantity": qn, **m},
-        "layers": {str(k): v for k, v in sorted(results.items())},
+        "worst": {"layer": layer if isinstance(layer, int) else row_label(layer), "quantity": qn, **m},
+        "layers": {str(k): v for k, v in sorted(prefill_only(results).items())},
+        **({"decode": decode_json(results)} if len(prefill_only(results)) < len(results) else {}),
         "settings": settings,
         "plots": plots,
     }))
     write_text(out_dir / layout.REPORT_MD, markdown(results, settings, definition, plots, atol, rtol, quantities,
                                                     **({"title": title} if title else {}), extra=extra_md))
+
+
+def decode_json(results: dict) -> dict[str, dict[str, dict]]:
+    """report.json's "decode": {"step_S": {"N": metrics}} for the (step, layer) keys of results."""
+    out: dict[str, dict[str, dict]] = {}
+    for (step, n), per in sorted((k, v) for k, v in results.items() if isinstance(k, tuple)):
+        out.setdefault(f"step_{step}", {})[str(n)] = per
+    return out
 
 
 def token_labels(tokens: dict, prompt: int, real: np.ndarray) -> list[str]:
@@ -165,6 +192,7 @@ def plot_errors(path: Path, results: dict[int, dict[str, dict]], rtol: float,
     """max_rel per layer, one line per quantity, log scale, with the RTOL line."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
+    results = prefill_only(results)
     layers = sorted(results)
     fig, ax = plt.subplots(figsize=(8, 4))
     for qn, marker in zip(quantities, "os^Dv<>phX*P"):

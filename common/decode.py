@@ -1,0 +1,139 @@
+"""Decode steps offline: step 2's decode/step_S/ folders read and checked, and the KV cache that steps
+3 and 4 build from their own recomputed K and V.
+
+A decode step feeds one new token per prompt. Its query is that one row; its keys and values are
+the cache (every earlier token's K and V: the prefill's rows, then each earlier step's row) and
+its own. The cache here is never read back from the references: it is the recomputed K and V of
+the prefill and of the earlier steps, in order, so an error anywhere in it shows in the later steps.
+Its positions are computed as generate() computes them, cumsum(attention mask) - 1 + the capture's
+position offset at the new token (each prompt's last position + 1), never read from the capture:
+a capture that fed other positions FAILs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from common import layout, qkv
+from common.atomic import read_json
+from common.cli import InputError
+from common.csv_io import read_csv
+from common.step_files import RERUN, check_batch, check_tokens
+
+
+@dataclass
+class Step:
+    """Decode step `step` (1-based) of a step-2 folder: what it fed the model."""
+    step: int
+    folder: Path  # step 2's decode/step_S/
+    metas: dict[int, dict]  # layer -> meta_layerN.json (seq_len 1)
+    mask: np.ndarray  # (B, T + S): the cache's tokens (1 real, 0 padding), then the new one
+    positions: np.ndarray  # (B, 1): computed from the mask (step_positions), not read
+    tokens: dict  # tokens.json: input_ids (B, 1) fed, next_ids (B,) the model's greedy choice
+
+    @property
+    def fed(self) -> np.ndarray:
+        """(B,) the token ids this step fed."""
+        return np.array([row[0] for row in self.tokens["input_ids"]], np.int64)
+
+    @property
+    def next_ids(self) -> np.ndarray:
+        """(B,) the model's greedy token after this step."""
+        return np.array(self.tokens["next_ids"], np.int64)
+
+
+def step_positions(mask: np.ndarray, offset: int) -> np.ndarray:
+    """The new token's position, as generate() computes it: cumsum(mask) - 1 + offset at the last column.
+    (B, P + 1) -> (B, 1)"""
+    return mask.cumsum(axis=1)[:, -1:] - 1 + offset
+
+
+def read_steps(acts_dir: Path, layers: list[int], B: int, T: int, prefill_mask: np.ndarray) -> list[Step]:
+    """Every decode step of a step-2 folder (decode/step_1 .. step_N), checked; [] when there are none."""
+    numbers = layout.decode_steps(acts_dir)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise InputError(f"{acts_dir / layout.DECODE} holds steps {numbers}, not 1..{len(numbers)}: {RERUN}")
+    steps = []
+    for s in numbers:
+        folder = layout.decode_dir(acts_dir, s)
+        metas = layout.read_metas(folder, layers)
+        for n, meta in metas.items():
+            if (meta["batch_size"], meta["seq_len"], meta.get("cache_len")) != (B, 1, T + s - 1):
+                raise InputError(f"{folder / layout.meta_file(n)}: not decode step {s} of this batch (batch "
+                                 f"{B}, one new row, a cache of {T + s - 1}): {RERUN}")
+        mask = read_csv(folder / layout.ATTENTION_MASK, (B, T + s))
+        captured = read_csv(folder / layout.POSITION_IDS, (B, 1))
+        tokens = read_json(folder / layout.TOKENS, RERUN, kind=None)
+        check_batch(mask, captured, folder / layout.ATTENTION_MASK, folder / layout.POSITION_IDS)
+        check_tokens(tokens, folder / layout.TOKENS, B, 1)
+        if not np.array_equal(mask[:, :T], prefill_mask) or not (mask[:, T:] == 1).all():
+            raise InputError(f"{folder / layout.ATTENTION_MASK}: not the prefill's mask followed by {s} real "
+                             f"tokens: {RERUN}")
+        ids = tokens.get("next_ids")
+        if not (isinstance(ids, list) and len(ids) == B and all(isinstance(i, int) for i in ids)
+                and isinstance(tokens.get("input_ids"), list)):
+            raise InputError(f"{folder / layout.TOKENS}: input_ids/next_ids are not {B} token ids: {RERUN}")
+        offset = metas[layers[0]].get("position_offset", 0)
+        steps.append(Step(s, folder, metas, mask, step_positions(mask, offset), tokens))
+    for a, b in zip(steps, steps[1:]):
+        if not np.array_equal(a.next_ids, b.fed):
+            raise InputError(f"{b.folder / layout.TOKENS}: feeds {b.fed.tolist()}, but step {a.step} chose "
+                             f"{a.next_ids.tolist()}: {RERUN}")
+    return steps
+
+
+def with_steps(acts_dir: Path, names: list[str]) -> list[str]:
+    """A step-2 folder's file names, and the same names in each of its decode steps (paths inside acts_dir,
+    as its manifest lists them): what a step reads, for manifest.HashCheck."""
+    return names + [layout.decode_path(s, name) for s in layout.decode_steps(acts_dir) for name in names]
+
+
+def heads(rows: np.ndarray, B: int, Dh: int) -> np.ndarray:
+    """(B*T, Hkv*Dh) -> (B, T, Hkv, Dh): K or V rows as the cache holds them."""
+    return rows.reshape(B, -1, rows.shape[1] // Dh, Dh)
+
+
+def grow(cache: tuple[np.ndarray, np.ndarray] | None, k_rows: np.ndarray, v_rows: np.ndarray, B: int, Dh: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """The cache with new K and V rows (B*T, Hkv*Dh) appended after the old ones: (B, P + T, Hkv, Dh) each."""
+    k, v = heads(k_rows, B, Dh), heads(v_rows, B, Dh)
+    if cache is None:
+        return k, v
+    return np.concatenate([cache[0], k], axis=1), np.concatenate([cache[1], v], axis=1)
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    """Where a verifying step writes decode step `step`'s files: OUT_DIR/decode/step_S/."""
+    return layout.decode_dir(out_dir, step)
+
+
+Cache = tuple[np.ndarray, np.ndarray]  # (B, P, Hkv, Dh) K after RoPE, V: every earlier token's
+Compute = Callable[[np.ndarray, Step, "Cache | None"], dict]  # (x (B, d), step, cache) -> nodes, k and v among them
+Write = Callable[[Path, int, dict], list]  # (folder, layer, rows) -> names written
+
+
+def verify_steps(steps: list[Step], n: int, cache: Cache, compute: Compute, write: Write, out_dir: Path,
+                 quantities: tuple[str, ...], atol: float, rtol: float) -> tuple[dict, list[Path]]:
+    """Layer n through every decode step, each from its captured x and the cache grown by the step before.
+
+    cache: the prefill's recomputed K and V of layer n. compute gives a step's nodes (as common/qkv.as_rows
+    takes them), which write puts in OUT_DIR/decode/step_S/ and qkv.verify compares with step 2's
+    decode/step_S/ references. Returns ({(step, n): metrics}, references missing).
+    """
+    results, missing = {}, []
+    for st in steps:
+        meta = st.metas[n]
+        B = meta["batch_size"]
+        nodes = compute(qkv.read_layer_input(st.folder, n, meta), st, cache)
+        cache = grow(cache, nodes["k"], nodes["v"], B, meta["head_dim"])
+        rows = qkv.as_rows(nodes, B)  # probs (B, H, 1, P + 1) -> (B*H, P + 1)
+        write(step_dir(out_dir, st.step), n, rows)
+        every = np.ones(B, bool), np.ones(B * meta["num_heads"], bool)  # one real row per prompt (and head)
+        checked, miss = qkv.verify(st.folder, n, rows, *every, atol, rtol, quantities)
+        if checked:
+            results[(st.step, n)] = checked
+        missing += miss
+    return results, missing
