@@ -100,6 +100,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attention_mask: np.nd
     B, T, H, Dh = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     past = Tk - T  # KV-cache rows before the first query
+    if attention_mask.shape[1] != Tk:
+        raise ValueError(f"the mask covers {attention_mask.shape[1]} keys, the cache and the new rows are {Tk}")
     block = block or QUERY_BLOCK
     if keep_probs == "all" and T > PROBS_MAX_SEQ_LEN:
         raise ValueError(f"every head's probabilities of {T} tokens ({B * H * T * T * 4 / 1e9:.1f} GB): "
