@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import forward, forward_io, forward_report, layout, manifest, paths, qkv, report
+from common import decode, forward, forward_io, forward_report, layout, manifest, paths, qkv, report
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.csv_io import read_csv, write_csv
@@ -123,6 +123,11 @@ def run_head(r: forward_io.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
     return out, forward_io.read_ref_logits(r.acts_dir, r.meta, out["logits"].shape[0])
 
 
+def step_layer(w: forward.LayerWeights, spec: forward.LayerSpec) -> decode.Compute:
+    """One decode step of one layer: every node, the attention over the layer's cache."""
+    return lambda x, step, cache: forward.decoder_layer(x, w, step.positions, step.mask, spec, "all", past_kv=cache)
+
+
 def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     """Every node of every chosen layer from its captured input, then the head from the captured last output."""
     args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
@@ -138,6 +143,12 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
         if checked:
             results[n] = checked
         missing += miss
+        if r.steps:  # every decode step of this layer from its captured x, over a cache of our own K and V
+            cache = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
+            checked, miss = decode.verify_steps(r.steps, n, cache, step_layer(w, spec), forward_io.write_layer_nodes,
+                                                r.out_dir, forward_io.CHECKED, args.atol, args.rtol)
+            results.update(checked)
+            missing += miss
     head, tops = {}, []
     if with_head:  # from the captured input of the final norm, so a head error is the head's own
         ref_out = r.acts_dir / layout.ref_file("out", layers[-1])
@@ -148,6 +159,16 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
                                 r.real_rows, args.atol, args.rtol),
                 "logits": compare(ours["logits"], ref, r.logit_checked_rows(), args.atol, args.rtol)}
         tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
+    decoded = {}
+    if with_head and r.steps:  # each step's head from the step's captured last layer output
+        norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, meta)
+        last = layers[-1]
+
+        def last_out(st: decode.Step) -> np.ndarray:
+            ref_out = st.folder / layout.ref_file("out", last)
+            mine = decode.step_dir(r.out_dir, st.step) / layout.layer_file("out", last)
+            return read_csv(ref_out if ref_out.is_file() else mine, (meta["batch_size"], meta["d_model"]))
+        decoded = decode.head_steps(r.steps, last_out, norm_w, list(head_blocks), meta, r.out_dir, args.atol, args.rtol)
     print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files"
           + (f", {layout.NORM}, {layout.LOGITS}" if head else "") + f" to {r.out_dir}")
     if not results:
@@ -162,11 +183,17 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
         report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, "Step 4, layer mode: every node vs the model")
         if tops:
             forward_report.plot_top_tokens(plots[1], tops)
-    passed = report.all_pass(results) and all(m["pass"] for m in head.values())
+    passed = (report.all_pass(results) and all(m["pass"] for m in head.values())
+              and all(map(forward_report.decode_passed, decoded.values())))
     head_md = ["", f"**{forward_report.head_line(head)}**"] if head else []
+    decode_table = forward_report.decode_rows(decoded, r.vocab) if decoded else []
+    if decoded:
+        head_md += ["", "## Decode steps: the head from each step's captured last layer output", ""]
+        head_md += report.markdown_table(decode_table)
     report.write_reports(r.out_dir, results, {k: str(v) for k, v in r.settings.items()}, forward_report.DEFINITION,
                          [p.name for p in plots], args.atol, args.rtol, forward_io.CHECKED, f"{TITLE} (layer mode)",
-                         {"mode": "layer", "head": head, "top_tokens": tops},
+                         {"mode": "layer", "head": head, "top_tokens": tops,
+                          **({"decode_head": {f"step_{s}": c for s, c in decoded.items()}} if decoded else {})},
                          head_md + forward_report.top_tokens_markdown(tops), passed)
     print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
           + f" in {time.perf_counter() - r.t0:.2f} s")
@@ -175,6 +202,8 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     print(report.console_table(results, args.atol, args.rtol, forward_io.CHECKED))  # the table ends the run
     if head:
         print(forward_report.head_line(head))
+    if decoded:
+        print(report.text_table(decode_table))
     return 0 if passed else 1
 
 
@@ -182,13 +211,24 @@ def chain_mode(r: forward_io.Inputs) -> int:
     """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
     args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
     layers = range(meta["num_layers"])
-    steps = forward.chain(qkv.read_layer_input(r.acts_dir, 0, meta), layers,
-                          lambda n: forward_io.read_layer_weights(r.weights_dir, n, meta), r.position_ids, r.mask,
-                          lambda n: spec)
+    # Decode steps run every layer again for each new token: then the layers' weights are kept after
+    # their first read (the whole model in memory), and each layer's K and V start its cache.
+    kept: dict[int, forward.LayerWeights] = {}
+    caches: dict[int, decode.Cache] = {}
+
+    def load(n: int) -> forward.LayerWeights:
+        w = kept.get(n) or forward_io.read_layer_weights(r.weights_dir, n, meta)
+        if r.steps:
+            kept[n] = w
+        return w
+    chained = forward.chain(qkv.read_layer_input(r.acts_dir, 0, meta), layers, load, r.position_ids, r.mask,
+                            lambda n: spec)
     growth = {}
-    for n, nodes in tqdm(steps, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
+    for n, nodes in tqdm(chained, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
                          file=sys.stdout):
         rows = qkv.as_rows(nodes, r.n_rows)
+        if r.steps:
+            caches[n] = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
         forward_io.write_layer_nodes(r.out_dir, n, rows)
         ref_path = r.acts_dir / layout.ref_file("out", n)
         if ref_path.is_file():
@@ -204,6 +244,17 @@ def chain_mode(r: forward_io.Inputs) -> int:
     passed, verdict = forward_report.chain_verdict(logits, top1, top5, args.chain_rtol)
     print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files, {layout.NORM}, {layout.LOGITS} "
           f"to {r.out_dir}")
+    decoded = {}
+    if r.steps:  # generate offline: our own greedy tokens, their embeddings, our own caches
+        first = r.at_last(ours["logits"]).argmax(axis=1)  # (B,): our greedy token after the prefill
+        embed = decode.embedding_rows(r.weights_dir, meta, {int(t) for st in r.steps for t in st.fed})
+        norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, meta)
+        decoded = decode.chain_steps(r.steps, first, caches, load, spec, embed, norm_w, list(head_blocks), meta,
+                                     r.out_dir, args.chain_rtol)
+        ok = decode.chain_passed(decoded, r.steps)
+        passed = passed and ok
+        verdict += (f"; {'PASS' if ok else 'FAIL'}: {len(r.steps)} decode steps generated offline "
+                    + ("give the model's greedy tokens" if ok else "differ from the model's"))
 
     plots = []
     if args.plots:
@@ -211,11 +262,14 @@ def chain_mode(r: forward_io.Inputs) -> int:
         forward_report.plot_chain(plots[0], growth, logits, args.chain_rtol)
         forward_report.plot_top_tokens(plots[1], tops)
     forward_report.write_chain_report(r.out_dir, passed, verdict, growth, logits, top1, top5, tops,
-                                      {k: str(v) for k, v in r.settings.items()}, [p.name for p in plots])
+                                      {k: str(v) for k, v in r.settings.items()}, [p.name for p in plots], decoded,
+                                      r.vocab)
     print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
           + f" in {time.perf_counter() - r.t0:.2f} s")
     print(forward_report.top_tokens_text(tops))
     print(report.text_table(forward_report.chain_rows(growth)))  # the table ends the run
+    if decoded:
+        print(report.text_table(forward_report.decode_rows(decoded, r.vocab)))
     print(verdict)
     return 0 if passed else 1
 
@@ -241,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     hashes.folder(acts_dir, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
     meta = forward_io.read_model_meta(acts_dir, args.model_dir)
     layers = choose_layers(args, acts_dir, meta)
-    hashes.folder(acts_dir, forward_io.step2_inputs(args.mode, layers), "step 2", rerun2)
+    hashes.folder(acts_dir, decode.with_steps(acts_dir, forward_io.step2_inputs(args.mode, layers)), "step 2",
+                  rerun2)
     with_head = check_inputs(args, acts_dir, meta, layers)
     forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
     pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
@@ -256,12 +311,19 @@ def main(argv: list[str] | None = None) -> int:
               f"near {LOW_PRECISION_ERROR.get(meta['dtype'], 1e-2):g}, far above RTOL {args.rtol:g}")
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
+    # Step 2's --generate N: every decode step of the checked layers (chain mode: of those captured).
+    steps = decode.read_steps(acts_dir, layers if args.mode == "layer" else layout.step2_layers(acts_dir), B, T, mask)
+    embedding = weights_dir / layout.weight_file(layout.EMBEDDING)
+    if steps and args.mode == "chain" and not embedding.is_file():
+        raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
+                         f"{forward_io.step1_command(meta, weights_dir, [], False, args.model_dir)}"
+                         r"'|^model\.embed_tokens\.'")
     settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
-                     "reference dtype": meta["dtype"], "logits captured": meta["logits"],
+                     "reference dtype": meta["dtype"], "logits captured": meta["logits"], "decode steps": len(steps),
                      "input hashes": hashes.line()})
     r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
                qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
-               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes)
+               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes, steps)
     return layer_mode(r, layers, with_head) if args.mode == "layer" else chain_mode(r)
 
 

@@ -17,11 +17,12 @@ from typing import Callable
 
 import numpy as np
 
-from common import layout, qkv
+from common import forward, forward_io, layout, qkv
 from common.atomic import read_json
 from common.cli import InputError
-from common.csv_io import read_csv
+from common.csv_io import read_csv, read_csv_blocks, write_csv
 from common.step_files import RERUN, check_batch, check_tokens
+from common.verify import compare
 
 
 @dataclass
@@ -137,3 +138,88 @@ def verify_steps(steps: list[Step], n: int, cache: Cache, compute: Compute, writ
             results[(st.step, n)] = checked
         missing += miss
     return results, missing
+
+
+def head_steps(steps: list[Step], x_of: Callable[[Step], np.ndarray], norm_w: np.ndarray, head_w: list[np.ndarray],
+               meta: dict, out_dir: Path, atol: float, rtol: float) -> dict[int, dict]:
+    """The final norm and the logits of every decode step from x_of(step) (B, d), written to
+    OUT_DIR/decode/step_S/ and compared with the step's ref_norm/ref_logits; the greedy token
+    (argmax) with the model's next_ids. Returns {step: {"norm": metrics, "logits": metrics,
+    "greedy": {"pass", "offline", "model"}}} (norm or logits absent when step 2 did not save them)."""
+    out = {}
+    for st in steps:
+        B, d = st.mask.shape[0], meta["d_model"]
+        h = forward.head(x_of(st), norm_w, head_w, meta["rms_norm_eps"])
+        folder = step_dir(out_dir, st.step)
+        write_csv(folder / layout.NORM, h["norm"])
+        write_csv(folder / layout.LOGITS, h["logits"])
+        checks, every = {}, np.ones(B, bool)
+        for name, ref, ours, cols in (("norm", layout.REF_NORM, h["norm"], d),
+                                      ("logits", layout.REF_LOGITS, h["logits"], meta["vocab_size"])):
+            if (st.folder / ref).is_file():
+                checks[name] = compare(ours, read_csv(st.folder / ref, (B, cols)), every, atol, rtol)
+        greedy = h["logits"].argmax(axis=1)
+        checks["greedy"] = {"pass": bool(np.array_equal(greedy, st.next_ids)), "offline": greedy.tolist(),
+                            "model": st.next_ids.tolist()}
+        out[st.step] = checks
+    return out
+
+
+def embedding_rows(weights_dir: Path, meta: dict, ids: set[int]) -> dict[int, np.ndarray]:
+    """model.embed_tokens.weight's rows of `ids` (token id -> (d,)), read in blocks: the table is never
+    whole in memory."""
+    path = weights_dir / layout.weight_file(layout.EMBEDDING)
+    V, d = meta["vocab_size"], meta["d_model"]
+    block = max(1, forward_io.HEAD_BLOCK_VALUES // d)
+    rows = {}
+    for i, rows_block in enumerate(read_csv_blocks(path, (V, d), block)):
+        for t in ids:
+            if i * block <= t < i * block + len(rows_block):
+                rows[t] = rows_block[t - i * block].copy()
+    return rows
+
+
+def chain_steps(steps: list[Step], first: np.ndarray, caches: dict[int, Cache], weights: Callable,
+                spec: forward.LayerSpec, embed: dict[int, np.ndarray], norm_w: np.ndarray, head_w: list[np.ndarray],
+                meta: dict, out_dir: Path, chain_rtol: float) -> dict[int, dict]:
+    """Generate offline: from our own greedy token after the prefill (first, (B,)), each step looks up its
+    embedding, runs every layer over the layer's cache (grown in place from caches: the prefill's own
+    recomputed K and V), the final norm and the head, and takes the argmax as the next step's token.
+
+    A step is judged by its token (ours must be what the model fed at that step), its logits
+    (max_rel <= chain_rtol vs ref_logits) and its greedy choice (== the model's next_ids); the first
+    step whose token differs ends the run (later steps would decode another text). Returns
+    {step: {"fed": {...}, "x0": metrics or None, "logits": metrics or None, "greedy": {...}}}.
+    """
+    out, ours = {}, np.asarray(first)
+    for st in steps:
+        fed = {"pass": bool(np.array_equal(ours, st.fed)), "offline": ours.tolist(), "model": st.fed.tolist()}
+        out[st.step] = {"fed": fed}
+        if not fed["pass"]:
+            break
+        B, every = len(ours), np.ones(len(ours), bool)
+        x = np.stack([embed[int(t)] for t in ours])  # (B, d): layer 0's input is the fed token's embedding
+        x0 = st.folder / layout.layer_file("x", 0)
+        out[st.step]["x0"] = (compare(x, read_csv(x0, x.shape), every, 0.0, 0.0) if x0.is_file() else None)
+        for n in range(meta["num_layers"]):
+            nodes = forward.decoder_layer(x, weights(n), st.positions, st.mask, spec, past_kv=caches[n])
+            caches[n] = grow(caches[n], nodes["k"], nodes["v"], B, spec.head_dim)
+            x = nodes["out"]
+        h = forward.head(x, norm_w, head_w, meta["rms_norm_eps"])
+        folder = step_dir(out_dir, st.step)
+        write_csv(folder / layout.NORM, h["norm"])
+        write_csv(folder / layout.LOGITS, h["logits"])
+        ref = st.folder / layout.REF_LOGITS
+        out[st.step]["logits"] = (compare(h["logits"], read_csv(ref, h["logits"].shape), every, 0.0, chain_rtol)
+                                  if ref.is_file() else None)
+        ours = h["logits"].argmax(axis=1)
+        out[st.step]["greedy"] = {"pass": bool(np.array_equal(ours, st.next_ids)), "offline": ours.tolist(),
+                                  "model": st.next_ids.tolist()}
+    return out
+
+
+def chain_passed(result: dict[int, dict], steps: list[Step]) -> bool:
+    """Every step reached, its token, logits and greedy choice the model's."""
+    return len(result) == len(steps) and all(
+        c["fed"]["pass"] and c["greedy"]["pass"] and (c["logits"] is None or c["logits"]["pass"])
+        for c in result.values())

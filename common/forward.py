@@ -53,16 +53,19 @@ class LayerWeights:
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
-                  spec: LayerSpec, keep_probs: str | None = None) -> dict[str, np.ndarray]:
-    """x (B*T, d) -> every node of LAYER_NODES; position_ids, attention_mask (B, T).
+                  spec: LayerSpec, keep_probs: str | None = None,
+                  past_kv: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """x (B*T, d) -> every node of LAYER_NODES; position_ids (B, T), attention_mask (B, T).
 
     probs is every head's (B, H, T, T) with keep_probs="all", else None (common.attention.attention).
+    A decode step: past_kv the layer's KV cache (B, P, Hkv, Dh) each, attention_mask (B, P + T);
+    k and v are then the new rows only, probs (B, H, T, P + T).
     """
     eps = spec.rms_norm_eps
     xnorm = norm.rms_norm(x, w.input_layernorm, eps)
     a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads,
                                   spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.rope_scaling,
-                                  keep_probs=keep_probs, pow_lanes=spec.pow_lanes)
+                                  keep_probs=keep_probs, pow_lanes=spec.pow_lanes, past_kv=past_kv)
     h = x + a["attn"]
     hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
     m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -166,6 +166,7 @@ class Inputs:
     settings: dict
     t0: float
     pow_lanes: int | None = None  # RoPE's pow as torch's on the capture machine (qkv.rope_check)
+    steps: list = field(default_factory=list)  # common.decode.Step: step 2's decode steps ([] without)
 
     @property
     def n_rows(self) -> int:

@@ -138,13 +138,35 @@ def plot_top_tokens(path: Path, tops: list[dict]) -> None:
     plt.close(fig)
 
 
+def decode_passed(checks: dict) -> bool:
+    """One decode step's checks (decode.head_steps or decode.chain_steps): every one PASS (None: not checked)."""
+    return all(m is None or m["pass"] for m in checks.values())
+
+
+def decode_rows(decode: dict[int, dict], vocab: list[str] | None) -> list[list[str]]:
+    """One row per decode step: the token fed (chain mode: ours vs the model's), the logits' max_rel, the
+    greedy next tokens offline and the model's, PASS/FAIL."""
+    rows = [["decode step", "fed", "logits max_rel", "greedy next (offline)", "greedy next (model)", "result"]]
+    for step, c in sorted(decode.items()):
+        fed = c.get("fed")
+        logits, greedy = c.get("logits"), c.get("greedy")
+        rows.append([str(step), "-" if fed is None else ("same" if fed["pass"] else f"{fed['offline']} != {fed['model']}"),
+                     "-" if logits is None else f"{logits['max_rel']:.2e}" + ("" if logits["pass"] else " FAIL"),
+                     "-" if greedy is None else " ".join(token_text(vocab, i) for i in greedy["offline"]),
+                     "-" if greedy is None else " ".join(token_text(vocab, i) for i in greedy["model"]),
+                     "PASS" if decode_passed(c) else "FAIL"])
+    return rows
+
+
 def write_chain_report(out_dir: Path, passed: bool, verdict: str, growth: dict[int, dict], logits: dict,
-                       top1: dict, top5: dict, tops: list[dict], settings: dict, plots: list[str]) -> None:
-    """report.json and report.md of chain mode."""
+                       top1: dict, top5: dict, tops: list[dict], settings: dict, plots: list[str],
+                       decode: dict[int, dict] | None = None, vocab: list[str] | None = None) -> None:
+    """report.json and report.md of chain mode (with the decode steps, when step 2 captured them)."""
     write_json(out_dir / layout.REPORT_JSON, _json_safe({
         "pass": passed, "mode": "chain", "verdict": verdict,
         "logits": logits, "top1": top1, "top5_set": top5,
         "layers": {str(n): {"out": m} for n, m in sorted(growth.items())},
+        **({"decode": {f"step_{s}": c for s, c in sorted(decode.items())}} if decode else {}),
         "top_tokens": tops, "settings": settings, "plots": plots,
     }))
     lines = ["# Step 4: the whole forward pass offline (chain mode)", "", f"**{verdict}**", "",
@@ -154,6 +176,12 @@ def write_chain_report(out_dir: Path, passed: bool, verdict: str, growth: dict[i
              "max_rel = max |a - r| / max |r| over the real rows.", "",
              "## The error of each layer's output as it grows", ""]
     lines += markdown_table(chain_rows(growth)) + top_tokens_markdown(tops)
+    if decode:
+        lines += ["## Decode steps, generated offline", "",
+                  "Each step feeds our own greedy token (its embedding row), runs every layer over a KV cache of "
+                  "our own K and V, the final norm and the head; PASS when the token fed is the model's, the "
+                  "logits' max_rel <= CHAIN_RTOL and the greedy next token is the model's.", ""]
+        lines += markdown_table(decode_rows(decode, vocab)) + [""]
     lines += ["## Settings", ""] + [f"- `{k}`: `{v}`" for k, v in settings.items()]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
