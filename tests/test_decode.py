@@ -253,3 +253,71 @@ def test_bad_decode_folders(tiny, tmp_path):
     tokens_path.write_text(json.dumps(tokens))
     with pytest.raises(InputError, match="step_2/tokens.json: feeds"):
         step3(bad, weights, tmp_path / "q")
+
+
+# --- step 4: every node of every step, and the text generated offline -------------------------------
+
+offline_forward = load_script("4_offline_forward.py")
+
+
+def step4(acts: Path, weights: Path, out: Path, *args: str) -> tuple[int, dict]:
+    code = offline_forward.main(["--acts-dir", str(acts), "--weights-dir", str(weights), "--out-dir", str(out),
+                                 "--no-plots", *args])
+    return code, json.loads((out / layout.REPORT_JSON).read_text())
+
+
+@pytest.mark.parametrize("variant", ["llama32", "untied", "bias"])
+def test_step4_layer_mode_passes_every_decode_step(tiny, tmp_path, variant):
+    _, weights, acts = tiny(variant)
+    code, report = step4(acts, weights, tmp_path / "f")
+    assert code == 0 and report["pass"], decode_failures(report)
+    assert sorted(report["decode"]) == [f"step_{s}" for s in range(1, STEPS + 1)]
+    assert max(m["max_rel"] for per in report["decode"].values() for q in per.values() for m in q.values()) <= RTOL
+    heads = report["decode_head"]
+    assert all(h["greedy"]["pass"] and h["logits"]["max_rel"] <= RTOL for h in heads.values())
+    assert read_csv(layout.decode_dir(tmp_path / "f", 2) / layout.layer_file("out", 1)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step4_chain_generates_the_models_tokens(tiny, tmp_path, variant):
+    _, weights, acts = tiny(variant)
+    code, report = step4(acts, weights, tmp_path / "f", "--mode", "chain")
+    assert code == 0 and report["pass"], report.get("decode")
+    steps = report["decode"]
+    assert sorted(steps) == [f"step_{s}" for s in range(1, STEPS + 1)]
+    assert [steps[f"step_{s}"]["fed"]["offline"] for s in range(1, STEPS + 1)] == \
+        [[g[s - 1] for g in generated(acts)] for s in range(1, STEPS + 1)]
+    assert all(c["x0"]["max_abs"] == 0 and c["logits"]["max_rel"] <= 1e-4 for c in steps.values())
+    assert "## Decode steps, generated offline" in (tmp_path / "f" / layout.REPORT_MD).read_text()
+
+
+def test_step4_planted_mistakes_fail(tiny, tmp_path, monkeypatch):
+    """Positions restarting at 0, and a cache without the newest key: both modes FAIL."""
+    _, weights, acts = tiny("llama32")
+    with monkeypatch.context() as m:
+        m.setattr(decode, "step_positions", lambda mask, offset: np.zeros((mask.shape[0], 1)))
+        code, report = step4(acts, weights, tmp_path / "layer", "--layers", "0")
+        assert code == 1 and {"q", "k"} <= decode_failures(report)["step_1"]
+        code, report = step4(acts, weights, tmp_path / "chain", "--mode", "chain")
+        assert code == 1 and not report["pass"] and "FAIL" in report["verdict"]
+    right = attention.with_cache
+
+    def forgets_newest(past_kv, k, v, mask):
+        k_all, v_all, mask = right(past_kv, k, v, mask)
+        if past_kv is not None:
+            mask = mask.copy()
+            mask[:, -2] = 0
+        return k_all, v_all, mask
+    monkeypatch.setattr(attention, "with_cache", forgets_newest)
+    code, report = step4(acts, weights, tmp_path / "chain2", "--mode", "chain")
+    assert code == 1 and "decode steps generated offline differ" in report["verdict"]
+
+
+def test_step4_chain_needs_the_embedding(tiny, tmp_path):
+    import shutil
+    _, weights, acts = tiny("untied")
+    mine = tmp_path / "w"
+    shutil.copytree(weights, mine)
+    (mine / layout.weight_file(layout.EMBEDDING)).unlink()
+    with pytest.raises(InputError, match=r"embed_tokens.weight.csv is missing: chain mode looks up"):
+        step4(acts, mine, tmp_path / "f", "--mode", "chain")
