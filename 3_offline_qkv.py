@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         del w
 
     print(f"wrote {len(layers) * len(layout.QKV_STEMS)} CSV files ({', '.join(layout.QKV_STEMS)} of {len(layers)} "
-          f"layers) to {out_dir}")
+          f"layers) to {out_dir}" + (f", and as many for each of {len(steps)} decode steps in "
+                                     f"{out_dir / layout.DECODE}" if steps else ""))
     if not results:
         print(f"no ref_ files in {acts_dir} (2_get_x.py run with SAVE_REFERENCE off?): nothing verified")
         return 0

@@ -73,9 +73,9 @@ def read_steps(acts_dir: Path, layers: list[int], B: int, T: int, prefill_mask: 
         if not np.array_equal(mask[:, :T], prefill_mask) or not (mask[:, T:] == 1).all():
             raise InputError(f"{folder / layout.ATTENTION_MASK}: not the prefill's mask followed by {s} real "
                              f"tokens: {RERUN}")
-        ids = tokens.get("next_ids")
-        if not (isinstance(ids, list) and len(ids) == B and all(isinstance(i, int) for i in ids)
-                and isinstance(tokens.get("input_ids"), list)):
+        ids, fed = tokens.get("next_ids"), tokens.get("input_ids")
+        if not (isinstance(ids, list) and len(ids) == B and isinstance(fed, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in ids + [r[0] for r in fed])):
             raise InputError(f"{folder / layout.TOKENS}: input_ids/next_ids are not {B} token ids: {RERUN}")
         offset = metas[layers[0]].get("position_offset", 0)
         steps.append(Step(s, folder, metas, mask, step_positions(mask, offset), tokens))

@@ -321,3 +321,16 @@ def test_step4_chain_needs_the_embedding(tiny, tmp_path):
     (mine / layout.weight_file(layout.EMBEDDING)).unlink()
     with pytest.raises(InputError, match=r"embed_tokens.weight.csv is missing: chain mode looks up"):
         step4(acts, mine, tmp_path / "f", "--mode", "chain")
+
+
+def test_decode_tokens_that_are_not_ids(tiny, tmp_path):
+    import shutil
+    _, weights, acts = tiny("llama32")
+    bad = tmp_path / "x"
+    shutil.copytree(acts, bad)
+    tokens_path = layout.decode_dir(bad, 1) / layout.TOKENS
+    tokens = json.loads(tokens_path.read_text())
+    tokens["input_ids"] = [["a"] for _ in tokens["input_ids"]]
+    tokens_path.write_text(json.dumps(tokens))
+    with pytest.raises(InputError, match="step_1/tokens.json: input_ids/next_ids are not 2 token ids"):
+        step3(bad, weights, tmp_path / "q")
