@@ -12,6 +12,9 @@ MODEL_DIR ?= $(call common,os.path.relpath(paths.MODEL_DIR))
 # (max_position_embeddings: Llama-3.2 131072, the demo model 8192), where RoPE is hard.
 LONG_OFFSET ?= 100000
 long_dir   = $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.offset_folder(layout.$(1), $(LONG_OFFSET)))))
+# Greedy decode steps captured after the prefill (2_get_x.py --generate) and verified by steps 3 and 4;
+# the demo runs 4, `make pipeline` none unless asked (chain mode then holds every layer's weights).
+GENERATE  ?= 0
 # Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
 GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
@@ -24,12 +27,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Offline: build the demo model, run steps 1 -> 2 -> 3 -> 4 on it at positions 0.. and again at 8000.. (near
+# Offline: build the demo model, run steps 1 -> 2 (+ 4 decode steps) -> 3 -> 4 on it at positions 0.. and again at 8000.. (near
 # the end of its 8192-token window), write golden vectors (5), grade step 3 (6); ends with step 4's
 # chain table and the top-5 tokens.
 demo: $(STAMP)
 	$(PY) 0_download_models.py --demo
-	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000
+	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000 GENERATE=4
 
 # Llama-3.2 from the Hub (needs HF_TOKEN with access): make pipeline [MODEL_DIR=model_paths/<org>_<name>]
 pipeline: $(STAMP)
@@ -40,7 +43,7 @@ pipeline: $(STAMP)
 # and 4 into their own folders, steps 5 and 6, and last step 4's chain mode: x_layer0 to the logits.
 steps: $(STAMP)
 	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR)    # every tensor: step 4 needs them all
-	$(PY) 2_get_x.py --model-dir $(MODEL_DIR)
+	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --generate $(GENERATE)
 	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR)
 	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR)
 	@echo "== the same check at positions $(LONG_OFFSET).. (2_get_x.py --position-offset)"
