@@ -334,3 +334,17 @@ def test_decode_tokens_that_are_not_ids(tiny, tmp_path):
     tokens_path.write_text(json.dumps(tokens))
     with pytest.raises(InputError, match="step_1/tokens.json: input_ids/next_ids are not 2 token ids"):
         step3(bad, weights, tmp_path / "q")
+
+
+@pytest.mark.parametrize("args", [("--padding-side", "right"), ("--position-offset", "400")],
+                         ids=["right padding", "offset 400"])
+def test_decode_steps_at_other_positions(tiny, tmp_path, args):
+    """Right padding (the cache's padding sits between real tokens and the new ones) and positions K..:
+    each new token at its prompt's last position + 1, every step passes."""
+    model, weights, _ = tiny("llama32")
+    acts = capture(model, tmp_path / "x", *args, steps=2)
+    mask = read_csv(acts / layout.ATTENTION_MASK)
+    last = read_csv(acts / layout.POSITION_IDS)[np.arange(2), mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)]
+    assert (read_csv(layout.decode_dir(acts, 2) / layout.POSITION_IDS)[:, 0] == last + 2).all()
+    code, report = step3(acts, weights, tmp_path / "q")
+    assert code == 0 and sorted(report["decode"]) == ["step_1", "step_2"], decode_failures(report)
