@@ -163,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             results[n] = checked
         missing_refs += missing
         if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
-            checked, missing = decode.verify_steps(steps, n, decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"]),
-                                                   step_attention(w, qkv.read_input_norm(weights_dir, n, meta), meta, pow_lanes),
-                                                   qkv.write_outputs, out_dir, QUANTITIES, args.atol, args.rtol)
+            cache = decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
+            compute = step_attention(w, qkv.read_input_norm(weights_dir, n, meta), meta, pow_lanes)
+            checked, missing = decode.verify_steps(steps, n, cache, compute, qkv.write_outputs, out_dir, QUANTITIES,
+                                                   args.atol, args.rtol)
             results.update(checked)
             missing_refs += missing
         del w

@@ -150,7 +150,8 @@ def decode_rows(decode: dict[int, dict], vocab: list[str] | None) -> list[list[s
     for step, c in sorted(decode.items()):
         fed = c.get("fed")
         logits, greedy = c.get("logits"), c.get("greedy")
-        rows.append([str(step), "-" if fed is None else ("same" if fed["pass"] else f"{fed['offline']} != {fed['model']}"),
+        fed_cell = "-" if fed is None else ("same" if fed["pass"] else f"{fed['offline']} != {fed['model']}")
+        rows.append([str(step), fed_cell,
                      "-" if logits is None else f"{logits['max_rel']:.2e}" + ("" if logits["pass"] else " FAIL"),
                      "-" if greedy is None else " ".join(token_text(vocab, i) for i in greedy["offline"]),
                      "-" if greedy is None else " ".join(token_text(vocab, i) for i in greedy["model"]),

@@ -92,7 +92,8 @@ def summary_line(results: dict[int, dict[str, dict]], atol: float, rtol: float,
     decode = len(results) - len(prefill_only(results))
     rows = f"{len(results) - decode} layers" + (f" + {decode} decode-step layers" if decode else "")
     return (f"{verdict}: {rows} x {len(quantities)} quantities; worst max_rel {m['max_rel']:.2e} "
-            f"(layer {row_label(layer)} {qn}, max_abs {m['max_abs']:.2e}); PASS when max_abs <= ATOL {atol:g} + RTOL {rtol:g} * max|ref|")
+            f"(layer {row_label(layer)} {qn}, max_abs {m['max_abs']:.2e}); "
+            f"PASS when max_abs <= ATOL {atol:g} + RTOL {rtol:g} * max|ref|")
 
 
 def text_table(rows: list[list[str]]) -> str:

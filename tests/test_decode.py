@@ -84,7 +84,8 @@ def tiny(tiny_models, tmp_path_factory):
     def get(variant: str) -> tuple[Path, Path, Path]:
         if variant not in done:
             model = tiny_models[variant]
-            done[variant] = (model, export_weights(model, base / variant / "weights"), capture(model, base / variant / "x"))
+            done[variant] = (model, export_weights(model, base / variant / "weights"),
+                             capture(model, base / variant / "x"))
         return done[variant]
     return get
 
@@ -94,7 +95,8 @@ def tiny(tiny_models, tmp_path_factory):
 def test_decode_files_and_their_shapes(tiny):
     model, _, acts = tiny("llama32")
     meta = json.loads((acts / layout.meta_file(0)).read_text())
-    B, T, d, H, Hkv, Dh = (meta[k] for k in ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "head_dim"))
+    B, T, d, H, Hkv, Dh = (meta[k] for k in ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads",
+                                              "head_dim"))
     assert layout.decode_steps(acts) == [1, 2, 3, 4] and B == 2
     prefill_mask = read_csv(acts / layout.ATTENTION_MASK)
     last_pos = read_csv(acts / layout.POSITION_IDS)[:, -1]
@@ -111,8 +113,6 @@ def test_decode_files_and_their_shapes(tiny):
             assert read_csv(folder / layout.layer_file(stem, 1)).shape == (B, cols), stem
         assert read_csv(folder / layout.ref_file("probs", 1)).shape == (B * H, T + s)
         assert read_csv(folder / layout.REF_LOGITS).shape == (B, meta_vocab(acts))
-    # The new row of ref_k at step 1 is what the next prefill would compute: layer 0's input is the
-    # embedding of the fed token, so x of step 1 is one embedding row per prompt.
     tokens = json.loads((layout.decode_dir(acts, 1) / layout.TOKENS).read_text())
     assert tokens["input_ids"] == [[g[0]] for g in generated(acts)] and len(tokens["tokens"]) == B
 
@@ -131,7 +131,8 @@ def test_greedy_tokens_equal_generate(tiny, variant):
 def test_demo_model(demo_model, tmp_path):
     """SmolLM2-135M, two prompts of different lengths, 4 steps: generate()'s tokens, and layers 0 and 1 of
     every step verified by step 3."""
-    weights = export_weights(demo_model, tmp_path / "w", "--filter", r"^model\.layers\.(0|1)\.(input_layernorm|self_attn)\.")
+    weights = export_weights(demo_model, tmp_path / "w", "--filter",
+                             r"^model\.layers\.(0|1)\.(input_layernorm|self_attn)\.")
     acts = capture(demo_model, tmp_path / "x", "--layers", "0,1", "--logits", "last",
                    prompts=("The capital of France is", "Give me a short list of three colours:"))
     ids = generated(acts)
