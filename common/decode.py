@@ -89,7 +89,8 @@ def read_steps(acts_dir: Path, layers: list[int], B: int, T: int, prefill_mask: 
 def with_steps(acts_dir: Path, names: list[str]) -> list[str]:
     """A step-2 folder's file names, and the same names in each of its decode steps (paths inside acts_dir,
     as its manifest lists them): what a step reads, for manifest.HashCheck."""
-    return names + [layout.decode_path(s, name) for s in layout.decode_steps(acts_dir) for name in names]
+    last = max(layout.decode_steps(acts_dir), default=0)  # a step missing in between is listed, and gone
+    return names + [layout.decode_path(s, name) for s in range(1, last + 1) for name in names]
 
 
 def heads(rows: np.ndarray, B: int, Dh: int) -> np.ndarray:

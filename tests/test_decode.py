@@ -244,16 +244,20 @@ def test_bad_decode_folders(tiny, tmp_path):
     bad = tmp_path / "x"
     shutil.copytree(acts, bad)
     shutil.rmtree(layout.decode_dir(bad, 2))
+    with pytest.raises(InputError, match=r"step_2/attention_mask.csv is listed in .*manifest.json but is gone"):
+        step3(bad, weights, tmp_path / "q")  # step 2's manifest lists every decode file
     with pytest.raises(InputError, match=r"holds steps \[1, 3, 4\], not 1..3"):
-        step3(bad, weights, tmp_path / "q")
+        step3(bad, weights, tmp_path / "q", "--no-verify-hashes")
     shutil.rmtree(bad)
     shutil.copytree(acts, bad)
     tokens_path = layout.decode_dir(bad, 2) / layout.TOKENS
     tokens = json.loads(tokens_path.read_text())
     tokens["input_ids"] = [[i[0] + 1] for i in tokens["input_ids"]]
     tokens_path.write_text(json.dumps(tokens))
-    with pytest.raises(InputError, match="step_2/tokens.json: feeds"):
+    with pytest.raises(InputError, match="step_2/tokens.json was modified after step 2 wrote it"):
         step3(bad, weights, tmp_path / "q")
+    with pytest.raises(InputError, match="step_2/tokens.json: feeds"):
+        step3(bad, weights, tmp_path / "q", "--no-verify-hashes")
 
 
 # --- step 4: every node of every step, and the text generated offline -------------------------------
@@ -334,7 +338,7 @@ def test_decode_tokens_that_are_not_ids(tiny, tmp_path):
     tokens["input_ids"] = [["a"] for _ in tokens["input_ids"]]
     tokens_path.write_text(json.dumps(tokens))
     with pytest.raises(InputError, match="step_1/tokens.json: input_ids/next_ids are not 2 token ids"):
-        step3(bad, weights, tmp_path / "q")
+        step3(bad, weights, tmp_path / "q", "--no-verify-hashes")
 
 
 @pytest.mark.parametrize("args", [("--padding-side", "right"), ("--position-offset", "400")],
