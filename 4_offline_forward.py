@@ -295,14 +295,24 @@ def main(argv: list[str] | None = None) -> int:
     hashes.folder(acts_dir, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
     meta = forward_io.read_model_meta(acts_dir, args.model_dir)
     layers = choose_layers(args, acts_dir, meta)
-    hashes.folder(acts_dir, decode.with_steps(acts_dir, forward_io.step2_inputs(args.mode, layers)), "step 2",
-                  rerun2)
+    # Decode steps (step 2's --generate): in chain mode each step reads the captured layers' meta, and the
+    # embedding to look its token up.
+    chain_decode = args.mode == "chain" and bool(layout.decode_steps(acts_dir))
+    step_metas = [layout.meta_file(n) for n in layout.step2_layers(acts_dir)] if chain_decode else []
+    hashes.folder(acts_dir, decode.with_steps(acts_dir, forward_io.step2_inputs(args.mode, layers) + step_metas),
+                  "step 2", rerun2)
     with_head = check_inputs(args, acts_dir, meta, layers)
     forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    embedding = weights_dir / layout.weight_file(layout.EMBEDDING)
+    if chain_decode and not embedding.is_file():
+        raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
+                         f"python 1_model_weights.py --model-dir {meta['model_dir']} --out-dir {weights_dir} "
+                         r"--filter '^model\.embed_tokens\.'")
     pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
-    hashes.folder(weights_dir, [p.name for p in forward_io.weight_files(weights_dir, meta, layers, with_head)],
-                  "step 1", layout.rerun_step1(meta["model_dir"], weights_dir))
+    hashes.folder(weights_dir, [p.name for p in forward_io.weight_files(weights_dir, meta, layers, with_head)]
+                  + ([embedding.name] if chain_decode else []), "step 1",
+                  layout.rerun_step1(meta["model_dir"], weights_dir))
     print(f"input files: {hashes.line()}")
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     B, T = meta["batch_size"], meta["seq_len"]
@@ -313,11 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
     # Step 2's --generate N: every decode step of the checked layers (chain mode: of those captured).
     steps = decode.read_steps(acts_dir, layers if args.mode == "layer" else layout.step2_layers(acts_dir), B, T, mask)
-    embedding = weights_dir / layout.weight_file(layout.EMBEDDING)
-    if steps and args.mode == "chain" and not embedding.is_file():
-        raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
-                         f"{forward_io.step1_command(meta, weights_dir, [], False, args.model_dir)}"
-                         r"'|^model\.embed_tokens\.'")
     settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
                      "reference dtype": meta["dtype"], "logits captured": meta["logits"], "decode steps": len(steps),
                      "input hashes": hashes.line()})

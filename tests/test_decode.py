@@ -323,8 +323,13 @@ def test_step4_chain_needs_the_embedding(tiny, tmp_path):
     _, weights, acts = tiny("untied")
     mine = tmp_path / "w"
     shutil.copytree(weights, mine)
-    (mine / layout.weight_file(layout.EMBEDDING)).unlink()
-    with pytest.raises(InputError, match=r"embed_tokens.weight.csv is missing: chain mode looks up"):
+    embedding = mine / layout.weight_file(layout.EMBEDDING)
+    embedding.write_text(embedding.read_text().replace("1", "2", 1))  # one digit: below any tolerance
+    with pytest.raises(InputError, match=r"embed_tokens.weight.csv was modified after step 1"):
+        step4(acts, mine, tmp_path / "f", "--mode", "chain")
+    embedding.unlink()
+    with pytest.raises(InputError, match=r"embed_tokens.weight.csv is missing: chain mode looks up .* "
+                                         r"--filter '\^model\\.embed_tokens\\.'"):
         step4(acts, mine, tmp_path / "f", "--mode", "chain")
 
 
