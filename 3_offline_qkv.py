@@ -11,6 +11,10 @@ Writes to OUT_DIR: q_layerN.csv, k_layerN.csv, v_layerN.csv (after RoPE, the ref
 head-major column order, K/V before the GQA repeat), probs_layerN.csv (softmax probabilities,
 (B*H*T, T)), attn_layerN.csv (after o_proj), report.json, report.md, errors.png and
 attention_layerL_headH.png. Prints the verification table.
+Decode steps (step 2's --generate N, ACTS_DIR/decode/step_S/): every layer's step S is recomputed
+from its captured x, its one query attending over a KV cache of this step's own recomputed K and V
+(the prefill's, then each earlier step's row), at the position generate() gives it; the files go to
+OUT_DIR/decode/step_S/ and the rows "step S: N" join the table (common/decode.py).
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/manifest.py): an edit below RTOL (a digit of a weight, rope_theta, a padding row) is named,
 exit 2. --no-verify-hashes skips that, and the report says so.

@@ -18,6 +18,10 @@ Two modes:
 Writes to OUT_DIR: xnorm/h/hnorm/act/mlp/out_layerN.csv (the shapes of step 2's ref_ files),
 norm.csv, logits.csv, report.json, report.md, errors.png (layer) or chain_errors.png (chain), and
 top_tokens.png: the top next tokens, model vs offline, for each prompt.
+Decode steps (step 2's --generate N): layer mode checks every node of each step over a KV cache of
+its own K and V (as step 3), and each step's head and greedy token; chain mode generates offline:
+its own greedy token, looked up in the embedding, through every layer over its own caches and the
+head, PASS only when every token is the model's (common/decode.py). Files in OUT_DIR/decode/step_S/.
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
