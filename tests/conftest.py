@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama models (built once per session) and the demo model."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -54,3 +55,30 @@ def load_script(script: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def _step2_script():
+    return load_script("2_get_x.py")
+
+
+def step2(model_dir: Path, out_dir: Path, *args: str, prompts=()) -> Path:
+    """Step 2 in-process on `prompts` (each passed as --prompt); returns out_dir."""
+    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), *args]
+    for p in prompts:
+        argv += ["--prompt", p]
+    assert _step2_script().main(argv) == 0
+    return out_dir
+
+
+def prepared_once(tiny_models: dict[str, Path], base: Path, export, capture):
+    """variant -> (model_dir, weights_dir, acts_dir): export(model, dir) and capture(model, dir) run once
+    per variant, on first use."""
+    done: dict[str, tuple[Path, Path, Path]] = {}
+
+    def get(variant: str) -> tuple[Path, Path, Path]:
+        if variant not in done:
+            model = tiny_models[variant]
+            done[variant] = (model, export(model, base / variant / "weights"), capture(model, base / variant / "x"))
+        return done[variant]
+    return get

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, run_script
+from conftest import load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
 from common import attention, decode, layout
@@ -31,11 +31,7 @@ model_weights = load_script("1_model_weights.py")
 
 
 def capture(model_dir: Path, out_dir: Path, *args: str, prompts=(LONG, SHORT), steps: int = STEPS) -> Path:
-    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), "--generate", str(steps), *args]
-    for p in prompts:
-        argv += ["--prompt", p]
-    assert get_x.main(argv) == 0
-    return out_dir
+    return step2(model_dir, out_dir, "--generate", str(steps), *args, prompts=prompts)
 
 
 def export_weights(model_dir: Path, out_dir: Path, *args: str) -> Path:
@@ -78,16 +74,7 @@ def decode_failures(report: dict) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def tiny(tiny_models, tmp_path_factory):
     """variant -> (model_dir, weights_dir, acts_dir): steps 1 and 2 (--generate 4) once per variant."""
-    base = tmp_path_factory.mktemp("decode")
-    done: dict[str, tuple[Path, Path, Path]] = {}
-
-    def get(variant: str) -> tuple[Path, Path, Path]:
-        if variant not in done:
-            model = tiny_models[variant]
-            done[variant] = (model, export_weights(model, base / variant / "weights"),
-                             capture(model, base / variant / "x"))
-        return done[variant]
-    return get
+    return prepared_once(tiny_models, tmp_path_factory.mktemp("decode"), export_weights, capture)
 
 
 # --- step 2: the capture ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_script, run_script
+from conftest import ROOT, load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
 from common import attention, forward, forward_io, layout, mlp, norm
@@ -32,7 +32,6 @@ RTOL = 1e-5
 CHAIN_RTOL = 1e-4
 
 
-get_x = load_script("2_get_x.py")
 offline = load_script("4_offline_forward.py")
 model_weights = load_script("1_model_weights.py")
 
@@ -44,26 +43,13 @@ def export_weights(model_dir: Path, out_dir: Path, *args: str) -> Path:
 
 
 def capture(model_dir: Path, out_dir: Path, *args: str, prompts=(LONG, SHORT)) -> Path:
-    argv = ["--model-dir", str(model_dir), "--out-dir", str(out_dir), *args]
-    for p in prompts:
-        argv += ["--prompt", p]
-    assert get_x.main(argv) == 0
-    return out_dir
+    return step2(model_dir, out_dir, *args, prompts=prompts)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_models, tmp_path_factory):
     """variant -> (model_dir, weights_dir, acts_dir), steps 1 and 2 run once per variant on first use."""
-    base = tmp_path_factory.mktemp("offline_forward")
-    done: dict[str, tuple[Path, Path, Path]] = {}
-
-    def get(variant: str) -> tuple[Path, Path, Path]:
-        if variant not in done:
-            model = tiny_models[variant]
-            done[variant] = (model, export_weights(model, base / variant / "weights"),
-                             capture(model, base / variant / "x"))
-        return done[variant]
-    return get
+    return prepared_once(tiny_models, tmp_path_factory.mktemp("offline_forward"), export_weights, capture)
 
 
 def step4(model, weights, acts, out, *args: str) -> tuple[int, dict]:
