@@ -17,7 +17,6 @@ Inputs are prepared once in outputs/bench_offline_forward/ (and outputs/bench_mo
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common import layout, paths  # noqa: E402
+from steps import ensure_demo_model, run  # noqa: E402
 
 DEMO_DIR = paths.DEMO_MODEL_DIR
 WORK_DIR = paths.OUTPUTS / "bench_offline_forward"
@@ -74,22 +74,13 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - t0, "peak_rss_m
 """
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r
-
-
 def child(script: str, *argv: str) -> dict:
     return json.loads(run("-c", CHILD, str(ROOT), str(ROOT / script), *argv).stdout.strip().splitlines()[-1])
 
 
 def prepare_demo() -> tuple[Path, Path]:
     weights, acts = WORK_DIR / "demo_weights", WORK_DIR / "demo_x"
-    if not (DEMO_DIR / ".complete").is_file():
-        print("building the demo model (0_download_models.py --demo) ...", flush=True)
-        run("0_download_models.py", "--demo")
+    ensure_demo_model(DEMO_DIR)
     if not (WORK_DIR / ".demo_prepared").is_file() or not (acts / layout.MANIFEST).is_file():  # older: no manifest
         print(f"preparing the demo model's step 1 (every tensor) and step 2 outputs in {WORK_DIR} ...", flush=True)
         run("1_model_weights.py", "--model-dir", str(DEMO_DIR), "--out-dir", str(weights))

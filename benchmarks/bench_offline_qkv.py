@@ -18,7 +18,6 @@ HASH_SHARE_GOAL of step 3's time.
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from common import layout, paths  # noqa: E402
+from steps import ensure_demo_model, run  # noqa: E402
 
 MODEL_DIR = paths.DEMO_MODEL_DIR
 WORK_DIR = paths.OUTPUTS / "bench_offline_qkv"
@@ -96,18 +96,9 @@ print(json.dumps(t))
 """
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r
-
-
 def prepare() -> tuple[Path, Path]:
     weights, acts = WORK_DIR / "weights", WORK_DIR / "x"
-    if not (MODEL_DIR / ".complete").is_file():
-        print("building the demo model (0_download_models.py --demo) ...", flush=True)
-        run("0_download_models.py", "--demo")
+    ensure_demo_model(MODEL_DIR)
     if not (WORK_DIR / ".prepared").is_file() or not (acts / layout.MANIFEST).is_file():  # older: no manifest
         print(f"preparing step 1 and step 2 outputs in {WORK_DIR} ...", flush=True)
         run("1_model_weights.py", "--model-dir", str(MODEL_DIR), "--out-dir", str(weights),
