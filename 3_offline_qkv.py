@@ -36,7 +36,7 @@ from tqdm import tqdm
 from common import attention, decode, layout, manifest, norm, paths, qkv, report
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.verify import DEFINITION, QUANTITIES
+from common.verify import DEFINITION, QUANTITIES, low_precision_note
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -51,8 +51,6 @@ PLOT_HEAD = 0  # query head of that plot
 PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 # -------------------------------------------------------------------------------------------------
-
-LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     metas = layout.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
     dtype = metas[layers[0]]["dtype"]
-    if dtype != "float32":
-        print(f"note: the references were computed in {dtype}, this recomputation is float32: expect errors "
-              f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {args.rtol:g} (which is for float32 captures)")
+    if note := low_precision_note(dtype, args.rtol):
+        print(note)
     plot_layer = check_plot_choice(args, layers, metas)
     pow_lanes, rope_note = qkv.rope_check(metas[layers[0]])  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")

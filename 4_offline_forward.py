@@ -44,7 +44,7 @@ from common import decode, forward, forward_io, forward_report, layout, manifest
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.csv_io import read_csv, write_csv
-from common.verify import compare
+from common.verify import compare, low_precision_note
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -62,7 +62,6 @@ VERIFY_HASHES = True  # check every input file's sha256 against the manifest.jso
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
-LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
 TITLE = "Step 4: the forward pass offline vs the model"
 
 
@@ -320,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"input files: {hashes.line()}")
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     B, T = meta["batch_size"], meta["seq_len"]
-    if meta["dtype"] != "float32":
-        print(f"note: the references were computed in {meta['dtype']}, this recomputation is float32: expect errors "
-              f"near {LOW_PRECISION_ERROR.get(meta['dtype'], 1e-2):g}, far above RTOL {args.rtol:g}")
+    if note := low_precision_note(meta["dtype"], args.rtol):
+        print(note)
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
     # Step 2's --generate N: every decode step of the checked layers (chain mode: of those captured).

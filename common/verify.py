@@ -25,6 +25,17 @@ NaN or inf anywhere in the compared rows is a FAIL.
 """
 
 
+LOW_PRECISION_ERROR = {"bfloat16": 1e-2, "float16": 1e-3}  # roughly what a capture in that dtype is off by
+
+
+def low_precision_note(dtype: str, rtol: float) -> str | None:
+    """The line a step prints when the references were not computed in float32 (None when they were)."""
+    if dtype == "float32":
+        return None
+    return (f"note: the references were computed in {dtype}, this recomputation is float32: expect errors "
+            f"near {LOW_PRECISION_ERROR.get(dtype, 1e-2):g}, far above RTOL {rtol:g} (which is for float32 captures)")
+
+
 def compare(actual: np.ndarray, ref: np.ndarray, real_rows: np.ndarray, atol: float, rtol: float) -> dict:
     """Error metrics of `actual` vs `ref` (both (B*T, n)) over rows where real_rows (B*T,) is true."""
     if actual.shape != ref.shape:
