@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         meta = metas[n]
         x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
-        xnorm = norm.rms_norm(x, qkv.read_input_norm(weights_dir, n, meta), meta["rms_norm_eps"])
+        norm_w = qkv.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
+        xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
         # Attention runs in blocks of query rows (common/attention.py). Every head's probabilities are
         # kept (to write and check them) up to PROBS_MAX_SEQ_LEN tokens; past that only the plotted head's.
         keep = qkv.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         missing_refs += missing
         if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
             cache = decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
-            compute = step_attention(w, qkv.read_input_norm(weights_dir, n, meta), meta, pow_lanes)
+            compute = step_attention(w, norm_w, meta, pow_lanes)
             checked, missing = decode.verify_steps(steps, n, cache, compute, qkv.write_outputs, out_dir, QUANTITIES,
                                                    args.atol, args.rtol)
             results.update(checked)
