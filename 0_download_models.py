@@ -12,10 +12,11 @@ environment variable, or `hf auth login`. The token is never printed or written.
 import argparse
 from pathlib import Path
 
-from common import hub, paths
-from common.atomic import output_folder
+from common import paths
 from common.cli import InputError, path_arg, print_settings, run
-from common.demo_model import build_demo_model
+from common.files.atomic import output_folder
+from common.model import hub
+from common.model.demo_model import build_demo_model
 
 HF_TOKEN = None  # None: the HF_TOKEN environment variable, else the stored login
 BASE_SAVE_DIR = paths.MODEL_PATHS

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import export, layout, paths
-from common.atomic import output_folder
+from common import paths
 from common.cli import path_arg, print_settings, run
-from common.safetensors_io import head_is_tied, index_weight_map, list_tensors
+from common.files import export, layout
+from common.files.atomic import output_folder
+from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
 
 MODEL_DIR = paths.MODEL_DIR  # the model folder (Llama-3.2-1B-Instruct; the demo: paths.DEMO_MODEL_DIR)
 OUT_DIR = None  # None -> outputs/<model folder>/weights

@@ -55,12 +55,15 @@ from pathlib import Path
 
 import torch
 
-from common import attention, capture, layout, manifest, paths
-from common.atomic import output_folder
+from common import paths
 from common.cli import InputError, parse_layers, path_arg, print_settings, run
-from common.model_config import load_config
-from common.prompts import check_position_offset, encode_prompts, load_tokenizer
-from common.weights_check import check_weights
+from common.files import layout, manifest
+from common.files.atomic import output_folder
+from common.llama import attention
+from common.model import capture
+from common.model.model_config import load_config
+from common.model.prompts import check_position_offset, encode_prompts, load_tokenizer
+from common.model.weights_check import check_weights
 
 MODEL_DIR = paths.MODEL_DIR
 TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch

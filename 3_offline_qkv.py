@@ -3,7 +3,7 @@
 Reads only ACTS_DIR (step 2: x_layerN.csv, meta_layerN.json, attention_mask.csv, position_ids.csv,
 tokens.json, and the model's own xnorm_layerN.csv, ref_{q,k,v,probs,attn}_layerN.csv) and
 WEIGHTS_DIR (step 1: input_layernorm and q/k/v/o_proj CSVs of the chosen layers). No transformers,
-no model: the math is common/norm.py, common/rope.py and common/attention.py, float32 numpy, RoPE in
+no model: the math is common/llama/norm.py, common/llama/rope.py and common/llama/attention.py, float32 numpy, RoPE in
 the rotate-half layout of HF checkpoints. The proof starts at the layer input x: the RMSNorm is
 recomputed too (and checked), never trusted.
 
@@ -14,9 +14,9 @@ attention_layerL_headH.png. Prints the verification table.
 Decode steps (step 2's --generate N, ACTS_DIR/decode/step_S/): every layer's step S is recomputed
 from its captured x, its one query attending over a KV cache of this step's own recomputed K and V
 (the prefill's, then each earlier step's row), at the position generate() gives it; the files go to
-OUT_DIR/decode/step_S/ and the rows "step S: N" join the table (common/decode.py).
+OUT_DIR/decode/step_S/ and the rows "step S: N" join the table (common/check/decode.py).
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
-common/manifest.py): an edit below RTOL (a digit of a weight, rope_theta, a padding row) is named,
+common/files/manifest.py): an edit below RTOL (a digit of a weight, rope_theta, a padding row) is named,
 exit 2. --no-verify-hashes skips that, and the report says so.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
@@ -33,10 +33,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import attention, decode, layout, manifest, norm, paths, qkv, report
-from common.atomic import output_folder
+from common import paths
+from common.check import decode, qkv, report
+from common.check.verify import DEFINITION, QUANTITIES, low_precision_note
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.verify import DEFINITION, QUANTITIES, low_precision_note
+from common.files import layout, manifest
+from common.files.atomic import output_folder
+from common.llama import attention, norm
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -44,7 +47,7 @@ ACTS_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
 WEIGHTS_DIR = None  # step 1's folder; None -> outputs/<model folder>/weights
 OUT_DIR = None  # None -> outputs/<model folder>/qkv
 LAYERS = None  # None = every layer with a meta_layerN.json in ACTS_DIR; else e.g. "0,5-7" or [0, 5]
-ATOL = 1e-7  # PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py); a floor for refs near 0
+ATOL = 1e-7  # PASS when max_abs <= ATOL + RTOL * max|ref| (common/check/verify.py); a floor for refs near 0
 RTOL = 1e-5  # fp32 recomputation lands near 1e-7; real mistakes near 1e-2 and above
 PLOT_LAYER = None  # layer of the attention-pattern plot; None = the first verified layer
 PLOT_HEAD = 0  # query head of that plot
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
         norm_w = qkv.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
         xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
-        # Attention runs in blocks of query rows (common/attention.py). Every head's probabilities are
+        # Attention runs in blocks of query rows (common/llama/attention.py). Every head's probabilities are
         # kept (to write and check them) up to PROBS_MAX_SEQ_LEN tokens; past that only the plotted head's.
         keep = qkv.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
         out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],

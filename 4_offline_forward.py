@@ -3,8 +3,8 @@
 Reads only ACTS_DIR (step 2: meta_model.json, meta_layerN.json, x_layerN.csv, the ref_ files,
 attention_mask.csv, position_ids.csv, tokens.json, vocab.json) and WEIGHTS_DIR (step 1: every
 tensor of the layers it checks; model.norm and the head, lm_head or the tied embedding, for the
-logits). No transformers, no torch, no model: the math is common/forward.py (common/norm.py,
-common/attention.py with common/rope.py, common/mlp.py), float32 numpy.
+logits). No transformers, no torch, no model: the math is common/llama/forward.py (common/llama/norm.py,
+common/llama/attention.py with common/llama/rope.py, common/llama/mlp.py), float32 numpy.
 
 Two modes:
   layer  (default) each layer starts from its own captured x_layerN.csv, so an error is pinned to the
@@ -21,9 +21,9 @@ top_tokens.png: the top next tokens, model vs offline, for each prompt.
 Decode steps (step 2's --generate N): layer mode checks every node of each step over a KV cache of
 its own K and V (as step 3), and each step's head and greedy token; chain mode generates offline:
 its own greedy token, looked up in the embedding, through every layer over its own caches and the
-head, PASS only when every token is the model's (common/decode.py). Files in OUT_DIR/decode/step_S/.
+head, PASS only when every token is the model's (common/check/decode.py). Files in OUT_DIR/decode/step_S/.
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
-common/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
+common/files/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -40,11 +40,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import decode, forward, forward_io, forward_report, layout, manifest, paths, qkv, report
-from common.atomic import output_folder
+from common import paths
+from common.check import decode, forward_io, forward_report, qkv, report
+from common.check.verify import compare, low_precision_note
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.csv_io import read_csv, write_csv
-from common.verify import compare, low_precision_note
+from common.files import layout, manifest
+from common.files.atomic import output_folder
+from common.files.csv_io import read_csv, write_csv
+from common.llama import forward
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -53,7 +56,7 @@ WEIGHTS_DIR = None  # step 1's folder; None -> outputs/<model folder>/weights
 OUT_DIR = None  # None -> outputs/<model folder>/forward (chain mode: forward_chain, so both reports stay)
 LAYERS = None  # layer mode: None = every layer with a meta_layerN.json in ACTS_DIR; else "0,5-7" or [0, 5]
 MODE = "layer"  # "layer": each layer from its captured input; "chain": x_layer0 through the whole model
-ATOL = 1e-7  # layer mode: PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py), as in step 3
+ATOL = 1e-7  # layer mode: PASS when max_abs <= ATOL + RTOL * max|ref| (common/check/verify.py), as in step 3
 RTOL = 1e-5  # fp32 recomputation lands near 1e-7..1e-6; real mistakes near 1e-2 and above
 CHAIN_RTOL = 1e-4  # chain mode: the logits' max_rel after every layer (README: measured 2e-6..2e-5)
 TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per prompt

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import golden, layout, paths
-from common.atomic import output_folder, read_json
+from common import paths
+from common.check import golden
 from common.cli import InputError, path_arg, print_settings, run
+from common.files import layout
+from common.files.atomic import output_folder, read_json
 
 # --- constants (each has a flag of the same name: IN_DIR -> --in-dir) ---------------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None

@@ -22,18 +22,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import grade, layout, manifest, paths
-from common.atomic import output_folder
+from common import paths
+from common.check import grade
 from common.cli import InputError, path_arg, print_settings, run, tolerance
-from common.csv_io import read_csv
+from common.files import layout, manifest
+from common.files.atomic import output_folder
+from common.files.csv_io import read_csv
 
 # --- constants (each has a flag of the same name: CANDIDATE_DIR -> --candidate-dir) -------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
 CANDIDATE_DIR = None  # the outputs to grade; None -> outputs/<model folder>/qkv (step 3's own)
 REFERENCE_DIR = None  # step 2's folder; None -> outputs/<model folder>/x_all_layers
 OUT_DIR = None  # None -> outputs/<model folder>/grade
-ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/verify.py)
-RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/grade.py)
+ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/check/verify.py)
+RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/check/grade.py)
 VERIFY_HASHES = True  # check every reference file's sha256 against step 2's manifest.json first
 # -------------------------------------------------------------------------------------------------
 

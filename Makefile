@@ -3,9 +3,9 @@ PYTHON    ?= python3
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed-requirements
-# Paths and names from their one home (common/paths.py, common/layout.py), read when a recipe runs,
+# Paths and names from their one home (common/paths.py, common/files/layout.py), read when a recipe runs,
 # i.e. after the venv exists.
-common     = $(shell $(PY) -c 'import os; from common import layout, paths; print($(1))')
+common     = $(shell $(PY) -c 'import os; from common import paths; from common.files import layout; print($(1))')
 DEMO_DIR   = $(call common,os.path.relpath(paths.DEMO_MODEL_DIR))
 MODEL_DIR ?= $(call common,os.path.relpath(paths.MODEL_DIR))
 # The second capture starts every prompt at this position, far into the model's window

@@ -25,12 +25,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common import paths
-from common.checkpoint import load_checkpoint
 from common.cli import InputError, path_arg, print_settings, run
-from common.convert import (DTYPES, build_folder, check_output_dir, copy_side_files, gpt2_config,
+from common.model.checkpoint import load_checkpoint
+from common.model.convert import (DTYPES, build_folder, check_output_dir, copy_side_files, gpt2_config,
                             gpt2_tokenizer_config, model_card, parse_size, plan_nanogpt, plan_state_dict,
                             target_dtype, write_weights)
-from common.atomic import write_json, write_text
+from common.files.atomic import write_json, write_text
 
 CHECKPOINT = None         # the .pt/.pth/.bin/.ckpt file to convert
 OUTPUT_DIR = None         # None: model_paths/<checkpoint's folder>_<checkpoint's stem>

@@ -4,8 +4,8 @@
 
 One tensor of N_VALUES float32 (a (4096, 1024) activation-shaped matrix of random normals). For each
 format (bin, hex, mem, npy, npz) and encoding (float32, Q16.16) it times what 5_golden.py does per
-tensor once the CSV is read: encode, format, write atomically and hash (common/golden.py). Side by
-side, alternating, REPEATS times: step 1's CSV writer on the same tensor (common/csv_io.write_csv,
+tensor once the CSV is read: encode, format, write atomically and hash (common/check/golden.py). Side by
+side, alternating, REPEATS times: step 1's CSV writer on the same tensor (common/files/csv_io.write_csv,
 every core), a plain open().write() of exactly the bytes the golden file holds (the disk's speed for
 that file), and that plain write followed by the sha256 the manifest needs (on one core the hash runs
 at about the speed of a page-cache write, so this is the floor for a hashed file).
@@ -24,8 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from common import golden, paths  # noqa: E402
-from common.csv_io import write_csv  # noqa: E402
+from common import paths  # noqa: E402
+from common.check import golden  # noqa: E402
+from common.files.csv_io import write_csv  # noqa: E402
 
 WORK_DIR = paths.OUTPUTS / "bench_golden"
 SHAPE = (4096, 1024)  # 4 M values, 16 MB of float32
@@ -42,7 +43,7 @@ def timed(fn) -> float:
 
 
 def golden_write(x: np.ndarray, fmt: str, enc: golden.Encoding, path: Path) -> None:
-    """What 5_golden.py does for one tensor after reading its CSV (common/golden.py's own functions)."""
+    """What 5_golden.py does for one tensor after reading its CSV (common/check/golden.py's own functions)."""
     codes = golden.encode(x, enc, "bench").codes
     if fmt == "npz":
         golden.write_archive(path, {"x": codes})

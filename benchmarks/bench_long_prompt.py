@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from common import layout, paths  # noqa: E402
+from common import paths  # noqa: E402
+from common.files import layout  # noqa: E402
 from steps import run  # noqa: E402
 
 WORK_DIR = paths.OUTPUTS / "bench_long_prompt"
@@ -45,7 +46,7 @@ print(json.dumps({"code": code, "peak_rss_mb": peak_rss_mb()}))
 def long_prompt(model_dir: Path) -> str:
     """Text of T tokens (with the BOS) with this tokenizer: whole words added until it is that long."""
     import model_factory
-    from common.prompts import load_tokenizer
+    from common.model.prompts import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     words, text = " ".join(model_factory.CORPUS * (T // 10)).split(" "), ""
@@ -87,7 +88,7 @@ def main() -> int:
     seconds = time.perf_counter() - t0
     res = json.loads(r.stdout.strip().splitlines()[-1])
     report = json.loads((WORK_DIR / layout.QKV / layout.REPORT_JSON).read_text())
-    from common.attention import QUERY_BLOCK
+    from common.llama.attention import QUERY_BLOCK
 
     ratio = res["peak_rss_mb"] / full_mb
     if T_got != T:

@@ -15,7 +15,7 @@ output is deleted first, untimed, and nothing written earlier is still waiting f
 Replacing the previous run's 211 MB file inside the timing would add ext4's cost of dropping it and
 of flushing a file renamed over another (auto_da_alloc), 0.02-0.13 s here; a re-export over existing
 files (--force) does pay that, so it is shown too, as information.
-Pool: common/csv_pool.py against a plain ProcessPoolExecutor.map of the same row chunks (the
+Pool: common/files/csv_pool.py against a plain ProcessPoolExecutor.map of the same row chunks (the
 parent writing and hashing each chunk's text in order), alternated, best of REPEATS (information;
 the figures are in csv_pool's docstring).
 Memory: peak RSS (each export in its own process) for models whose size and largest tensor
@@ -47,9 +47,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from common import csv_io, export, paths  # noqa: E402
-from common.csv_io import read_csv, write_numbers  # noqa: E402
-from common.safetensors_io import list_tensors, read_tensor  # noqa: E402
+from common import paths  # noqa: E402
+from common.files import csv_io, export  # noqa: E402
+from common.files.csv_io import read_csv, write_numbers  # noqa: E402
+from common.files.safetensors_io import list_tensors, read_tensor  # noqa: E402
 from memory import peak_rss_mb, sampled_peak, tree_pss_mb  # noqa: E402
 
 SHAPE = (8192, 2048)
@@ -269,7 +270,7 @@ def cpu_seconds(pid: int | str) -> tuple[float, float]:
 
 
 def child_full(model_dir: Path, out_dir: Path) -> None:
-    from common import csv_pool
+    from common.files import csv_pool
     # Sampled once a second: each reading walks every mapping of the three processes (the mapped
     # shards too): ~10 CPU-seconds over this export when sampled every 50 ms.
     with sampled_peak(tree_pss_mb, 1.0) as peak:

@@ -4,7 +4,7 @@
 
 Three goals (issue 11):
   1. layer mode on every layer of the demo model takes at most 1.5x a process that only reads the
-     same CSV files (common.csv_io.read_csv, nothing else);
+     same CSV files (common.files.csv_io.read_csv, nothing else);
   2. chain mode on a random Llama-3.2-1B-shaped model holds one layer's weights at a time: its peak
      RSS stays below 3x the largest layer's float32 weights plus the float32 embedding;
   3. step 2 with every node on (layer refs, attention probabilities, logits) costs at most 1.5x
@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from common import layout, paths  # noqa: E402
+from common import paths  # noqa: E402
+from common.files import layout  # noqa: E402
 from steps import ensure_demo_model, run  # noqa: E402
 
 DEMO_DIR = paths.DEMO_MODEL_DIR
@@ -41,8 +42,8 @@ READ_ONLY = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from common import layout
-from common.csv_io import read_csv
+from common.files import layout
+from common.files.csv_io import read_csv
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t0 = time.perf_counter()
 meta = json.loads((acts / layout.META_MODEL).read_text())

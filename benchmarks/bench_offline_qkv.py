@@ -5,7 +5,7 @@
 Prepares (once) the demo model's inputs in outputs/bench_offline_qkv/: step 1 (the 30 layers'
 q/k/v/o_proj, ~300 MB of CSV) and step 2 (one chat prompt, 35 tokens). Then runs step 3 REPEATS
 times as a user does (its own process), and side by side the baseline: a process that only reads
-the same CSV files with common.csv_io.read_csv and does nothing else. Reports the median wall time
+the same CSV files with common.files.csv_io.read_csv and does nothing else. Reports the median wall time
 of each, the phases of step 3's loop timed here (PHASES: the same common/ calls step 3 makes,
 read CSV / compute / write CSV) and the ratios: step 3 / read-only, and the share of step 3 spent
 reading CSV.
@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from common import layout, paths  # noqa: E402
+from common import paths  # noqa: E402
+from common.files import layout  # noqa: E402
 from steps import ensure_demo_model, run  # noqa: E402
 
 MODEL_DIR = paths.DEMO_MODEL_DIR
@@ -38,8 +39,8 @@ READ_ONLY = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from common import layout
-from common.csv_io import read_csv
+from common.files import layout
+from common.files.csv_io import read_csv
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t0 = time.perf_counter()
 files = [acts / layout.ATTENTION_MASK, acts / layout.POSITION_IDS]
@@ -59,7 +60,9 @@ PHASES = r"""
 import json, sys, time, tempfile
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from common import attention, layout, norm, qkv
+from common.check import qkv
+from common.files import layout
+from common.llama import attention, norm
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t = {"read_csv": 0.0, "compute": 0.0, "write_csv": 0.0}
 t_start = time.perf_counter()

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from conftest import ROOT, load_script, run_script
 
 from common.cli import InputError
-from common.safetensors_io import list_tensors
+from common.files.safetensors_io import list_tensors
 
 convert_to_safetensors = load_script("convert_to_safetensors.py")
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from common import csv_io, csv_pool
 from common.cli import InputError
-from common.csv_io import read_csv, write_csv, write_numbers
+from common.files import csv_io, csv_pool
+from common.files.csv_io import read_csv, write_csv, write_numbers
 
 
 def bits(a) -> np.ndarray:

@@ -16,9 +16,11 @@ import torch
 from conftest import load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
-from common import attention, decode, layout
+from common.check import decode
 from common.cli import InputError
-from common.csv_io import read_csv
+from common.files import layout
+from common.files.csv_io import read_csv
+from common.llama import attention
 
 LONG = "The capital of France is Paris. The capital of Italy is"
 SHORT = "Hello world"
@@ -211,7 +213,7 @@ def test_capture_that_restarts_positions_fails(tiny, tmp_path, monkeypatch):
     """A generation loop that feeds position 0 to every new token (the model runs it, step 2 records it):
     the tokens differ from generate()'s and step 3, computing positions as generate() does, FAILs."""
     model, weights, _ = tiny("llama32")
-    from common import prompts
+    from common.model import prompts
     right, calls = prompts.position_ids_from_mask, []
 
     def restarts(mask, offset=0):  # the first call is the prefill's (encode_prompts): right

@@ -6,8 +6,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.atomic import sha256_file
-from common.safetensors_io import head_is_tied, list_tensors
+from common.files.atomic import sha256_file
+from common.files.safetensors_io import head_is_tied, list_tensors
 
 # The dequantized weights are the same bytes on every build and every machine.
 MODEL_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"

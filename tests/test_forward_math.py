@@ -1,4 +1,4 @@
-"""common/norm.py, common/mlp.py and common/forward.py against transformers' own modules, in-process.
+"""common/llama/norm.py, common/llama/mlp.py and common/llama/forward.py against transformers' own modules, in-process.
 
 common/ never imports transformers; these tests do, as the independent reference. A random tiny
 Llama (norm weights and biases made to matter, as model_factory does) runs in float32 with hooks;
@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import model_factory
-from common import forward, mlp, norm
-from common.attention import AttentionWeights
-from common.mlp import MLPWeights
+from common.llama import forward, mlp, norm
+from common.llama.attention import AttentionWeights
+from common.llama.mlp import MLPWeights
 
 RTOL = 1e-5  # step 4's default: max_abs <= RTOL * max|ref|
 

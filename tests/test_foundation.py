@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model_factory
 from common.cli import InputError
-from common.model_config import load_config, normalize_rope
-from common.safetensors_io import INDEX_NAME, head_is_tied, list_tensors
+from common.files.safetensors_io import INDEX_NAME, head_is_tied, list_tensors
+from common.model.model_config import load_config, normalize_rope
 
 
 def test_llama32_is_hub_shaped(llama32):

@@ -11,11 +11,11 @@ from conftest import load_script, run_script
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from common import layout
 from common.cli import InputError
-from common.layout import layer_file, meta_file, ref_file
-from common.csv_io import read_csv
-from common.safetensors_io import list_tensors, read_tensor
+from common.files import layout
+from common.files.csv_io import read_csv
+from common.files.layout import layer_file, meta_file, ref_file
+from common.files.safetensors_io import list_tensors, read_tensor
 
 PROMPTS = ["The capital of France is", "Hello world, the quick brown fox"]  # different lengths
 

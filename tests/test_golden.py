@@ -20,10 +20,11 @@ import torch
 from conftest import load_script, run_script
 from test_offline_qkv import capture, export_weights
 
-from common import golden, grade, nodes
-from common.atomic import sha256_file
+from common.check import golden, grade
 from common.cli import InputError
-from common.csv_io import read_csv, write_csv
+from common.files import nodes
+from common.files.atomic import sha256_file
+from common.files.csv_io import read_csv, write_csv
 
 golden_script = load_script("5_golden.py")
 grade_script = load_script("6_grade.py")

@@ -248,7 +248,7 @@ def test_a_temp_file_a_cleaner_removes_before_it_is_locked_is_made_again(tmp_pat
     """mkstemp, then flock: a cleaner running in between removes the file; the writer notices and retries."""
     import tempfile
 
-    from common import atomic
+    from common.files import atomic
 
     made = []
 

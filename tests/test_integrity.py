@@ -15,10 +15,11 @@ import pytest
 from conftest import load_script
 
 import test_offline_qkv as qkv_tests
-from common import capture, layout
-from common.atomic import sha256_file
 from common.cli import InputError
-from common.csv_io import read_csv, write_csv
+from common.files import layout
+from common.files.atomic import sha256_file
+from common.files.csv_io import read_csv, write_csv
+from common.model import capture
 from hostile import fingerprint, one_line, run_main
 
 STEPS = ("3_offline_qkv.py", "4_offline_forward.py")
@@ -169,7 +170,7 @@ def test_a_step_2_run_cut_short_leaves_no_manifest(pipeline, tmp_path, monkeypat
 
 def test_a_decode_subfolder_is_checked_like_any_file(pipeline, tmp_path):
     """verify_files takes paths inside the folder: files step 2 writes in subfolders are covered the same way."""
-    from common import manifest
+    from common.files import manifest
     folder = tmp_path / "acts"
     (folder / "decode" / "step_1").mkdir(parents=True)
     entries = manifest.save_csv(folder, "decode/step_1/x_layer0.csv", np.ones((2, 3), np.float32))

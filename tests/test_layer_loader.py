@@ -1,4 +1,4 @@
-"""common/layer_loader.py and 2_get_x.py --streaming: the pieces add up to the model, bit for bit."""
+"""common/model/layer_loader.py and 2_get_x.py --streaming: the pieces add up to the model, bit for bit."""
 from __future__ import annotations
 
 import filecmp
@@ -13,12 +13,12 @@ from test_get_x import PROMPTS, capture
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from common import layout
 from common.cli import InputError
-from common.layer_loader import LayerCollector
-from common.layout import meta_file
-from common.prompts import encode_prompts
-from common.safetensors_io import list_tensors, read_tensor
+from common.files import layout
+from common.files.layout import meta_file
+from common.files.safetensors_io import list_tensors, read_tensor
+from common.model.layer_loader import LayerCollector
+from common.model.prompts import encode_prompts
 
 def batch(model_dir, prompts=PROMPTS, side="left"):
     return encode_prompts(AutoTokenizer.from_pretrained(str(model_dir)), prompts, padding_side=side)

@@ -1,10 +1,10 @@
-"""common/layout.py: the names it builds are the ones the steps write, and it parses them back."""
+"""common/files/layout.py: the names it builds are the ones the steps write, and it parses them back."""
 from __future__ import annotations
 
 from conftest import load_script
 from model_factory import TINY
 
-from common import layout
+from common.files import layout
 
 
 def test_layer_names_round_trip():

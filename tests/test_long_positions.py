@@ -3,9 +3,9 @@
 A tiny model with Llama-3.2's real RoPE (rope_theta 500000, llama3 factor 32, original 8192,
 low/high freq factors 1/4, window 131072, head_dim 64: the real frequency set) is captured by
 step 2 at position offsets up to the end of its window and checked by step 3, as a user runs them.
-At long positions one ulp of a frequency is a visible angle error (common/rope.py), so the offline
+At long positions one ulp of a frequency is a visible angle error (common/llama/rope.py), so the offline
 frequencies are compared with transformers' own bit for bit, over many random configs, torch's float32
-pow included (common/torch_pow.py): theta 1e6, head_dim 128 FAILed near 2**24 with the correctly
+pow included (common/llama/torch_pow.py): theta 1e6, head_dim 128 FAILed near 2**24 with the correctly
 rounded power and PASSes with torch's.
 """
 from __future__ import annotations
@@ -29,10 +29,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import model_factory
-from common import attention, layout, qkv, report, rope, torch_pow
+from common.check import qkv, report
 from common.cli import InputError
-from common.csv_io import read_csv
-from common.prompts import encode_prompts, load_tokenizer
+from common.files import layout
+from common.files.csv_io import read_csv
+from common.llama import attention, rope, torch_pow
+from common.model.prompts import encode_prompts, load_tokenizer
 
 RTOL = 1e-5
 WINDOW = model_factory.LLAMA_3_2_1B["max_position_embeddings"]  # 131072
@@ -111,7 +113,7 @@ BUGS = {"without_scaling": ("rope_inv_freq", without_scaling), "factor_8": ("rop
 
 
 def offline_qk_max_rel(weights, acts) -> dict[str, float]:
-    """Step 3's recomputation of layer 0 without its files and plots: max_rel of q and k (common/verify)."""
+    """Step 3's recomputation of layer 0 without its files and plots: max_rel of q and k (common/check/verify)."""
     meta = json.loads((acts / layout.meta_file(0)).read_text())
     B, T = meta["batch_size"], meta["seq_len"]
     mask, position_ids, _ = qkv.read_batch(acts, B, T)

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 
 import model_factory
 from common import cli
-from common.atomic import TEMP_SUFFIX
-from common.csv_io import read_csv
-from common.export import safe_file_name
-from common.layout import ATTENTION_FILTER
-from common.safetensors_io import INDEX_NAME
+from common.files.atomic import TEMP_SUFFIX
+from common.files.csv_io import read_csv
+from common.files.export import safe_file_name
+from common.files.layout import ATTENTION_FILTER
+from common.files.safetensors_io import INDEX_NAME
 from conftest import ROOT, load_script, run_script
 
 
@@ -286,7 +286,7 @@ def test_cli_errors_and_exports_as_a_user_runs_it(llama32, tmp_path):
 
 
 def is_temp(name: str, final: str) -> bool:
-    """A temporary file of common/atomic.py for the file `final`: .<final>.<random>.tmp"""
+    """A temporary file of common/files/atomic.py for the file `final`: .<final>.<random>.tmp"""
     return name.startswith(f".{final}.") and name.endswith(TEMP_SUFFIX)
 
 
@@ -325,7 +325,7 @@ def test_a_kill_mid_export_leaves_only_complete_files(tmp_path):
 
 def test_large_tensors_go_through_the_parallel_writer_exactly(tmp_path):
     """Above PARALLEL_MIN_VALUES the forked workers read the values straight from the shard."""
-    from common import csv_io, csv_pool
+    from common.files import csv_io, csv_pool
     if csv_io.cpu_workers() < 2:
         pytest.skip("one core: the writer runs in-process")
     g = torch.Generator().manual_seed(5)

@@ -20,9 +20,11 @@ import pytest
 from conftest import ROOT, load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
-from common import attention, forward, forward_io, layout, mlp, norm
+from common.check import forward_io
 from common.cli import InputError
-from common.csv_io import read_csv
+from common.files import layout
+from common.files.csv_io import read_csv
+from common.llama import attention, forward, mlp, norm
 
 # A few dozen tokens with the tiny tokenizer, and a short one so the batch is padded.
 LONG = ("The capital of France is Paris. The capital of Italy is Rome. "
@@ -301,7 +303,7 @@ def test_the_head_is_read_in_blocks(pipeline, tmp_path, monkeypatch):
 
 
 def test_step_4_never_imports_transformers_or_torch(pipeline, tmp_path):
-    """Step 4 is a numpy-only process: transformers never, and torch never once common.csv_io is free of it."""
+    """Step 4 is a numpy-only process: transformers never, and torch never once common.files.csv_io is free of it."""
     model, weights, acts = pipeline("llama32")
     wrapper = ("import runpy, sys\n"
                f"sys.argv = ['4_offline_forward.py', '--weights-dir', {str(weights)!r}, '--acts-dir', {str(acts)!r}, "
@@ -312,7 +314,8 @@ def test_step_4_never_imports_transformers_or_torch(pipeline, tmp_path):
     r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("exit 0 transformers False torch "), r.stdout[-2000:] + r.stderr[-2000:]
-    csv_io_needs_torch = subprocess.run([sys.executable, "-c", "import sys, common.csv_io; print('torch' in sys.modules)"],
+    probe = "import sys, common.files.csv_io; print('torch' in sys.modules)"
+    csv_io_needs_torch = subprocess.run([sys.executable, "-c", probe],
                                         capture_output=True, text=True, cwd=ROOT).stdout.strip() == "True"
     assert last.endswith("torch True" if csv_io_needs_torch else "torch False"), last
 

@@ -19,10 +19,11 @@ import pytest
 from conftest import ROOT, load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
-from common import attention, layout, norm, rope
 from common.cli import InputError
-from common.csv_io import read_csv, write_csv
-from common.layout import ATTENTION_FILTER, layer_file, ref_file
+from common.files import layout
+from common.files.csv_io import read_csv, write_csv
+from common.files.layout import ATTENTION_FILTER, layer_file, ref_file
+from common.llama import attention, norm, rope
 
 # A few dozen tokens with the tiny tokenizer (35), and a short one so the batch is padded.
 LONG = ("The capital of France is Paris. The capital of Italy is Rome. "
@@ -293,6 +294,6 @@ def test_step_3_never_imports_torch(pipeline, tmp_path):
     r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip().splitlines()[-1] == "exit 0 torch loaded: False", r.stdout + r.stderr
     # The check has teeth: the same wrapper sees torch once anything imports it.
-    r = subprocess.run([sys.executable, "-c", "import sys; import common.csv_io, torch; "
+    r = subprocess.run([sys.executable, "-c", "import sys; import common.files.csv_io, torch; "
                         "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "True", r.stderr

@@ -1,4 +1,4 @@
-"""common/rope.py and common/attention.py against transformers' own functions, equation by equation.
+"""common/llama/rope.py and common/llama/attention.py against transformers' own functions, equation by equation.
 
 common/ never imports transformers; these tests do, as the independent reference.
 """
@@ -14,7 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import model_factory
-from common import attention, rope
+from common.llama import attention, rope
 
 CONFIGS = {
     "tiny_llama3": model_factory.hub_config({}),

@@ -21,11 +21,11 @@ import shlex
 from pathlib import Path
 
 from common import paths
-from common.atomic import read_json
-from common.attention import check_heads
+from common.check.step_files import check_meta_values
 from common.cli import InputError
-from common.rope import check_scaling
-from common.step_files import check_meta_values
+from common.files.atomic import read_json
+from common.llama.attention import check_heads
+from common.llama.rope import check_scaling
 
 # Default folders under outputs/<model folder>/ (paths.output_dir).
 WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
@@ -44,7 +44,7 @@ META_MODEL = "meta_model.json"
 VOCAB = "vocab.json"  # every token id's text, so step 4 shows top tokens without a tokenizer
 MODEL_FILES = (REF_NORM, REF_LOGITS, META_MODEL, VOCAB)
 BATCH_FILES = (ATTENTION_MASK, POSITION_IDS, TOKENS)
-MANIFEST = "manifest.json"  # steps 1 and 2: every file written, with its sha256 (common/manifest.py)
+MANIFEST = "manifest.json"  # steps 1 and 2: every file written, with its sha256 (common/files/manifest.py)
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # a verifying step's report
 ERRORS_PLOT = "errors.png"  # max_rel per layer and quantity
 # Step 4's files besides the per-layer ones (its recomputed norm and logits: step 2's without ref_).

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import read_json
 from common.cli import InputError
-from common.rope import ROPE_PARAMS, check_scaling
+from common.files.atomic import read_json
+from common.llama.rope import ROPE_PARAMS, check_scaling
 
 # Architectures whose attention block is Llama's (RMSNorm, q/k/v/o_proj, rotate-half RoPE, GQA).
 SUPPORTED_MODEL_TYPES = ("llama",)

@@ -1,7 +1,7 @@
 """Llama's attention block from its inputs, written from the equations, in float32 numpy.
 
     q = xnorm Wq^T (+ bq),  k = xnorm Wk^T (+ bk),  v = xnorm Wv^T (+ bv)
-    q, k = rope(q), rope(k)                      (common.rope, rotate-half layout)
+    q, k = rope(q), rope(k)                      (common.llama.rope, rotate-half layout)
     query head h reads KV head h // (H / Hkv)   (grouped-query attention)
     p = softmax(q k^T / sqrt(Dh) + mask)         (causal by index, padded keys masked;
                                                   QUERY_BLOCK query rows at a time)
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import rope  # called as rope.f(...) so that tests can swap one equation for a buggy one
+from common.llama import rope  # called as rope.f(...) so that tests can swap one equation for a buggy one
 
 # Query rows per block. Attention is computed QUERY_BLOCK rows at a time, so its memory is a few
 # B x H x QUERY_BLOCK x T arrays, never the B x H x T x T score tensor (2.1 GB for one 4096-token
@@ -150,7 +150,7 @@ def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.nda
     the new queries attend to before their own (a decode step: T = 1). Returns q (B*T, H*Dh) and
     k, v (B*T, Hkv*Dh) after RoPE (v has none) of the new rows only, head-major columns (h*Dh + j)
     like the model's projections; attn (B*T, d) after o_proj; probs as `attention` keeps them.
-    pow_lanes: the capture machine's SIMD width for RoPE's pow (common/rope.py, point 4; None: here's).
+    pow_lanes: the capture machine's SIMD width for RoPE's pow (common/llama/rope.py, point 4; None: here's).
     """
     B, T = position_ids.shape
     H, Hkv, Dh = num_heads, num_kv_heads, head_dim

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common import layout
+from common.files import layout
 
 # Per decoder layer, in the order the forward pass computes them (x: the layer's input).
 LAYER_NODES = ("x", "xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")

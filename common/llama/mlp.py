@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.attention import linear
+from common.llama.attention import linear
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ takes four things, each mirrored below:
   4. torch's float32 pow, which is not the correctly rounded power: its CPU kernel runs SLEEF's SIMD
      powf (1 ulp) on the first 2 * lanes * k frequencies and the C library's powf on the rest, with
      lanes = 16 floats under torch's AVX512 kernels, 8 under AVX2, 0 (powf only) under DEFAULT.
-     common/torch_pow.py mirrors both. The correctly rounded power (float64 rounded once) differs on
+     common/llama/torch_pow.py mirrors both. The correctly rounded power (float64 rounded once) differs on
      ~4% of the frequencies of random configs (theta 1e6, Dh 128: one of 64, by one ulp, two after
      1 / pow), and at long positions that alone FAILs the check. So the last bit depends on the
      capture machine's CPU: step 2 records torch_cpu_capability and the model's own inv_freq
      (rope_inv_freq) in meta_layerN.json; step 3 computes with the recorded capability's lanes and
-     reports every frequency that still differs (common/qkv.py, rope_check).
+     reports every frequency that still differs (common/check/qkv.py, rope_check).
      Where it is computed: transformers calls ROPE_INIT_FUNCTIONS / compute_default_rope_parameters
      with no device (LlamaRotaryEmbedding.__init__, and again in PreTrainedModel._init_weights after
      from_pretrained), so on the CPU even for a model that then runs on CUDA; this pipeline also
@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-from common import torch_pow
+from common.llama import torch_pow
 
 # rope_type -> the rope_scaling keys it needs.
 ROPE_PARAMS = {

@@ -1,7 +1,7 @@
 """Step 3's files: one layer's inputs read from steps 1 and 2, its recomputation written, its check.
 
-The math itself is common/attention.py; this module only moves arrays between it and the CSV
-files named by common/layout.py, with every shape taken from meta_layerN.json.
+The math itself is common/llama/attention.py; this module only moves arrays between it and the CSV
+files named by common/files/layout.py, with every shape taken from meta_layerN.json.
 """
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import attention, layout, rope, torch_pow
-from common.atomic import read_json
-from common.attention import AttentionWeights
-from common.csv_io import read_csv, write_csv
-from common.step_files import check_batch, check_tokens
-from common.verify import QUANTITIES, compare
+from common.check.step_files import check_batch, check_tokens
+from common.check.verify import QUANTITIES, compare
+from common.files import layout
+from common.files.atomic import read_json
+from common.files.csv_io import read_csv, write_csv
+from common.llama import attention, rope, torch_pow
+from common.llama.attention import AttentionWeights
 
 
 def read_batch(acts_dir: Path, B: int, T: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -30,7 +31,7 @@ def read_batch(acts_dir: Path, B: int, T: int) -> tuple[np.ndarray, np.ndarray, 
 def rope_check(meta: dict) -> tuple[int, str]:
     """(lanes, note): the SIMD width for the offline RoPE's pow, and a line on its frequencies.
 
-    The lanes come from the capture's torch_cpu_capability (common/rope.py, point 4); meta files
+    The lanes come from the capture's torch_cpu_capability (common/llama/rope.py, point 4); meta files
     written before it was recorded get this machine's. The note compares the offline inv_freq with
     the model's own (rope_inv_freq) and starts with "warning:" when any differ: an ulp of a frequency
     is visible at long positions, where Q and K would then FAIL.
@@ -51,7 +52,7 @@ def rope_check(meta: dict) -> tuple[int, str]:
         return lanes, f"RoPE inv_freq equals the model's bit for bit ({ours.size} frequencies, {which})"
     return lanes, (f"warning: {differ} of {ours.size} RoPE frequencies differ from the model's by up to "
                    f"{int(ulps.max())} ulp (computed as torch's pow under {which}): Q and K may FAIL at long "
-                   "positions for that reason alone (common/rope.py, point 4)")
+                   "positions for that reason alone (common/llama/rope.py, point 4)")
 
 
 def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWeights:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.cli import InputError
-from common.model_config import ModelConfig
-from common.safetensors_io import list_tensors
+from common.files.safetensors_io import list_tensors
+from common.model.model_config import ModelConfig
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers older checkpoints saved; transformers recomputes them

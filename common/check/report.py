@@ -1,6 +1,6 @@
 """Steps 3 and 4's verification report: the console table, report.json, report.md and the PNG plots.
 
-`results` everywhere is {layer: {quantity: common.verify.compare(...) dict}}; `quantities` the
+`results` everywhere is {layer: {quantity: common.check.verify.compare(...) dict}}; `quantities` the
 columns, in forward order (step 3's QUANTITIES unless told otherwise). A decode step's layer is the
 key (step, layer): its row in the tables follows the prefill's, labelled "step S: N" (report.json
 keeps them apart, under "decode"), and the plots show the prefill's layers only.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import layout
-from common.atomic import atomic_file, write_json, write_text
-from common.verify import QUANTITIES
+from common.check.verify import QUANTITIES
+from common.files import layout
+from common.files.atomic import atomic_file, write_json, write_text
 
 PLOT_LABELLED_TOKENS = 160  # the attention plot labels every token up to this prompt length
 PLOT_MAX_CELLS = 512  # a longer prompt's attention is drawn max-pooled to this many cells a side

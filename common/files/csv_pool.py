@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import csv_io
+from common.files import csv_io
 
 DROP_BEHIND_BYTES = 512 << 20  # written output kept in the page cache; writeback starts at half
 DROP_BEHIND_FILES = 64  # files held open for dropping, at most

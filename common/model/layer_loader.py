@@ -1,7 +1,7 @@
 """Layer-by-layer loading: compute and capture without holding the whole model.
 
 A LayerCollector reads a model folder through the same shard/index reading as step 1
-(common/safetensors_io) and hands out real transformers modules, one at a time:
+(common/files/safetensors_io) and hands out real transformers modules, one at a time:
 
     col = LayerCollector("model_paths/meta-llama_Llama-3.2-1B-Instruct")
     state = col.embed(input_ids, attention_mask)       # hidden (B, T, d), mask, positions, cos/sin
@@ -27,11 +27,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from common.atomic import write_json
 from common.cli import InputError
-from common.model_config import ModelConfig, load_config
-from common.prompts import position_ids_from_mask
-from common.safetensors_io import (TensorInfo, merge_headers, read_header, read_tensor, shard_files,
+from common.files.atomic import write_json
+from common.model.model_config import ModelConfig, load_config
+from common.model.prompts import position_ids_from_mask
+from common.files.safetensors_io import (TensorInfo, merge_headers, read_header, read_tensor, shard_files,
                                    shard_signature)
 
 CACHE_VERSION = 2  # 2: shard signatures as {size, mtime_ns}, as in step 1's manifest

@@ -24,11 +24,11 @@ Everything is taken from the running model, never recomputed:
 
 Two ways to run the model, with the same signature and the same hooks:
   full_model_capture  the whole model in memory, one forward pass
-  stream_capture      one decoder layer in memory at a time (common/layer_loader.LayerCollector)
+  stream_capture      one decoder layer in memory at a time (common/model/layer_loader.LayerCollector)
 Both add the model's own RoPE frequencies to the meta (rope_meta) before the first layer is written:
-their last bit depends on the CPU that computed them (common/rope.py, point 4).
+their last bit depends on the CPU that computed them (common/llama/rope.py, point 4).
 
-Files (SPEC, "2_get_x.py"; names from common/layout.py): rows batch-major (row = b*T + t),
+Files (SPEC, "2_get_x.py"; names from common/files/layout.py): rows batch-major (row = b*T + t),
 Q/K/V columns head-major (h*Dh + d).
 """
 from __future__ import annotations
@@ -43,10 +43,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common import layout
-from common.atomic import sha256_file
-from common.layer_loader import LayerCollector
-from common.manifest import save_csv, save_json
+from common.files import layout
+from common.files.atomic import sha256_file
+from common.files.manifest import save_csv, save_json
+from common.model.layer_loader import LayerCollector
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
 # for the duration of a capture, so a model outside a capture is untouched.
@@ -57,7 +57,7 @@ ATTN_IMPLEMENTATION = "eager"
 _RECORDERS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
 LOGITS_CHOICES = ("all", "last", "none")  # ref_logits rows: every position, each prompt's last real one, none
-CSV_BYTES_PER_VALUE = 13  # what common.csv_io writes on average (shortest round-trip float32 + comma)
+CSV_BYTES_PER_VALUE = 13  # what common.files.csv_io writes on average (shortest round-trip float32 + comma)
 
 
 def csv_bytes_estimate(cfg, tokens: int, layers: int, save_x_norm: bool, save_reference: bool,
@@ -127,7 +127,7 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
     `config` is the (transformers) config the layers were built with; its attention
     implementation must be "eager" and is switched to CAPTURE_ATTENTION only inside the block.
     A new node is one more hook below that calls add(n, stem, tensor), and its stem in
-    common/layout.py (STEP2_STEMS), which write_layer and stale_files follow.
+    common/files/layout.py (STEP2_STEMS), which write_layer and stale_files follow.
     """
     if config._attn_implementation not in ("eager", CAPTURE_ATTENTION):
         raise ValueError(f"capture needs eager attention, the model uses {config._attn_implementation!r}")
@@ -283,7 +283,7 @@ def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hook
     "position_ids" (B, 1)}: sink and head_sink receive the step's layers and head as in
     capture_layers/capture_head, and done(next_ids) the step's greedy tokens (B,).
     """
-    from common.prompts import position_ids_from_mask
+    from common.model.prompts import position_ids_from_mask
 
     device = next(model.parameters()).device
     mask = batch.attention_mask
@@ -456,7 +456,7 @@ def layer_meta(cfg, batch, model_dir: Path, dtype: torch.dtype, device: torch.de
         "rope_theta": cfg.rope_theta,
         "rope_type": cfg.rope_type,
         "rope_scaling": cfg.rope_scaling,
-        # The CPU kernels torch picked: they set the last bit of RoPE's pow (common/rope.py, point 4).
+        # The CPU kernels torch picked: they set the last bit of RoPE's pow (common/llama/rope.py, point 4).
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,

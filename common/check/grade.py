@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import golden, layout, nodes
-from common.atomic import write_json, write_text
+from common.check import golden
+from common.check.report import _json_safe, _pyplot, _save
+from common.check.verify import DEFINITION as VERIFY_DEFINITION
+from common.check.verify import compare
 from common.cli import InputError
-from common.csv_io import read_csv
-from common.report import _json_safe, _pyplot, _save
-from common.verify import DEFINITION as VERIFY_DEFINITION
-from common.verify import compare
+from common.files import layout, nodes
+from common.files.atomic import write_json, write_text
+from common.files.csv_io import read_csv
 
 NAMES = ("q_layerN, k_layerN, v_layerN, probs_layerN, attn_layerN, xnorm/h/hnorm/act/mlp/out_layerN, "
          "x_layerN, norm, logits")
@@ -160,7 +161,7 @@ def tolerances(enc: golden.Encoding, atol: float, rtol: float) -> tuple[float, f
 
 
 def grade(a: np.ndarray, r: np.ndarray, real: np.ndarray, atol: float, rtol: float) -> dict:
-    """common.verify.compare's max_abs, max_rel, PASS, plus cosine similarity and NMSE in dB."""
+    """common.check.verify.compare's max_abs, max_rel, PASS, plus cosine similarity and NMSE in dB."""
     m = compare(a, r, real, atol, rtol)
     x, y = a[real].astype(np.float64).ravel(), r[real].astype(np.float64).ravel()
     if not (np.isfinite(x).all() and np.isfinite(y).all()):

@@ -5,7 +5,7 @@ Positions follow transformers' generate(): each row counts its own real tokens f
 prompt alone; padding slots get position 1, a value that nothing real ever attends to.
 A position offset K starts every prompt at K instead (K + cumsum - 1): the same tokens as if a
 context of K tokens came before them, without computing it, so that a check reaches the long
-positions where RoPE's scaling and float32 angles are hard (common/rope.py).
+positions where RoPE's scaling and float32 angles are hard (common/llama/rope.py).
 """
 from __future__ import annotations
 

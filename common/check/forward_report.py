@@ -1,4 +1,4 @@
-"""Step 4's report pieces beyond step 3's per-layer table (common/report.py): the chain's error
+"""Step 4's report pieces beyond step 3's per-layer table (common/check/report.py): the chain's error
 growth, the logits check and the top next tokens, model vs offline, as text, markdown and PNG.
 """
 from __future__ import annotations
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import forward, layout
-from common.atomic import write_json, write_text
-from common.report import _json_safe, _pyplot, _save, markdown_table, text_table
+from common.check.report import _json_safe, _pyplot, _save, markdown_table, text_table
+from common.files import layout
+from common.files.atomic import write_json, write_text
+from common.llama import forward
 
 # Written into report.md and report.json, so the numbers there say what they mean.
 DEFINITION = """Over the real (non-padding) token rows only, for one layer and one node (xnorm, q, k, v,

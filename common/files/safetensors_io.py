@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from common.atomic import check_regular_file
 from common.cli import InputError
+from common.files.atomic import check_regular_file
 
 INDEX_NAME = "model.safetensors.index.json"
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

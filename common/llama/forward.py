@@ -1,11 +1,11 @@
 """A Llama decoder layer, the final norm and the head, from the equations, in float32 numpy.
 
     xnorm  = rms_norm(x, w_input_layernorm)
-    attn   = attention_block(xnorm)              (common.attention: q, k, v, RoPE, GQA, o_proj)
+    attn   = attention_block(xnorm)              (common.llama.attention: q, k, v, RoPE, GQA, o_proj)
     h      = x + attn                            residual after attention
     hnorm  = rms_norm(h, w_post_attention_layernorm)
     act    = act_fn(gate_proj(hnorm)) * up_proj(hnorm)
-    mlp    = down_proj(act)                      (common.mlp)
+    mlp    = down_proj(act)                      (common.llama.mlp)
     out    = h + mlp                             the layer output: the next layer's x
 and after the last layer
     norm   = rms_norm(out, w_norm)
@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from common import attention, mlp, norm
-from common.attention import AttentionWeights
-from common.mlp import MLPWeights
+from common.llama import attention, mlp, norm
+from common.llama.attention import AttentionWeights
+from common.llama.mlp import MLPWeights
 
 # Every node of a layer, in forward order (probs is (B, H, T, T) when kept; the others (B*T, C)).
 LAYER_NODES = ("xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
@@ -41,7 +41,7 @@ class LayerSpec:
     rope_scaling: dict | None
     rms_norm_eps: float
     hidden_act: str = "silu"
-    pow_lanes: int | None = None  # the capture machine's SIMD width for RoPE's pow (common/rope.py)
+    pow_lanes: int | None = None  # the capture machine's SIMD width for RoPE's pow (common/llama/rope.py)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, position_ids: np.ndarray, atte
                   past_kv: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """x (B*T, d) -> every node of LAYER_NODES; position_ids (B, T), attention_mask (B, T).
 
-    probs is every head's (B, H, T, T) with keep_probs="all", else None (common.attention.attention).
+    probs is every head's (B, H, T, T) with keep_probs="all", else None (common.llama.attention.attention).
     A decode step: past_kv the layer's KV cache (B, P, Hkv, Dh) each, attention_mask (B, P + T);
     k and v are then the new rows only, probs (B, H, T, P + T).
     """

@@ -17,12 +17,14 @@ from typing import Callable
 
 import numpy as np
 
-from common import forward, forward_io, layout, qkv
-from common.atomic import read_json
+from common.check import forward_io, qkv
+from common.check.step_files import RERUN, check_batch, check_tokens
+from common.check.verify import compare
 from common.cli import InputError
-from common.csv_io import read_csv, read_csv_blocks, write_csv
-from common.step_files import RERUN, check_batch, check_tokens
-from common.verify import compare
+from common.files import layout
+from common.files.atomic import read_json
+from common.files.csv_io import read_csv, read_csv_blocks, write_csv
+from common.llama import forward
 
 
 @dataclass
@@ -121,7 +123,7 @@ def verify_steps(steps: list[Step], n: int, cache: Cache, compute: Compute, writ
                  quantities: tuple[str, ...], atol: float, rtol: float) -> tuple[dict, list[Path]]:
     """Layer n through every decode step, each from its captured x and the cache grown by the step before.
 
-    cache: the prefill's recomputed K and V of layer n. compute gives a step's nodes (as common/qkv.as_rows
+    cache: the prefill's recomputed K and V of layer n. compute gives a step's nodes (as common/check/qkv.as_rows
     takes them), which write puts in OUT_DIR/decode/step_S/ and qkv.verify compares with step 2's
     decode/step_S/ references. Returns ({(step, n): metrics}, references missing).
     """

@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from common.atomic import clean_stale_temps, output_folder, temp_folder
-from common.checkpoint import Checkpoint
 from common.cli import FS_FAULTS, InputError
-from common.safetensors_io import INDEX_NAME, SAFETENSORS_DTYPE, write_safetensors_streaming
+from common.files.atomic import clean_stale_temps, output_folder, temp_folder
+from common.files.safetensors_io import INDEX_NAME, SAFETENSORS_DTYPE, write_safetensors_streaming
+from common.model.checkpoint import Checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 SINGLE_NAME = "model.safetensors"

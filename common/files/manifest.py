@@ -34,10 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common import layout
-from common.atomic import json_bytes, open_lock, read_json, sha256_file, write_bytes, write_json
 from common.cli import InputError
-from common.csv_io import write_numbers
+from common.files import layout
+from common.files.atomic import json_bytes, open_lock, read_json, sha256_file, write_bytes, write_json
+from common.files.csv_io import write_numbers
 
 MANIFEST_NAME = layout.MANIFEST
 # What a planned export and a recorded entry must agree on for the file to be reused.

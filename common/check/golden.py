@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import layout, nodes
-from common.atomic import (WRITE_FAULTS, atomic_file, clean_stale_temps, read_json, sha256_file, sha256_stream,
+from common.files import layout, nodes
+from common.files.atomic import (WRITE_FAULTS, atomic_file, clean_stale_temps, read_json, sha256_file, sha256_stream,
                            temp_folder, write_fault, write_json)
 from common.cli import InputError
-from common.csv_io import read_csv
+from common.files.csv_io import read_csv
 
 ENCODINGS = ("float32", "bfloat16", "float16", "fixed")
 FORMATS = ("bin", "hex", "mem", "npy", "npz")
@@ -373,7 +373,7 @@ def write_golden(sources: list[Path], out_dir: Path, fmt: str, enc: Encoding, on
 
     metas: meta_layerN.json by layer (None: any layer's, for the files of no layer), for the layouts.
 
-    Everything is written into a fresh locked folder beside out_dir first (common.atomic.temp_folder)
+    Everything is written into a fresh locked folder beside out_dir first (common.files.atomic.temp_folder)
     and moved in only once all of it succeeded, so a failure (an overflow with on_overflow "error", a
     bad CSV) leaves out_dir as it was. Files an earlier manifest listed that this run did not write
     are removed.

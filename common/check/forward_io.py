@@ -1,7 +1,7 @@
 """Step 4's files: a layer's weights and inputs read from steps 1 and 2, its nodes written and checked.
 
-The math is common/forward.py; this module only moves arrays between it and the CSV files named
-by common/layout.py, every shape taken from meta_model.json, and refuses what the math does not
+The math is common/llama/forward.py; this module only moves arrays between it and the CSV files named
+by common/files/layout.py, every shape taken from meta_model.json, and refuses what the math does not
 implement (another activation, another norm) instead of computing something else.
 """
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import Iterator
 
 import numpy as np
 
-from common import forward, layout, mlp, norm, qkv
-from common.atomic import read_json
-from common.attention import AttentionWeights
+from common.check import qkv
 from common.cli import InputError
-from common.csv_io import read_csv, read_csv_blocks, write_csv
-from common.mlp import MLPWeights
+from common.files import layout
+from common.files.atomic import read_json
+from common.files.csv_io import read_csv, read_csv_blocks, write_csv
+from common.llama import forward, mlp, norm
+from common.llama.attention import AttentionWeights
+from common.llama.mlp import MLPWeights
 
 MODEL_KEYS = ("num_layers", "vocab_size", "intermediate_size", "hidden_act", "mlp_bias", "norm_class",
               "tie_word_embeddings", "logits", *layout.META_KEYS, "rms_norm_eps")
@@ -166,7 +168,7 @@ class Inputs:
     settings: dict
     t0: float
     pow_lanes: int | None = None  # RoPE's pow as torch's on the capture machine (qkv.rope_check)
-    steps: list = field(default_factory=list)  # common.decode.Step: step 2's decode steps ([] without)
+    steps: list = field(default_factory=list)  # common.check.decode.Step: step 2's decode steps ([] without)
 
     @property
     def n_rows(self) -> int:

@@ -7,8 +7,8 @@ A 1-D tensor is one line. NaN is written `NaN` and infinities `inf` / `-inf` (wh
 pandas write, and what numpy, pandas and Python read back); a NaN's sign and payload are not kept.
 
 Speed: formatting is the cost (~13 bytes per value), so a large tensor is cut into row chunks
-(chunks) that the forked workers of common/csv_pool.py format at once, each writing its own
-chunks into the file. The file appears under its final name only once complete (common.atomic).
+(chunks) that the forked workers of common/files/csv_pool.py format at once, each writing its own
+chunks into the file. The file appears under its final name only once complete (common.files.atomic).
 Reading: polars parses straight to float32 (correctly rounded) on every core.
 
 This module does not import torch (step 3 stays a numpy-only process): it accepts a torch tensor
@@ -33,8 +33,8 @@ import orjson
 os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 import polars as pl  # noqa: E402
 
-from common.atomic import atomic_file
 from common.cli import InputError
+from common.files.atomic import atomic_file
 
 CHUNK_VALUES = 1 << 20  # most values formatted at once: ~14 MB of text held per worker
 MIN_CHUNK_VALUES = 1 << 16
@@ -199,7 +199,7 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
                     digest.update(text)
                 size = len(text)
             elif workers > 1 and a.size >= PARALLEL_MIN_VALUES and _pool_available():
-                from common import csv_pool  # imports this module: loaded on first use
+                from common.files import csv_pool  # imports this module: loaded on first use
                 # several chunks per worker, so that one slow chunk does not hold up the end
                 chunk_values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, a.size // (4 * workers)))
                 size = csv_pool.write(workers, fd, a, sep.encode(), chunk_values, digest, on_chunk,

@@ -9,7 +9,7 @@ largest selected tensor and its float32 copy, never the shard or the model).
 Files: csv/txt/npy/ckpt/safetensors, one per tensor, `<OUT_DIR>/<name>.<ext>` with the name
 sanitised (see safe_file_name). With --layer and ckpt/safetensors: one file `<PREFIX>.<ext>`
 whose keys have the prefix stripped. Every file is written atomically and recorded in
-manifest.json (common/manifest.py); a rerun skips files that still match their source.
+manifest.json (common/files/manifest.py); a rerun skips files that still match their source.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import manifest
-from common.atomic import atomic_file, clean_stale_temps, sha256_stream
 from common.cli import InputError
-from common.csv_io import write_numbers
-from common.safetensors_io import (TORCH_DTYPE, TensorInfo, head_is_tied, index_weight_map,
+from common.files import manifest
+from common.files.atomic import atomic_file, clean_stale_temps, sha256_stream
+from common.files.csv_io import write_numbers
+from common.files.safetensors_io import (TORCH_DTYPE, TensorInfo, head_is_tied, index_weight_map,
                                    list_tensors, read_tensor, shard_signature,
                                    write_safetensors_streaming)
 
@@ -322,7 +322,7 @@ def export(model_dir: Path, out_dir: Path, fmt: str, dtype: str | None, jobs: li
 
             def on_values(n: int) -> None:
                 bar.update(round(n * bytes_per_value))
-            nbytes, sha = write_job(path, job, fmt, dtype, on_values)  # write faults: one line (common.atomic)
+            nbytes, sha = write_job(path, job, fmt, dtype, on_values)  # write faults: one line (common.files.atomic)
             manifest.record(out_dir, {job.file_name: {**job.entry, "bytes": nbytes, "sha256": sha}})
             summary.tensors += len(job.members)
             summary.values += job.values

@@ -1,0 +1,1 @@
+"""Checking: comparisons, reports, golden vectors, grading, and opening an offline run's files."""
