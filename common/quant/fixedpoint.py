@@ -5,8 +5,9 @@ Calibration (float, once) chooses formats and builds tables; after it every op b
 (int64 numpy, no float). Rounding names: half_up = ties toward +inf ((x + 2^(k-1)) >> k); half_even
 only where float meets integer at the door (to_fixed); every saturation is explicit.
 
-    rmsnorm   ss = sum x^2 (int64); ms = round_half_up(ss / D) + eps_q; r = isqrt(ms << 2k) (bit by bit);
-              inv = round_half_up(2^62 / r); y = sat(((x * inv) >>r (46 - k)) * gamma >>r (16 + fg - fo))
+    rmsnorm   n = sum x^2 + eps_q D (int64); m = round_half_up((n << 2j) / D) << 2k2, in [2^60, 2^62);
+              r = isqrt(m) (bit by bit); inv = round_half_up(2^62 / r);
+              y = sat(((x * inv) >>r (46 - j - k2)) * gamma >>r (16 + fg - fo))
     softmax   q = s - max(s); e = i-exp(q) (I-BERT, Kim et al. 2021, Alg. 2); p = round_half_up(e * 2^PF / sum e)
     silu      y = table[x + 128]                      256 entries over the int8 input, built in float64
     rope      y1 = sat((x1 c - x2 s) >>r 14), y2 = sat((x2 c + x1 s) >>r 14)   c, s Q1.14 per position
@@ -128,41 +129,49 @@ def rms_norm_int(x, fmt_x: FixedFormat, gamma_q, fmt_gamma: FixedFormat, eps_q: 
                  fmt_out: FixedFormat) -> np.ndarray:
     """Integer RMSNorm over the last axis: (..., D) in fmt_x -> (..., D) in fmt_out, int64.
 
-    Integer rsqrt: ms (frac 2 fx) is normalised by an even left shift 2k into [2^60, 2^62), its floor
-    square root r (digit-by-digit, r in [2^30, 2^31), r ~= rms * 2^(fx + k)) is exact, and one reciprocal
-    per row inv = round_half_up(2^62 / r) replaces the division per element: x * inv is x / rms at frac
-    62 - k, brought to frac 16 (rounding half up), times gamma (frac fg), rounded half up to fo, saturated.
+    Integer rsqrt: n = sum x^2 + eps_q D (frac 2 fx) is shifted left by an even 2j to just under 2^62,
+    divided by D rounding half up (the mean square with ~43 significant bits), and shifted left again
+    by an even 2k2 into [2^60, 2^62); its floor square root r (digit by digit, r in [2^30, 2^31),
+    r ~= rms * 2^(fx + k), k = j + k2) is exact, and one reciprocal per row inv = round_half_up(2^62 / r)
+    replaces a division per element: x * inv is x / rms at frac 62 - k, brought to frac 16 (rounding
+    half up), times gamma (frac fg), rounded half up to fo and saturated.
     """
     if fmt_x.bits > 24:
         raise InputError(f"rmsnorm input {fmt_x}: at most 24 bits (the int64 sum of squares must not overflow)")
     x = _check_ints("rmsnorm input", x, fmt_x)
     D = x.shape[-1]
+    if not 1 <= D < 2**17:
+        raise InputError(f"rmsnorm over {D} values: give 1 .. 2^17 - 1")
     g = check_table("rmsnorm gamma", gamma_q, (D,), fmt_gamma)
-    ss = np.sum(x * x, axis=-1)  # int64: D * 2^46 < 2^63 for D < 2^17
-    ms = (ss + D // 2) // D + eps_q  # mean square, frac 2 fx, rounded half up; >= 1
-    k = (RSQRT_BITS - bit_length(ms)) // 2  # ms << 2k in [2^60, 2^62)
-    r = isqrt_floor(ms << (2 * k))  # int64 in [2^30, 2^31)
+    n = np.sum(x * x, axis=-1) + eps_q * D  # int64: D * 2^46 < 2^63; frac 2 fx
+    j = (RSQRT_BITS - bit_length(n)) // 2
+    mean = ((n << (2 * j)) + D // 2) // D  # mean square + eps, frac 2 (fx + j), half up
+    k2 = (RSQRT_BITS - bit_length(mean)) // 2
+    k = j + k2
+    r = isqrt_floor(mean << (2 * k2))  # int64 in [2^30, 2^31)
     inv = ((np.int64(1) << RSQRT_BITS) + r // 2) // r  # 2^62 / r half up: in (2^31, 2^32]
     t = rounding_right_shift_half_up(x * inv[..., None], (RSQRT_BITS - NORM_FRAC - k)[..., None])  # x / rms, frac 16
     shift = NORM_FRAC + fmt_gamma.frac - fmt_out.frac
     if shift < 0:
         raise InputError(f"rmsnorm output {fmt_out}: at most {NORM_FRAC + fmt_gamma.frac} fraction bits")
-    return saturate(rounding_right_shift_half_up(t * g, shift), fmt_out.bits)  # |t * g| < 2^23 * 2^15
+    return saturate(rounding_right_shift_half_up(t * g, shift), fmt_out.bits)  # |t * g| < 2^24 * 2^15
 
 
 def rms_norm_int_ref(x: list[int], fx: int, gamma: list[int], fg: int, eps_q: int, fo: int, bits: int) -> list[int]:
     """One row in plain Python ints (the definition of rms_norm_int)."""
     D = len(x)
-    ms = (sum(v * v for v in x) + D // 2) // D + eps_q
-    k = (RSQRT_BITS - ms.bit_length()) // 2
-    r = math.isqrt(ms << (2 * k))
+    n = sum(v * v for v in x) + eps_q * D
+    j = (RSQRT_BITS - n.bit_length()) // 2
+    mean = ((n << (2 * j)) + D // 2) // D
+    k2 = (RSQRT_BITS - mean.bit_length()) // 2
+    r = math.isqrt(mean << (2 * k2))
     inv = (2**RSQRT_BITS + r // 2) // r
 
     def rrs(v: int, s: int) -> int:
         return (v + (2**(s - 1) if s else 0)) >> s
 
     lo, hi = -2**(bits - 1), 2**(bits - 1) - 1
-    return [max(lo, min(hi, rrs(rrs(v * inv, RSQRT_BITS - NORM_FRAC - k) * gv, NORM_FRAC + fg - fo)))
+    return [max(lo, min(hi, rrs(rrs(v * inv, RSQRT_BITS - NORM_FRAC - j - k2) * gv, NORM_FRAC + fg - fo)))
             for v, gv in zip(x, gamma)]
 
 
@@ -214,6 +223,24 @@ def softmax_int(scores, fmt_in: FixedFormat, allowed: np.ndarray, c: dict[str, i
     total = np.sum(e, axis=-1, keepdims=True)  # fits int32 (checked above)
     safe = np.maximum(total, 1)
     return np.where(total > 0, ((e << frac_out) + safe // 2) // safe, 0)
+
+
+def softmax_int_ref(row: list[int], allowed: list[bool], c: dict[str, int], frac_out: int = 15) -> list[int]:
+    """One row of softmax_int in plain Python ints (the definition)."""
+    keep = [v for v, a in zip(row, allowed) if a]
+    if not keep:
+        return [0] * len(row)
+    m = max(keep)
+    e = []
+    for v, a in zip(row, allowed):
+        if not a:
+            e.append(0)
+            continue
+        z = (m - v) // c["q_ln2"]
+        qp = v - m + z * c["q_ln2"]
+        e.append(((qp + c["q_b"]) ** 2 + c["q_c"]) >> min(z, 63))
+    total = sum(e)
+    return [((x << frac_out) + total // 2) // total for x in e]
 
 
 # ---- SiLU by table ----
