@@ -17,12 +17,13 @@ from common.quant.requant import requantize_single_ref
 RUNNER = ROOT / "examples" / "rtl" / "run_rtl.py"
 RTL = ROOT / "examples" / "rtl" / "int8_dot_requant.v"
 needs_iverilog = pytest.mark.skipif(shutil.which("iverilog") is None or shutil.which("vvp") is None,
-                                    reason="Icarus Verilog (iverilog, vvp) is not installed: apt-get install -y iverilog")
+                                    reason="Icarus Verilog (iverilog, vvp) is not installed: "
+                                           "apt-get install -y iverilog")
 
 
 def _run(tmp_path, rtl=RTL) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RUNNER), "--no-demo", "--out-dir", str(tmp_path / "rtl"), "--rtl", str(rtl)],
-                          capture_output=True, text=True)
+    args = ["--no-demo", "--out-dir", str(tmp_path / "rtl"), "--rtl", str(rtl)]
+    return subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True)
 
 
 def _planted(tmp_path, old: str, new: str):

@@ -66,7 +66,8 @@ def demo_case(model_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
     from common.norm import rms_norm
     from common.safetensors_io import list_tensors
-    names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight"]
+    names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+             "model.layers.0.self_attn.q_proj.weight"]
     infos = list_tensors(model_dir, set(names))
     t = {}
     for name in names:
@@ -91,7 +92,8 @@ def simulate(rtl: Path, vectors: Path, build: Path) -> tuple[bool, str]:
     """Compile rtl with the testbench (once per build folder) and run it on one case: (passed, output)."""
     vvp = build / "tb.vvp"
     if not vvp.is_file():
-        c = subprocess.run(["iverilog", "-g2005", "-o", str(vvp), str(rtl), str(TESTBENCH)], capture_output=True, text=True)
+        c = subprocess.run(["iverilog", "-g2005", "-o", str(vvp), str(rtl), str(TESTBENCH)],
+                           capture_output=True, text=True)
         if c.returncode:
             raise InputError(f"{rtl}: iverilog could not compile it: {c.stderr.strip().splitlines()[0]}")
     r = subprocess.run(["vvp", "-n", str(vvp), f"+vectors={vectors}"], capture_output=True, text=True)
