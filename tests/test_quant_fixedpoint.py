@@ -176,3 +176,36 @@ def test_zk_preset():
     assert err <= 0.5
     with pytest.raises(InputError):
         fp.zk_mul(np.array([2**31]), np.array([1]))
+
+
+def _float_uses(op) -> list[str]:
+    """True divisions, float constants and float names (dtypes, exp, sqrt, ...) in a function's body."""
+    import ast
+    import inspect
+    import textwrap
+    fn = ast.parse(textwrap.dedent(inspect.getsource(op))).body[0]
+    body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) else fn.body  # without the docstring
+    banned = ("float", "float32", "float64", "exp", "sqrt", "log", "rint", "round", "cos", "sin")
+    found = []
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if isinstance(node, ast.Div) or (isinstance(node, ast.Constant) and isinstance(node.value, float)):
+            found.append(ast.dump(node))
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if name in banned:
+            found.append(name)
+    return found
+
+
+def test_integer_path_has_no_float():
+    """Every op that runs after calibration is integers only."""
+    from common.quant import requant as rq
+    ops = [rq.saturate, rq.rounding_right_shift_half_up, rq.requantize_single, rq.requantize_double, rq.requantize,
+           rq.saturating_rounding_doubling_high_mul, rq.rounding_divide_by_pot, rq.check_acc, rq.check_multiplier,
+           fp.isqrt_floor, fp.bit_length, fp.rms_norm_int, fp.iexp, fp.softmax_int, fp.silu_int8,
+           fp.apply_rope_int, fp.align, fp.add_int, fp.zk_mul, fp.check_table]
+    for op in ops:
+        assert _float_uses(op) == [], op.__name__
+
+    def planted(x):  # a division that would make floats
+        return np.asarray(x) / 2
+    assert _float_uses(planted)
