@@ -38,7 +38,9 @@ def quantize_multiplier(real_scale: float) -> tuple[int, int]:
     """r -> (M, shift) with r ~= M * 2^-(31 + shift), M in [2^30, 2^31), shift in [0, 31].
 
     TFLite's QuantizeMultiplier: frexp, then M = round(q * 2^31) half away from zero (std::round), and
-    M = 2^31 (q rounded up to 1) becomes 2^30 one shift less. Relative error <= 2^-31.
+    M = 2^31 (q rounded up to 1) becomes 2^30 one shift less. Relative error <= 2^-31. Where TFLite
+    flushes a scale that needs a shift past 31 to M = 0 (and allows left shifts for r >= 1), both are
+    refused here: an InputError names the scale.
     """
     if not (isinstance(real_scale, (int, float, np.floating)) and math.isfinite(real_scale) and real_scale > 0):
         raise InputError(f"requantization scale {real_scale!r}: give a finite number > 0")
