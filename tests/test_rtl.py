@@ -50,6 +50,15 @@ def test_rtl_matches_golden_bit_for_bit(tmp_path):
 
 
 @needs_iverilog
+def test_rtl_on_the_demo_models_layer0_q_proj(demo_model, tmp_path):
+    """A real linear: layer 0's q_proj of the demo model (576 x 576), one token's row."""
+    r = subprocess.run([sys.executable, str(RUNNER), "--model-dir", str(demo_model), "--demo-tokens", "42",
+                        "--out-dir", str(tmp_path / "rtl")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS: 576 accumulators and 576 int8 outputs bit for bit (T=1 K=576 N=576)" in r.stdout
+
+
+@needs_iverilog
 def test_planted_rounding_constant_fails(tmp_path):
     """One bit of the rounding: + 2^(s-1) - 1 (ties down) instead of + 2^(s-1)."""
     rtl = _planted(tmp_path, "(64'sd1 <<< (s - 6'd1))", "((64'sd1 <<< (s - 6'd1)) - 64'sd1)")
@@ -71,6 +80,13 @@ def test_planted_shift_off_by_one_fails(tmp_path):
     rtl = _planted(tmp_path, "6'd31 + {1'b0, shift}", "6'd32 + {1'b0, shift}")
     r = _run(tmp_path, rtl)
     assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+@needs_iverilog
+def test_planted_accumulator_never_cleared_fails(tmp_path):
+    rtl = _planted(tmp_path, "(clear ? 32'sd0 : acc) + a * b", "acc + a * b")
+    r = _run(tmp_path, rtl)
+    assert r.returncode == 1 and "FAIL: first mismatch acc[1] (t=0, n=1)" in r.stdout
 
 
 @needs_iverilog

@@ -56,8 +56,8 @@ def random_case(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return x, w, M, shift
 
 
-def demo_case(model_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Layer 0's q_proj of a model: x = rms_norm(embeddings of DEMO_TOKENS) quantized per tensor, w per
+def demo_case(model_dir: Path, tokens: tuple[int, ...] = DEMO_TOKENS) -> tuple[np.ndarray, ...]:
+    """Layer 0's q_proj of a model: x = rms_norm(embeddings of `tokens`) quantized per tensor, w per
     output channel (symmetric int8, round half even: calibration in float); the output scale from the
     float output's range; M and shift per channel from s_x * s_w[n] / s_y."""
     import json
@@ -69,11 +69,14 @@ def demo_case(model_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
              "model.layers.0.self_attn.q_proj.weight"]
     infos = list_tensors(model_dir, set(names))
+    vocab = infos[names[0]].shape[0]
+    if max(tokens) >= vocab:
+        raise InputError(f"--demo-tokens {','.join(map(str, tokens))}: the model has token ids 0..{vocab - 1}")
     t = {}
     for name in names:
         with safe_open(str(infos[name].shard), framework="numpy") as f:
-            if name.endswith("embed_tokens.weight"):  # only the rows of DEMO_TOKENS
-                t[name] = np.concatenate([f.get_slice(name)[i:i + 1] for i in DEMO_TOKENS])
+            if name.endswith("embed_tokens.weight"):  # only the rows of `tokens`
+                t[name] = np.concatenate([f.get_slice(name)[i:i + 1] for i in tokens])
             else:
                 t[name] = f.get_tensor(name)
     eps = json.loads((model_dir / "config.json").read_text())["rms_norm_eps"]
@@ -86,6 +89,17 @@ def demo_case(model_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     s_y = np.abs(xf @ wf.T).max() / 127
     M, shift = np.array([quantize_multiplier(float(s_x * s / s_y)) for s in s_w]).T
     return x, w, M, shift
+
+
+def token_ids(text: str) -> tuple[int, ...]:
+    """argparse type for --demo-tokens: "1,42" -> (1, 42)."""
+    try:
+        ids = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--demo-tokens {text!r}: give token ids like 1,42,1000") from None
+    if not ids or min(ids) < 0:
+        raise InputError(f"--demo-tokens {text!r}: give token ids >= 0")
+    return ids
 
 
 def simulate(rtl: Path, vectors: Path, build: Path) -> tuple[bool, str]:
@@ -110,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=DEMO,
                    help="also the demo model's layer-0 q_proj (when --model-dir holds it)")
     p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR, help="the model of the demo case")
+    p.add_argument("--demo-tokens", type=token_ids, default=DEMO_TOKENS,
+                   help="comma-separated token ids: the demo case's T rows")
     args = p.parse_args(argv)
     print_settings(vars(args))
     if shutil.which("iverilog") is None or shutil.which("vvp") is None:
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--rtl {args.rtl}: no such Verilog file")
     cases = {"random": random_case(args.seed)}
     if args.demo and (args.model_dir / "config.json").is_file():
-        cases["demo_q_proj"] = demo_case(args.model_dir)
+        cases["demo_q_proj"] = demo_case(args.model_dir, args.demo_tokens)
     elif args.demo:
         print(f"  (no model in {args.model_dir}: the demo case is skipped)")
     build = args.out_dir / "build"
