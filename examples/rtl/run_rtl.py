@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import numpy as np  # noqa: E402
 
 from common import paths  # noqa: E402
+from common.atomic import output_folder  # noqa: E402
 from common.cli import InputError, path_arg, print_settings, run  # noqa: E402
 from common.quant.requant import M_MAX, M_MIN, quantize_multiplier  # noqa: E402
 from common.quant.rtl_vectors import write_vectors  # noqa: E402
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cases["demo_q_proj"] = demo_case(args.model_dir, args.demo_tokens)
     elif args.demo:
         print(f"  (no model in {args.model_dir}: the demo case is skipped)")
+    output_folder(args.out_dir, inputs=[args.model_dir, HERE])  # never where the model or the RTL is read
     build = args.out_dir / "build"
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
