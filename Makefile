@@ -18,7 +18,7 @@ GENERATE  ?= 0
 # Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
 GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
-.PHONY: venv demo pipeline steps test bench bench-full clean-outputs
+.PHONY: venv demo pipeline steps test rtl bench bench-full clean-outputs
 
 venv: $(STAMP)
 
@@ -57,6 +57,11 @@ steps: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The int8 dot-product + requantization RTL in Icarus Verilog against golden vectors: a seeded case and,
+# when the demo model is there, its layer-0 q_proj (examples/rtl/README.md).
+rtl: $(STAMP)
+	$(PY) examples/rtl/run_rtl.py
 
 # Each benchmark prints its measurements and ratios, and exits 1 when it misses a goal.
 bench: $(STAMP)
