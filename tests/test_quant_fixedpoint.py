@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from common import rope
-from common.attention import softmax
+from common.llama import rope
+from common.llama.attention import softmax
 from common.cli import InputError
-from common.mlp import silu
-from common.norm import rms_norm
+from common.llama.mlp import silu
+from common.llama.norm import rms_norm
 from common.quant import fixedpoint as fp
 from common.quant.fixedpoint import FixedFormat
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.cli import InputError
+from common.llama.rope import rope_cos_sin  # float: RoPE tables are built once, at calibration
 from common.quant.requant import rounding_right_shift_half_up, saturate
 
 # I-BERT's second-order fit of exp on (-ln 2, 0]: exp(p) ~= A (p + B)^2 + C.
@@ -263,7 +264,6 @@ def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray
     """cos and sin as Q1.14 int16 (P, Dh/2) for positions (P,), from float32 inv_freq (common/rope.py's,
     with the model's scaling, llama3 included): the float32 angle as the model computes it, then
     cos/sin rounded half even to 14 fraction bits (calibration)."""
-    from common.rope import rope_cos_sin  # float: table build only
     cos, sin = rope_cos_sin(np.asarray(positions)[None, :], inv_freq)  # (1, P, Dh/2) float32
     fmt = FixedFormat(16, ROPE_FRAC)
     return to_fixed(cos[0], fmt).astype(np.int16), to_fixed(sin[0], fmt).astype(np.int16)

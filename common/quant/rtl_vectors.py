@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import write_text
+from common.files.atomic import write_text
 from common.cli import InputError
 from common.quant.requant import check_acc, check_multiplier, requantize_single
 

@@ -12,6 +12,7 @@ int32 accumulator and int8 output bit for bit. Exit code: 0 all PASS, 1 a FAIL, 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import numpy as np  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from common import paths  # noqa: E402
-from common.atomic import output_folder  # noqa: E402
+from common.files.atomic import output_folder  # noqa: E402
+from common.files.safetensors_io import list_tensors  # noqa: E402
+from common.llama.norm import rms_norm  # noqa: E402
 from common.cli import InputError, path_arg, print_settings, run  # noqa: E402
 from common.quant.requant import M_MAX, M_MIN, quantize_multiplier  # noqa: E402
 from common.quant.rtl_vectors import write_vectors  # noqa: E402
@@ -61,12 +65,6 @@ def demo_case(model_dir: Path, tokens: tuple[int, ...] = DEMO_TOKENS) -> tuple[n
     """Layer 0's q_proj of a model: x = rms_norm(embeddings of `tokens`) quantized per tensor, w per
     output channel (symmetric int8, round half even: calibration in float); the output scale from the
     float output's range; M and shift per channel from s_x * s_w[n] / s_y."""
-    import json
-
-    from safetensors import safe_open
-
-    from common.norm import rms_norm
-    from common.safetensors_io import list_tensors
     names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
              "model.layers.0.self_attn.q_proj.weight"]
     infos = list_tensors(model_dir, set(names))
