@@ -93,3 +93,12 @@ def parse_layers(spec: str | list[int] | None, num_layers: int | None = None) ->
     if not all(0 <= lo and hi < limit for lo, hi in ranges):
         raise bad
     return sorted({n for lo, hi in ranges for n in range(lo, hi + 1)})
+
+
+def quant_scheme(text: str):
+    """argparse type for --quant: a scheme name (common/quant/schemes.py) -> its Scheme."""
+    from common.quant.schemes import get_scheme
+    try:
+        return get_scheme(text)
+    except ValueError as e:
+        raise InputError(f"--quant: {e}") from None

@@ -1,0 +1,1 @@
+"""Integer arithmetic of quantized Llama: quantization schemes, integer matmuls, requantization, fixed point."""
