@@ -68,3 +68,24 @@ def torchao_qdata(model: torch.nn.Module, names: list[str]) -> dict[str, tuple[n
             raise InputError(f"{name} was not quantized by torchao (its weight is a {type(w).__name__})")
         out[f"{name}.weight"] = (w.qdata.detach().numpy().copy(), w.scale.detach().numpy().copy())
     return out
+
+
+def torchao_activation_quant(weight, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What torchao's linear does to its input x (M, K) before the matmul, as numpy:
+    (xq int8 (M, K), scale float32, zero_point int8 or None), by torchao's own functions:
+    Int8Tensor (w8a8): its act_quant_kwargs, the call its linear makes (symmetric, scale (M, 1));
+    IntxUnpackedToInt8Tensor (w4a8-g*): choose_qparams_affine + quantize_affine as its linear's
+    _apply_int8_act_asym_per_token_quant_dequant calls them (scale (M,), zero point (M,))."""
+    torchao_quantization()  # loaded quietly first; these are its internals the linears call
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+    from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
+    if getattr(weight, "act_quant_kwargs", None) is not None:
+        t = _choose_quant_func_and_quantize_tensor(x, weight.act_quant_kwargs)
+        return t.qdata.numpy(), t.scale.numpy(), None
+    if getattr(weight, "activation_quantization", None) is not None:
+        block = (1, x.shape[-1])
+        scale, zp = choose_qparams_affine(x, MappingType.ASYMMETRIC, block, torch.int8, -128, 127,
+                                          zero_point_dtype=torch.int8)
+        xq = quantize_affine(x, block, scale, zp, torch.int8, -128, 127)
+        return xq.numpy(), scale.numpy(), zp.numpy()
+    raise ValueError("this weight's linear does not quantize its input (a weight-only scheme)")

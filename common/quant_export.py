@@ -13,7 +13,9 @@ rounding, quant_head, torchao config, role q|scale).
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import orjson
 from common import manifest
 from common.atomic import atomic_file, clean_stale_temps
 from common.cli import InputError
-from common.csv_io import write_numbers
+from common.csv_io import cpu_workers
 from common.export import Summary, _inside, safe_file_name
 from common.quant.quantize import quantize_weight
 from common.quant.schemes import HEAD, Scheme, check_group, quantized_module
@@ -58,18 +60,22 @@ def split(infos: list[TensorInfo], scheme: Scheme, quant_head: bool, tied: bool)
     return floats, quantized
 
 
-def int_csv_chunks(q: np.ndarray):
-    """A 2-D integer array as CSV bytes, a block of rows at a time: plain integers, no header."""
-    for i in range(0, q.shape[0], ROWS_PER_CHUNK):
-        text = orjson.dumps(q[i:i + ROWS_PER_CHUNK], option=orjson.OPT_SERIALIZE_NUMPY)  # b"[[1,-2],[3,4]]"
+def csv_chunks(a: np.ndarray):
+    """A 2-D integer or finite float32 array as CSV bytes, a block of rows at a time: no header, one
+    line per row. orjson writes float32 as the shortest decimal that parses back exactly, the same
+    bytes as common.csv_io.write_numbers."""
+    for i in range(0, a.shape[0], ROWS_PER_CHUNK):
+        text = orjson.dumps(a[i:i + ROWS_PER_CHUNK], option=orjson.OPT_SERIALIZE_NUMPY)  # b"[[1,-2],[3,4]]"
         yield text[2:-2].replace(b"],[", b"\n") + b"\n"
 
 
-def write_int_csv(path: Path, q: np.ndarray) -> tuple[int, str]:
-    """Write q (2-D int) atomically as plain-integer CSV; (bytes, sha256)."""
+def write_csv_exact(path: Path, a: np.ndarray) -> tuple[int, str]:
+    """Write a (2-D int, or finite float32) atomically as CSV; (bytes, sha256)."""
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"{path}: a scale is not finite")
     digest, size = hashlib.sha256(), 0
     with atomic_file(path) as f:
-        for chunk in int_csv_chunks(q):
+        for chunk in csv_chunks(a):
             f.write(chunk)
             digest.update(chunk)
             size += len(chunk)
@@ -84,6 +90,24 @@ def _entry(model_dir: Path, name: str, info: TensorInfo, dtype: str, quant: dict
             "sources": shard_signature([info.shard]), "model_dir": str(model_dir.resolve()), "quant": quant}
 
 
+def _write_one(task: tuple[Path, TensorInfo, Scheme, str]) -> tuple[int, int, str, int, str]:
+    """Read one weight, quantize it, write its two files: (values, q bytes, q sha256, scale bytes, scale sha256)."""
+    out_dir, info, scheme, base = task
+    w = read_tensor(info)
+    if not w.dtype.is_floating_point:
+        raise InputError(f"{info.shard}: {info.name} is {info.dtype}, not a float weight: it cannot be quantized")
+    q, scale = quantize_weight(w.float().numpy(), scheme)  # int8 (N, K), float32 (N, G)
+    nq, sha_q = write_csv_exact(_inside(out_dir, base + Q_SUFFIX), q)
+    ns, sha_s = write_csv_exact(_inside(out_dir, base + SCALE_SUFFIX), scale)
+    return q.size, nq, sha_q, ns, sha_s
+
+
+def _pool(n_tasks: int) -> ProcessPoolExecutor | None:
+    """Forked workers, one per core (tensors are independent; torch and the shards are shared pages)."""
+    workers = min(cpu_workers(), n_tasks)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+
+
 def export_quantized(model_dir: Path, out_dir: Path, quantized: dict[str, TensorInfo], scheme: Scheme,
                      quant_head: bool, force: bool = False) -> Summary:
     """Write <name>.q.csv and <name>.scale.csv for every quantized weight; record both in the manifest."""
@@ -92,6 +116,7 @@ def export_quantized(model_dir: Path, out_dir: Path, quantized: dict[str, Tensor
     recorded = manifest.read_manifest(out_dir)
     summary = Summary()
     start = time.perf_counter()
+    todo = []
     for name, info in quantized.items():
         sch = scheme.head() if name == weight_name(HEAD) else scheme
         base = safe_file_name(name)
@@ -100,20 +125,25 @@ def export_quantized(model_dir: Path, out_dir: Path, quantized: dict[str, Tensor
                    base + SCALE_SUFFIX: _entry(model_dir, name, info, "float32", {**record, "role": "scale"})}
         if not force and all(manifest.still_matches(out_dir, f, e, recorded.get(f)) for f, e in entries.items()):
             summary.skipped.extend(entries)
-            continue
-        w = read_tensor(info)
-        w = w.float().numpy() if w.dtype.is_floating_point else None
-        if w is None:
-            raise InputError(f"{info.shard}: {info.name} is {info.dtype}, not a float weight: it cannot be quantized")
-        q, scale = quantize_weight(w, sch)  # int8 (N, K), float32 (N, G)
-        nq, sha_q = write_int_csv(_inside(out_dir, base + Q_SUFFIX), q)
-        ns, sha_s = write_numbers(_inside(out_dir, base + SCALE_SUFFIX), scale, ",", sha256=True)
-        entries[base + Q_SUFFIX].update(bytes=nq, sha256=sha_q, written_shape=list(q.shape))
-        entries[base + SCALE_SUFFIX].update(bytes=ns, sha256=sha_s, written_shape=list(scale.shape))
-        manifest.record(out_dir, entries)
-        summary.tensors += 1
-        summary.values += q.size
-        summary.bytes += nq + ns
-        summary.files.extend(entries)
+        else:
+            todo.append(((out_dir, info, sch, base), entries))
+    done: dict[str, dict] = {}
+    pool = _pool(len(todo))
+    try:
+        tasks = [task for task, _ in todo]
+        for (_, entries), (values, nq, sha_q, ns, sha_s) in zip(todo, pool.map(_write_one, tasks) if pool
+                                                                  else map(_write_one, tasks)):
+            (fq, eq), (fs, es) = entries.items()
+            eq.update(bytes=nq, sha256=sha_q)
+            es.update(bytes=ns, sha256=sha_s)
+            done.update(entries)
+            summary.tensors, summary.values, summary.bytes = summary.tensors + 1, summary.values + values, \
+                summary.bytes + nq + ns
+            summary.files += [fq, fs]
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+        if done:  # one manifest write for the run (one per file cost more than the files); an
+            manifest.record(out_dir, done)  # interrupted run still records what it finished
     summary.seconds = time.perf_counter() - start
     return summary
