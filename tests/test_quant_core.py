@@ -33,17 +33,19 @@ PROMPT_IDS = [[1, 7, 11, 50, 90, 2, 5, 8, 100, 200, 300, 17]]
 # --- the running torchao model, captured once per (model, scheme) --------------------------------
 
 
-def run_quantized(model_dir, scheme_name: str, quant_head: bool = True, only=None) -> dict:
-    """Load float32, keep the float weights, apply torchao, run PROMPT_IDS with every quantized linear's
-    input and output captured. `only`: restrict to these linear names (the demo model's subset)."""
+def run_quantized(model_dir, scheme_name: str, quant_head: bool = True, model=None, only=None) -> dict:
+    """Load float32 (or take `model`), keep the float weights, apply torchao, run PROMPT_IDS with every
+    quantized linear's input and output captured. `only`: quantize just these linears (they get their
+    float weights back afterwards, so that `model` can serve the next scheme)."""
     scheme = get_scheme(scheme_name)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    floats = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
-    if model.config.tie_word_embeddings:
-        floats[f"{HEAD}.weight"] = floats["model.embed_tokens.weight"]
+    model = model or LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    floats = {n: p.detach().numpy().copy() for n, p in model.named_parameters()
+              if only is None or n.removesuffix(".weight") in only}
+    if model.config.tie_word_embeddings and (only is None or HEAD in only):
+        floats[f"{HEAD}.weight"] = model.get_input_embeddings().weight.detach().numpy().copy()
     if only is not None:
-        tq = torchao_quantization()
-        names = list(only)
+        tq, names = torchao_quantization(), list(only)
+        originals = {n: model.get_submodule(n).weight for n in names}
         tq.quantize_(model, torchao_config(scheme), filter_fn=lambda m, fqn: fqn in names and fqn != HEAD)
         if HEAD in names:
             tq.quantize_(model, torchao_config(scheme.head()), filter_fn=lambda m, fqn: fqn == HEAD)
@@ -55,17 +57,22 @@ def run_quantized(model_dir, scheme_name: str, quant_head: bool = True, only=Non
         def hook(module, args, out):
             io[name] = (args[0].detach().reshape(-1, args[0].shape[-1]).clone(), out.detach().reshape(-1, out.shape[-1]))
         return hook
-    for n in names:
-        model.get_submodule(n).register_forward_hook(keep(n))
-    with torch.no_grad():
-        model(torch.tensor(PROMPT_IDS))
+    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    with torch.no_grad():  # without the head when it is not quantized (the demo's is 28 M weights)
+        (model if HEAD in names else model.model)(torch.tensor(PROMPT_IDS))
     linears = {}
     for n in names:
         mod = model.get_submodule(n)
         x, y = io[n]
         linears[n] = {"scheme": scheme.head() if n == HEAD else scheme, "x": x, "y": y.numpy(),
                       "weight": mod.weight, "bias": None if mod.bias is None else mod.bias.detach().numpy()}
-    return {"floats": floats, "qdata": torchao_qdata(model, names), "linears": linears}
+    run = {"floats": floats, "qdata": torchao_qdata(model, names), "linears": linears}
+    for h in hooks:
+        h.remove()
+    if only is not None:
+        for n, w in originals.items():
+            model.get_submodule(n).weight = w
+    return run
 
 
 @functools.cache
@@ -391,14 +398,20 @@ def test_model_quant_refuses_what_torchao_cannot_quantize(tiny_models):
 
 DEMO_LINEARS = [f"model.layers.{i}.{m}" for i in (0, 29) for m in
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + [HEAD]
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture(scope="module")
+def demo_float32(demo_model):
+    return LlamaForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("scheme_name", list(SCHEMES))
-def test_demo_model(demo_model, scheme_name):
-    """The real demo model, layers 0 and 29 and the head (every tensor: the tiny models and
+def test_demo_model(demo_model, demo_float32, scheme_name):
+    """The real demo model, layers 0 and 29 (and the head with w8a8; every tensor: the tiny models and
     benchmarks/bench_quant_export.py --check-all): weights, activations and outputs as above."""
-    run = run_quantized(demo_model, scheme_name, only=DEMO_LINEARS)
+    only = DEMO_LINEARS + ([HEAD] if scheme_name == "w8a8" else [])
+    run = run_quantized(demo_model, scheme_name, model=demo_float32, only=only)
     for name, lin in run["linears"].items():
         tq, ts = run["qdata"][f"{name}.weight"]
         q, s = Q.quantize_weight(weight_of(run, f"{name}.weight"), lin["scheme"])
