@@ -76,8 +76,9 @@ STARTED   := $(shell date +%s.%N)
 
 steps: $(STAMP) $(ALL_STEPS)
 	@[ -n "$$(find $(ALL_STEPS) -newermt @$(STARTED))" ] || { \
-	  echo "== up to date: no input, script or setting changed since the last run (make clean-outputs reruns all);"; \
-	  echo "   step 4's chain report: $(call name,chain)/report.md"; }
+	  echo "== nothing to redo: no input, script or setting changed since the last run (make clean-outputs starts over)"; \
+	  echo "   step 4's chain report, $(call name,chain)/report.md:"; \
+	  sed -n 's/^\*\*\(.*\)\*\*$$/   \1/p' $(call name,chain)/report.md | head -1; }
 
 $(WEIGHTS): $(MODEL) 1_model_weights.py $(CODE) $(call key,weights,manifest)
 	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR)    # every tensor: step 4 needs them all
