@@ -114,7 +114,7 @@ $(CHAIN): $(WEIGHTS) $(ACTS) 4_offline_forward.py $(CODE) $(call key,chain,repor
 	$(ok)
 else
 steps: $(STAMP)  # parsed before the venv existed: once more, now that it does
-	@$(MAKE) --no-print-directory steps
+	@test -x $(PY) && $(MAKE) --no-print-directory steps
 endif
 
 FORCE:
