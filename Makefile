@@ -11,14 +11,13 @@ MODEL_DIR ?= $(call common,os.path.relpath(paths.MODEL_DIR))
 # The second capture starts every prompt at this position, far into the model's window
 # (max_position_embeddings: Llama-3.2 131072, the demo model 8192), where RoPE is hard.
 LONG_OFFSET ?= 100000
-long_dir   = $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.offset_folder(layout.$(1), $(LONG_OFFSET)))))
 # Greedy decode steps captured after the prefill (2_get_x.py --generate) and verified by steps 3 and 4;
 # the demo runs 4, `make pipeline` none unless asked (chain mode then holds every layer's weights).
 GENERATE  ?= 0
 # Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
 GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
-.PHONY: venv demo pipeline steps test rtl bench bench-full clean-outputs
+.PHONY: venv demo pipeline steps test rtl bench bench-full clean-outputs FORCE
 
 venv: $(STAMP)
 
@@ -29,7 +28,7 @@ $(STAMP): requirements.txt
 
 # Offline: build the demo model, run steps 1 -> 2 (+ 4 decode steps) -> 3 -> 4 on it at positions 0.. and again at 8000.. (near
 # the end of its 8192-token window), write golden vectors (5), grade step 3 (6); ends with step 4's
-# chain table and the top-5 tokens.
+# chain table and the top-5 tokens. A rerun redoes only what is out of date (below).
 demo: $(STAMP)
 	$(PY) 0_download_models.py --demo
 	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000 GENERATE=4
@@ -41,19 +40,84 @@ pipeline: $(STAMP)
 
 # Steps 1 (every tensor) -> 2 -> 3 -> 4, a second capture at positions LONG_OFFSET.. checked by steps 3
 # and 4 into their own folders, steps 5 and 6, and last step 4's chain mode: x_layer0 to the logits.
-steps: $(STAMP)
+# Each step is a file target: a stamp in outputs/<model folder>/.make/, touched when the step
+# succeeded. A step reruns when its stamp is older than what it reads (the model's files, the stamps
+# of the steps before it), its script, any module of common/ or this Makefile; or when its key output
+# (manifest or report) is missing or newer than the stamp (the step was run by hand since). A step
+# that fails leaves its stamp old, so the next run tries it again.
+ifeq ($(wildcard $(PY))$(filter steps,$(MAKECMDGOALS)),$(PY)steps)
+MODEL_DIR := $(MODEL_DIR)
+# Every folder a step writes, and the names of their key files, in one Python call.
+names := $(shell $(PY) -c 'import os, sys; from common import paths as p; from common.files import layout as l;\
+  m, k = sys.argv[1], int(sys.argv[2]); d = lambda f: os.path.relpath(l.default_dir(m, f));\
+  print(f"out={os.path.relpath(p.output_dir(m, str()))} weights={d(l.WEIGHTS)} acts={d(l.ACTS)} qkv={d(l.QKV)}",\
+        f"forward={d(l.FORWARD)} chain={d(l.FORWARD_CHAIN)} golden={d(l.GOLDEN)} grade={d(l.GRADE)}",\
+        f"long_acts={d(l.offset_folder(l.ACTS, k))} long_qkv={d(l.offset_folder(l.QKV, k))}",\
+        f"long_forward={d(l.offset_folder(l.FORWARD, k))} manifest={l.MANIFEST} report={l.REPORT_JSON}",\
+        f"golden_manifest={l.GOLDEN_MANIFEST}")' '$(MODEL_DIR)' '$(LONG_OFFSET)')
+name       = $(patsubst $(1)=%,%,$(filter $(1)=%,$(names)))
+done       = $(call name,out)/.make/$(1)
+key        = $(or $(wildcard $(call name,$(1))/$(call name,$(2))),FORCE)
+ok         = @mkdir -p $(@D) && touch $@
+CODE      := $(shell find common -name '*.py') Makefile
+MODEL      = $(wildcard $(MODEL_DIR)/*)
+WEIGHTS   := $(call done,weights)
+ACTS      := $(call done,x_all_layers.generate$(GENERATE))
+QKV       := $(call done,qkv)
+FORWARD   := $(call done,forward)
+LONG_ACTS := $(call done,x_all_layers.offset$(LONG_OFFSET))
+LONG_QKV  := $(call done,qkv.offset$(LONG_OFFSET))
+LONG_FWD  := $(call done,forward.offset$(LONG_OFFSET))
+GOLDEN_OK := $(call done,golden)
+GRADE     := $(call done,grade)
+CHAIN     := $(call done,forward_chain)
+ALL_STEPS := $(WEIGHTS) $(ACTS) $(QKV) $(FORWARD) $(LONG_ACTS) $(LONG_QKV) $(LONG_FWD) $(GOLDEN_OK) $(GRADE) $(CHAIN)
+STARTED   := $(shell date +%s.%N)
+
+steps: $(STAMP) $(ALL_STEPS)
+	@[ -n "$$(find $(ALL_STEPS) -newermt @$(STARTED))" ] || { \
+	  echo "== nothing to redo: no input, script or setting changed since the last run (make clean-outputs starts over)"; \
+	  echo "   step 4's chain report, $(call name,chain)/report.md:"; \
+	  sed -n 's/^\*\*\(.*\)\*\*$$/   \1/p' $(call name,chain)/report.md | head -1; }
+
+$(WEIGHTS): $(MODEL) 1_model_weights.py $(CODE) $(call key,weights,manifest)
 	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR)    # every tensor: step 4 needs them all
+	$(ok)
+$(ACTS): $(MODEL) 2_get_x.py $(CODE) $(call key,acts,manifest)
 	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --generate $(GENERATE)
+	$(ok)
+$(QKV): $(WEIGHTS) $(ACTS) 3_offline_qkv.py $(CODE) $(call key,qkv,report)
 	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR)
+	$(ok)
+$(FORWARD): $(WEIGHTS) $(ACTS) 4_offline_forward.py $(CODE) $(call key,forward,report)
 	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR)
+	$(ok)
+$(LONG_ACTS): $(MODEL) 2_get_x.py $(CODE) $(call key,long_acts,manifest)
 	@echo "== the same check at positions $(LONG_OFFSET).. (2_get_x.py --position-offset)"
-	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --position-offset $(LONG_OFFSET) --out-dir $(call long_dir,ACTS)
-	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR) --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,QKV)
-	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --acts-dir $(call long_dir,ACTS) --out-dir $(call long_dir,FORWARD)
+	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --position-offset $(LONG_OFFSET) --out-dir $(call name,long_acts)
+	$(ok)
+$(LONG_QKV): $(WEIGHTS) $(LONG_ACTS) 3_offline_qkv.py $(CODE) $(call key,long_qkv,report)
+	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR) --acts-dir $(call name,long_acts) --out-dir $(call name,long_qkv)
+	$(ok)
+$(LONG_FWD): $(WEIGHTS) $(LONG_ACTS) 4_offline_forward.py $(CODE) $(call key,long_forward,report)
+	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --acts-dir $(call name,long_acts) --out-dir $(call name,long_forward)
+	$(ok)
+$(GOLDEN_OK): $(ACTS) 5_golden.py $(CODE) $(call key,golden,golden_manifest)
 	$(PY) 5_golden.py --model-dir $(MODEL_DIR) $(GOLDEN)
+	$(ok)
+$(GRADE): $(QKV) $(ACTS) 6_grade.py $(CODE) $(call key,grade,report)
 	$(PY) 6_grade.py --model-dir $(MODEL_DIR)
+	$(ok)
+$(CHAIN): $(WEIGHTS) $(ACTS) 4_offline_forward.py $(CODE) $(call key,chain,report)
 	@echo "== the whole forward pass offline, from x_layer0 to the logits (positions 0..)"
 	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --mode chain
+	$(ok)
+else
+steps: $(STAMP)  # parsed before the venv existed: once more, now that it does
+	@test -x $(PY) && $(MAKE) --no-print-directory steps
+endif
+
+FORCE:
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

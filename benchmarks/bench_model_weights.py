@@ -17,7 +17,7 @@ of flushing a file renamed over another (auto_da_alloc), 0.02-0.13 s here; a re-
 files (--force) does pay that, so it is shown too, as information.
 Pool: common/files/csv_pool.py against a plain ProcessPoolExecutor.map of the same row chunks (the
 parent writing and hashing each chunk's text in order), alternated, best of REPEATS (information;
-the figures are in csv_pool's docstring).
+the figures are in benchmarks/README.md).
 Memory: peak RSS (each export in its own process) for models whose size and largest tensor
 differ, next to loading the whole model: export memory follows the largest tensor.
 Full (--full): the random model with exactly Llama-3.2-1B's config (1.24 B parameters, bf16, tied;

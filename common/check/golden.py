@@ -40,7 +40,7 @@ FORMATS = ("bin", "hex", "mem", "npy", "npz")
 FIXED_BITS = (8, 16, 32)
 ON_OVERFLOW = ("saturate", "error")
 MANIFEST = layout.GOLDEN_MANIFEST
-HEX_CHUNK = 1 << 16  # words formatted at once: the temporaries stay in the CPU cache (3x faster than 1M)
+HEX_CHUNK = 1 << 16  # words formatted at once: the temporaries stay in the CPU cache
 ENCODE_CHUNK = 1 << 16  # values encoded at once, for the same reason
 ROUNDING = {"float32": "none (exact)", "bfloat16": "nearest, ties to even", "float16": "nearest, ties to even",
             "fixed": "nearest, ties to even: round(x * 2^FRAC_BITS)"}

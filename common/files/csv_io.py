@@ -27,9 +27,9 @@ from typing import Callable, Iterator
 import numpy as np
 import orjson
 
-# polars' allocator (jemalloc) keeps freed pages for 10 s by default: after reading a 100 MB CSV a
-# process stayed ~150 MB larger, a third of step 3's peak on a 4096-token prompt. Return them at
-# once (read ~5% slower); set before polars loads, and only if the user set nothing.
+# polars' allocator (jemalloc) keeps freed pages for 10 s by default, so a process that has read a
+# large CSV stays much larger than it needs to (benchmarks/README.md). Return them at once (reading
+# is a little slower); set before polars loads, and only if the user set nothing.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 import polars as pl  # noqa: E402
 
@@ -46,7 +46,7 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 def _is_tensor(x) -> bool:
     """A torch tensor? torch is not imported for it: a process that never imported torch (step 3)
-    holds no tensors, and importing it would cost step 3 ~180 MB of RSS for nothing."""
+    holds no tensors, and importing it would cost step 3 memory for nothing."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 

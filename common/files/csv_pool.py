@@ -7,24 +7,11 @@ file in order as it fills (plain sha256 of the file) and drops written output fr
 once it is on disk (_DropBehind).
 
 Why a pool of our own rather than ProcessPoolExecutor.map over the same row chunks (each chunk's
-text returned to the parent, which writes and hashes it in order): measured side by side by
-benchmarks/bench_model_weights.py (one 8192x2048 bf16 tensor, sha256 included, best of 5,
-alternated), on the 2-core machine shared with other jobs (load 4-10), six runs:
-    pool 8.0 / 11.6 / 11.5 / 14.5 / 16.8 / 15.6 M values/s, executor 5.5 / 8.7 / 9.4 / 8.9 / 7.3 / 12.2
-    -> the pool x1.45 / x1.33 / x1.22 / x1.63 / x2.31 / x1.28 faster (medians x1.22 to x1.49).
-With the executor every byte of text also crosses a pipe and is copied into the file by the one
-parent, a serial stage that grows with the core count; here the parent only hashes.
-Not yet measured on 16 cores.
-
-Whole model (a random Llama-3.2-1B, 1.24 B values, 15.6 GB of CSV, 2 cores, shared): before
-_DropBehind 52.8 s at load 1.4, 76 CPU-seconds of which 38 in the kernel (2.4 s/GB: the workers'
-copies into fresh page-cache pages); with it 49.8 s at load 4, 46 CPU-seconds of which 8 in the
-kernel (0.53 s/GB). Per value that is the one-tensor export's CPU (~33 ns user + ~8 ns kernel):
-46 CPU-seconds over 2 cores would be ~23 s. Timed on an idle 2-core machine (load < 2, make
-bench-full): 29.96 s (41.3 M values/s), 52 CPU-seconds (10.6 in the kernel); the disk (2.15 GB/s)
-needs 7.3 s for the bytes and the one-tensor rate (47.9 M values/s) 25.8 s, so 1.16x the larger
-(goal <= 1.25). On the same run: pool 44.5 M values/s vs executor 28.2 (x1.58, medians x1.27). The parent's plain sha256 runs at ~1.9 GB/s (SHA-NI)
-beside the workers; on many cores it, not the formatting, bounds a disk faster than that.
+text returned to the parent, which writes and hashes it in order): with the executor every byte of
+text also crosses a pipe and is copied into the file by the one parent, a serial stage that grows
+with the core count; here the parent only hashes (on many cores, with a disk faster than sha256,
+that hash becomes the bound). The pool against the executor, and the whole-model export against
+the machine's limit: benchmarks/bench_model_weights.py, figures in benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -72,12 +59,10 @@ class _DropBehind:
     newest half of that starts its writeback, and output older than all of it is waited for and
     dropped from the cache, oldest chunk first.
 
-    Why: pages the kernel takes fresh from free memory cost ~10x more to fill than recycled ones
-    on the VM measured (2.3 s of kernel time per GB written into a new file vs 0.2 s into pages
-    just freed; the whole-model export spent 37 of its 76 CPU-seconds copying into fresh pages),
-    and buffered writes into one file hold the inode's lock, so that copy does not scale with
-    workers. Dropped pages are reused at once by the next chunks. The files themselves are
-    complete and unchanged: only their cached copy goes. An export smaller than half the window
+    Why: pages the kernel takes fresh from free memory cost far more to fill than recycled ones
+    (benchmarks/README.md has the measurement), and buffered writes into one file hold the inode's
+    lock, so that copy does not scale with workers. Dropped pages are reused at once by the next
+    chunks. The files themselves are complete and unchanged: only their cached copy goes. An export smaller than half the window
     is left alone, and a deleted file is let go without being written back.
     """
 
@@ -228,7 +213,7 @@ def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_
 
 class _Pool:
     """Formatting workers forked once per process and reused for every large write (a fork of a
-    process that has torch loaded costs ~10 ms, as much as formatting a million values).
+    process that has torch loaded costs as much as formatting many values).
 
     They pass each other the next file offset around a ring of pipes, so each writes its own
     chunks with pwritev straight into the file; the parent hashes the file in order as it fills

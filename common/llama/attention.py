@@ -22,9 +22,9 @@ from common.llama import rope  # called as rope.f(...) so that tests can swap on
 # Query rows per block. Attention is computed QUERY_BLOCK rows at a time, so its memory is a few
 # B x H x QUERY_BLOCK x T arrays, never the B x H x T x T score tensor (2.1 GB for one 4096-token
 # prompt on Llama-3.2-1B's 32 heads): a long prompt runs in bounded memory, and every row is
-# computed as in one T x T block. Speed: small blocks stay in cache (T = 2048 on one BLAS thread:
-# 1.0 s, unblocked 4.8 s), but they are many small products, which OpenBLAS's threads slow down
-# badly on a busy machine (30 s against 8 s); there OPENBLAS_NUM_THREADS=1 helps.
+# computed as in one T x T block. Small blocks stay in cache, but they are many small products,
+# which OpenBLAS's threads slow down on a busy machine; there OPENBLAS_NUM_THREADS=1 helps
+# (benchmarks/bench_long_prompt.py; figures in benchmarks/README.md).
 QUERY_BLOCK = 32
 # Above this many tokens the full probabilities (B*H*T x T values, keep_probs="all") are not kept
 # or written: at 2048 tokens and 32 heads they are 134M values, ~1.7 GB of CSV per layer.
