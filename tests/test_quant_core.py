@@ -188,6 +188,20 @@ def test_rounding_ties_to_even_like_torchao():
     assert np.array_equal(q, tq)
     twin, _ = quantize_weight_with(w, get_scheme("w8a8"), rounding=round_half_away)
     assert not np.array_equal(twin, tq)
+    # Python's round() is ties-to-even too: the plain reference, on ties, negative ties and the extremes
+    inv = np.float32(1) / s[0, 0]
+    assert q[0].tolist() == [max(-128, min(127, round(float(np.float32(v) * inv)))) for v in w[0]]
+
+
+def test_torchao_import_is_quiet():
+    """transformers imports torchao when it is installed; its GPU-only noise must not reach the console."""
+    from conftest import ROOT
+    import subprocess
+    import sys
+    code = ("import common; from transformers import LlamaForCausalLM; "
+            "from common.torchao_import import torchao_quantization; torchao_quantization()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
 
 
 def _torchao_weight(w: np.ndarray, scheme_name: str) -> np.ndarray:

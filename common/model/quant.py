@@ -42,7 +42,7 @@ def quantized_linears(model: torch.nn.Module, scheme: Scheme, quant_head: bool) 
             raise InputError(f"{scheme.name}: {name} is {str(m.weight.dtype).removeprefix('torch.')}: "
                              "load the model in float32 to quantize it")
         try:
-            check_group(scheme, m.in_features, name)
+            check_group(scheme.head() if name == HEAD else scheme, m.in_features, name)
         except ValueError as e:
             raise InputError(f"--quant {e}") from None
     return found
