@@ -6,6 +6,7 @@
     python 2_get_x.py --streaming                           # one decoder layer in memory at a time
     python 2_get_x.py --position-offset 100000              # positions 100000.. (long-context RoPE)
     python 2_get_x.py --generate 4                          # + 4 greedy decode steps through the KV cache
+    python 2_get_x.py --quant w8a8                          # the torchao-quantized model (docs/quantized.md)
 
 Reads a model folder (config.json, safetensors, tokenizer). Writes to OUT_DIR
 (default outputs/<model folder>/x_all_layers), for every decoder layer N, with B prompts padded to
@@ -42,6 +43,11 @@ attention_mask.csv [B, T+S] (cache + new token), position_ids.csv [B, 1] (each p
 position + 1) and tokens.json (the token fed, the greedy next_ids, every id generated so far);
 manifest.json lists them too (decode/step_S/<name>).
 Not with --streaming (one layer in memory cannot keep a cache over steps).
+With --quant SCHEME (and --quant-head) torchao quantizes the model first (float32 only); every
+reference is then what the quantized model computes, meta files record the scheme ("quant"), the
+default folder is x_all_layers-SCHEME, and for each quantized linear P with int8 activations
+ref_xscale_P_layerN.csv [B*T, 1] (and asymmetric schemes ref_xzero_P_layerN.csv) holds the
+per-token scale (zero point) torchao's own activation quantization gave its input.
 Everything is captured by hooks on the running model (eager attention), never recomputed.
 Positions count each prompt's real tokens from POSITION_OFFSET (default 0), as generate() does, so a
 padded batch matches each prompt run alone; an offset K feeds positions K.. as position_ids, as if K
@@ -56,7 +62,7 @@ from pathlib import Path
 import torch
 
 from common import paths
-from common.cli import InputError, parse_layers, path_arg, print_settings, run
+from common.cli import InputError, parse_layers, path_arg, print_settings, quant_scheme, run
 from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.llama import attention
@@ -64,6 +70,7 @@ from common.model import capture
 from common.model.model_config import load_config
 from common.model.prompts import check_position_offset, encode_prompts, load_tokenizer
 from common.model.weights_check import check_weights
+from common.quant.schemes import check_group
 
 MODEL_DIR = paths.MODEL_DIR
 TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch
@@ -82,6 +89,8 @@ STREAMING = False  # load, run and free one decoder layer at a time (capture.str
 PADDING_SIDE = "left"  # left (as generate() pads) or right
 POSITION_OFFSET = 0  # first position of every prompt: 0 .. max_position_embeddings - prompt length
 GENERATE = 0  # greedy decode steps after the prefill, each captured in decode/step_S/ (not with STREAMING)
+QUANT = None  # None: the float model | w8a8 | w4a8-g32 | w8a16 | w4a16-g32: quantized by torchao first
+QUANT_HEAD = False  # with QUANT: the head too, int8 per output channel (Meta's Llama-3.2 model card)
 WARN_WRITE_GB = 5.0  # warn when the layer CSVs will take more than this
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -119,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="positions start at K (default: POSITION_OFFSET)")
     p.add_argument("--generate", type=int, default=GENERATE, metavar="N",
                    help="N greedy decode steps after the prefill, captured in decode/step_S/ (default: GENERATE)")
+    p.add_argument("--quant", type=quant_scheme, default=QUANT, metavar="SCHEME",
+                   help="capture the torchao-quantized model: w8a8, w4a8-g32, w8a16, w4a16-g32 (default: float)")
+    p.add_argument("--quant-head", action="store_true", default=QUANT_HEAD,
+                   help="with --quant: quantize the head too (int8 per output channel)")
     p.add_argument("--warn-write-gb", type=float, default=WARN_WRITE_GB)
     args = p.parse_args(argv)
 
@@ -127,12 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.generate and args.streaming:
         raise InputError("--generate with --streaming: decode steps need the whole model and its KV cache in "
                          "memory; drop --streaming (or --generate)")
+    if args.quant_head and args.quant is None:
+        raise InputError("--quant-head needs --quant SCHEME")
+    if args.quant is not None and args.dtype != "float32":
+        raise InputError(f"--quant {args.quant.name} with --dtype {args.dtype}: torchao's quantized model is "
+                         "captured (and recomputed offline) in float32; drop --dtype")
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
     check_weights(args.model_dir, cfg)  # InputError: no weights, or files that disagree with config.json
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
     layers = parse_layers(args.layers, cfg.num_layers) or list(range(cfg.num_layers))
     device = resolve_device(args.device)
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.ACTS)
+    scheme_name = args.quant.name if args.quant else None
+    if args.quant is not None:  # before anything is loaded (streaming quantizes layer by layer)
+        for what, k in (("d_model", cfg.d_model), ("num_heads * head_dim", cfg.num_heads * cfg.head_dim),
+                        ("intermediate_size", cfg.intermediate_size)):
+            try:
+                check_group(args.quant, k, what)
+            except ValueError as e:
+                raise InputError(f"--quant {e}") from None
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.quant_folder(layout.ACTS, scheme_name))
 
     dtype = getattr(torch, args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
@@ -159,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print_settings({"model dir": args.model_dir, "prompts": B, "padded length": T,
                     "positions": f"from {args.position_offset}", "decode steps": args.generate,
                     "layers": f"{len(layers)} of {cfg.num_layers}", "dtype": args.dtype, "device": device,
-                    "streaming": args.streaming, "chat": args.chat, "padding side": args.padding_side,
+                    "streaming": args.streaming, "chat": args.chat,
+                    "quant": f"{scheme_name}{' + head' if args.quant_head else ''}" if scheme_name else "none (float)", "padding side": args.padding_side,
                     "layer refs": args.save_layer_refs, "logits": args.logits,
                     "attention probs": probs,
                     "out dir": out_dir, "about to write": f"~{size / 1e9:.2f} GB of CSV"})
@@ -170,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
     manifest.remove_manifest(out_dir, 2)  # until this run's is written, last, nothing vouches for the folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
+    if args.quant is not None:
+        meta["quant"] = args.quant.record(args.quant_head)
     written: dict[str, dict] = {}  # file name (a path inside out_dir) -> manifest entry (shape, bytes, sha256)
     probs_bytes = 0
 
@@ -204,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_model = capture.stream_capture if args.streaming else capture.full_model_capture
     decoding = {"generate": args.generate, "decode_sinks": decode_sinks} if args.generate else {}
+    if args.quant is not None:
+        decoding["quant"] = (args.quant, args.quant_head)
     sink, head_sink = sinks(out_dir, meta)
     with torch.inference_mode():
         facts = run_model(args.model_dir, batch, layers, sink, dtype, device, args.save_x_norm, args.save_reference,

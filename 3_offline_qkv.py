@@ -18,6 +18,11 @@ OUT_DIR/decode/step_S/ and the rows "step S: N" join the table (common/check/dec
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/files/manifest.py): an edit below RTOL (a digit of a weight, rope_theta, a padding row) is named,
 exit 2. --no-verify-hashes skips that, and the report says so.
+A quantized capture (step 2 --quant S: its meta names the scheme) is read with step 1 --quant S's
+weights: each of q/k/v/o_proj computed as torchao computes it (common/quant/linear.py), and for each
+P, xq_P_layerN.csv, xscale_P_layerN.csv (xzero_P_layerN.csv) and acc_P_layerN.csv written; the
+quantity xscale compares the per-token scales with the running model's. --quant S only picks the
+default folders (x_all_layers-S, weights-S, qkv-S) and must name the capture's scheme.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 3_offline_qkv.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -34,10 +39,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common import paths
-from common.check import decode, qkv, report
+from common.check import decode, qkv, quant_check, report
 from common.check.verify import DEFINITION, QUANTITIES, low_precision_note
-from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.files import layout, manifest
+from common.cli import InputError, parse_layers, path_arg, print_settings, quant_scheme, run, tolerance
+from common.files import layout, manifest, quant_weights
 from common.files.atomic import output_folder
 from common.llama import attention, norm
 
@@ -53,6 +58,8 @@ PLOT_LAYER = None  # layer of the attention-pattern plot; None = the first verif
 PLOT_HEAD = 0  # query head of that plot
 PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
+QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (x_all_layers-w8a8, ...)
+QUANT_RTOL = 1e-2  # quantized captures: an activation one LSB off (a rounding tie) is a real but legitimate difference
 # -------------------------------------------------------------------------------------------------
 
 
@@ -65,10 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
     p.add_argument("--layers", default=LAYERS, type=parse_layers, help="e.g. 0,5-7 (default: all)")
     p.add_argument("--atol", default=ATOL, type=tolerance)
-    p.add_argument("--rtol", default=RTOL, type=tolerance)
+    p.add_argument("--rtol", default=None, type=tolerance, help="default: RTOL, or QUANT_RTOL for a quantized capture")
     p.add_argument("--plot-layer", default=PLOT_LAYER, type=int)
     p.add_argument("--plot-head", default=PLOT_HEAD, type=int)
     p.add_argument("--plot-prompt", default=PLOT_PROMPT, type=int)
+    p.add_argument("--quant", default=QUANT, type=quant_scheme, metavar="SCHEME",
+                   help="the capture's scheme: default folders x_all_layers-SCHEME, weights-SCHEME, qkv-SCHEME")
     p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
                    help="check input files against the manifests of steps 1 and 2 (default: on)")
     return p.parse_args(argv)
@@ -109,9 +118,10 @@ def step_attention(w: attention.AttentionWeights, norm_w: np.ndarray, meta: dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
-    weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.QKV)
+    folder = lambda name: layout.default_dir(args.model_dir, layout.quant_folder(name, args.quant and args.quant.name))
+    acts_dir = args.acts_dir or folder(layout.ACTS)
+    weights_dir = args.weights_dir or folder(layout.WEIGHTS)
+    out_dir = args.out_dir or folder(layout.QKV)
     settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
                 "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol, "RTOL": args.rtol,
                 "VERIFY_HASHES": args.verify_hashes}
@@ -126,16 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     metas = layout.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
     dtype = metas[layers[0]]["dtype"]
-    if note := low_precision_note(dtype, args.rtol):
-        print(note)
     plot_layer = check_plot_choice(args, layers, metas)
     pow_lanes, rope_note = qkv.rope_check(metas[layers[0]])  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
-    layout.check_attention_weights(weights_dir, metas)
-    hashes.folder(weights_dir, [p.name for n in layers for p in
-                                layout.qkv_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()],
+    scheme, quant_head = quant_weights.scheme_of(metas[layers[0]], acts_dir / layout.meta_file(layers[0]), args.quant)
+    weight_paths = [p for n in layers for p in layout.qkv_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()]
+    quant_weights.check(weights_dir, weight_paths, scheme, quant_head, metas[layers[0]]["model_dir"], acts_dir)
+    args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
+    if scheme is None:
+        layout.check_attention_weights(weights_dir, metas)
+    read_weight = lambda path, shape: quant_weights.read_weight(path, shape, scheme, quant_head)
+    hashes.folder(weights_dir, [p.name for p in quant_weights.files(weight_paths, scheme, quant_head)],
                   "step 1", layout.rerun_step1(metas[layers[0]]["model_dir"], weights_dir))
     print(f"input files: {hashes.line()}")
+    if note := low_precision_note(dtype, args.rtol):
+        print(note)
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
     mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
@@ -148,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     missing_refs: list[Path] = []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         meta = metas[n]
-        x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
+        x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta, read_weight)
+        qw = quant_check.linears(w)  # the quantized linears (none for a float capture)
+        quantities = quant_check.quantities(QUANTITIES, qw)
         norm_w = qkv.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
         xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
         # Attention runs in blocks of query rows (common/llama/attention.py). Every head's probabilities are
@@ -162,17 +179,19 @@ def main(argv: list[str] | None = None) -> int:
                           else out["probs"])  # (T, T)
         rows = qkv.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
         del x, xnorm, out  # before the references are read: a long prompt's peak memory is here
-        qkv.write_outputs(out_dir, n, rows)
+        quant_check.writing_tapes(qkv.write_outputs, qw)(out_dir, n, rows)
         checked, missing = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
+        checked.update(quant_check.check_scales(acts_dir, n, qw, real_rows))
         if checked:
             results[n] = checked
         missing_refs += missing
         if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
             cache = decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
-            compute = step_attention(w, norm_w, meta, pow_lanes)
-            checked, missing = decode.verify_steps(steps, n, cache, compute, qkv.write_outputs, out_dir, QUANTITIES,
-                                                   args.atol, args.rtol)
-            results.update(checked)
+            scales: dict = {}
+            compute = quant_check.checking_scales(step_attention(w, norm_w, meta, pow_lanes), qw, n, scales)
+            checked, missing = decode.verify_steps(steps, n, cache, compute, quant_check.writing_tapes(
+                qkv.write_outputs, qw), out_dir, QUANTITIES, args.atol, args.rtol)
+            results.update({key: {**c, **scales.get(key, {})} for key, c in checked.items()})
             missing_refs += missing
         del w
 
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {len(missing_refs)} ref_ files missing, e.g. {missing_refs[0]}: those were not verified")
 
     plots = [out_dir / layout.ERRORS_PLOT, out_dir / layout.attention_plot(plot_layer, args.plot_head)]
-    report.plot_errors(plots[0], results, args.rtol)
+    report.plot_errors(plots[0], results, args.rtol, quantities)
     real = np.flatnonzero(mask[args.plot_prompt] > 0)  # this prompt's real token indices
     report.plot_attention(plots[1], plot_probs[np.ix_(real, real)], report.token_labels(tokens, args.plot_prompt, real),
                           plot_layer, args.plot_head, args.plot_prompt)
@@ -194,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                      "batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
                      "reference dtype": dtype, "RoPE inv_freq": rope_note, "input hashes": hashes.line()})
     report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, DEFINITION,
-                         [p.name for p in plots], args.atol, args.rtol)
+                         [p.name for p in plots], args.atol, args.rtol, quantities)
     print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}, {plots[0].name}, {plots[1].name} "
           f"in {time.perf_counter() - t0:.2f} s")
-    print(report.console_table(results, args.atol, args.rtol))  # last: what `make demo` ends with
+    print(report.console_table(results, args.atol, args.rtol, quantities))  # last: what `make demo` ends with
     return 0 if report.all_pass(results) else 1
 
 

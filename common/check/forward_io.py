@@ -96,13 +96,14 @@ def _proj_shapes(meta: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (I, d), "up_proj": (I, d), "down_proj": (d, I)}
 
 
-def read_layer_weights(weights_dir: Path, n: int, meta: dict) -> forward.LayerWeights:
-    """Every tensor of layer n from step 1's CSV, each checked against meta's sizes."""
+def read_layer_weights(weights_dir: Path, n: int, meta: dict, read=read_csv) -> forward.LayerWeights:
+    """Every tensor of layer n from step 1's CSV, each checked against meta's sizes.
+    read(path, shape): read_csv, or a quantized capture's reader (common/files/quant_weights.py)."""
     shapes = {**_proj_shapes(meta), **{norm: (meta["d_model"],) for norm in layout.NORMS}}
     arrays = {}
     for name, path in layout.layer_weight_files(weights_dir, n, meta["attention_bias"], meta["mlp_bias"]).items():
         module, kind = name.split(".")[-2:]  # model.layers.N.<block>.<module>.<kind>, or ...<norm>.weight
-        arrays[(module, kind)] = read_csv(path, shapes[module] if kind == "weight" else shapes[module][:1])
+        arrays[(module, kind)] = read(path, shapes[module] if kind == "weight" else shapes[module][:1])
     get = arrays.get
     return forward.LayerWeights(
         input_layernorm=arrays[("input_layernorm", "weight")],

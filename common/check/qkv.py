@@ -55,8 +55,9 @@ def rope_check(meta: dict) -> tuple[int, str]:
                    "positions for that reason alone (common/llama/rope.py, point 4)")
 
 
-def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWeights:
-    """Layer n's q/k/v/o_proj (and biases) from step 1's CSV, each checked against meta's sizes."""
+def read_attention_weights(weights_dir: Path, n: int, meta: dict, read=read_csv) -> AttentionWeights:
+    """Layer n's q/k/v/o_proj (and biases) from step 1's CSV, each checked against meta's sizes.
+    read(path, shape): read_csv, or a quantized capture's reader (common/files/quant_weights.py)."""
     d, H, Hkv, Dh = meta["d_model"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
     out_dims = {"q_proj": H * Dh, "k_proj": Hkv * Dh, "v_proj": Hkv * Dh, "o_proj": d}
     in_dims = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": H * Dh}
@@ -64,7 +65,7 @@ def read_attention_weights(weights_dir: Path, n: int, meta: dict) -> AttentionWe
     for name, path in layout.attention_weight_files(weights_dir, n, meta["attention_bias"]).items():
         proj, kind = name.split(".")[-2:]
         shape = (out_dims[proj], in_dims[proj]) if kind == "weight" else (out_dims[proj],)
-        arrays[("w" if kind == "weight" else "b") + proj[0]] = read_csv(path, shape)
+        arrays[("w" if kind == "weight" else "b") + proj[0]] = read(path, shape)
     return AttentionWeights(**arrays)
 
 

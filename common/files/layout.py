@@ -55,14 +55,15 @@ TOP_TOKENS_PLOT = "top_tokens.png"  # the top next tokens, model vs offline, per
 # Per-layer stems step 2 writes: x, xnorm and the model's own value of every node (ref_ twins of
 # steps 3 and 4's files).
 LAYER_REF_STEMS = ("h", "hnorm", "act", "mlp", "out")  # step 2's SAVE_LAYER_REFS
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+QUANT_TAPE = ("xq", "xscale", "xzero", "acc")  # steps 3/4, quantized captures: per linear P, xq_P_layerN.csv, ...
 STEP2_STEMS = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn", *(f"ref_{s}" for s in LAYER_REF_STEMS),
-               "ref_probs")
+               "ref_probs", *(f"ref_{t}_{p}" for t in ("xscale", "xzero") for p in ATTENTION_PROJ + MLP_PROJ))
 # Step 3's per-layer files (probs: (B*H*T, T), row (b*H + h)*T + t_query, column t_key).
 QKV_STEMS = ("q", "k", "v", "probs", "attn")
 # Step 4's per-layer files, in forward order (q/k/v/attn/probs are step 3's, checked there).
 FORWARD_STEMS = ("xnorm", "h", "hnorm", "act", "mlp", "out")
-ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 EMBEDDING, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 # Step 1's --filter for what step 3 needs: the input norm and the attention projections (and biases).
@@ -76,6 +77,51 @@ META_KEYS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "h
 def default_dir(model_dir: str | Path, folder: str) -> Path:
     """outputs/<model folder>/<folder>, folder one of the constants above (WEIGHTS, ACTS, ...)."""
     return paths.output_dir(model_dir, folder)
+
+
+def quant_folder(folder: str, scheme: str | None) -> str:
+    """A quantized run's folders live beside the float ones: x_all_layers, w8a8 -> x_all_layers-w8a8."""
+    return f"{folder}-{scheme}" if scheme else folder
+
+
+def quant_file(proj: str, n: int, what: str) -> str:
+    """A quantized linear's integer tensor (steps 3/4): what in QUANT_TAPE; q_proj, 3, xq -> xq_q_proj_layer3.csv."""
+    return layer_file(f"{what}_{proj}", n)
+
+
+def xq(proj: str, n: int) -> str:
+    """int8 [rows, in_features]: the linear's quantized input."""
+    return quant_file(proj, n, "xq")
+
+
+def xscale(proj: str, n: int) -> str:
+    """float32 [rows, 1]: its per-token scale."""
+    return quant_file(proj, n, "xscale")
+
+
+def xzero(proj: str, n: int) -> str:
+    """int8 [rows, 1]: its per-token zero point (asymmetric schemes only)."""
+    return quant_file(proj, n, "xzero")
+
+
+def acc(proj: str, n: int) -> str:
+    """int32 [rows, out_features] (grouped: [rows, out_features * G], column o*G + g): the exact accumulator."""
+    return quant_file(proj, n, "acc")
+
+
+def ref_xscale(proj: str, n: int) -> str:
+    """Step 2, quantized capture: the per-token scale torchao's running linear used (ref_xscale_q_proj_layer3.csv)."""
+    return ref_file(f"xscale_{proj}", n)
+
+
+def ref_xzero(proj: str, n: int) -> str:
+    """Step 2, asymmetric schemes: the per-token zero point torchao's running linear used."""
+    return ref_file(f"xzero_{proj}", n)
+
+
+def quant_weight_files(name: str) -> tuple[str, str]:
+    """Step 1 --quant's files of a quantized weight: <name>.q.csv (integers), <name>.scale.csv (float32)."""
+    return f"{name}.q.csv", f"{name}.scale.csv"
 
 
 def offset_folder(folder: str, offset: int) -> str:

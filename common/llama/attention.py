@@ -45,7 +45,10 @@ class AttentionWeights:
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """x W^T (+ b), as torch.nn.Linear: x (N, in), w (out, in) -> (N, out)."""
+    """x W^T (+ b), as torch.nn.Linear: x (N, in), w (out, in) -> (N, out).
+    A quantized weight (common.quant.linear.QuantWeight) computes itself, as the quantized model does."""
+    if hasattr(w, "apply"):
+        return w.apply(x, b)
     y = x @ w.T
     return y if b is None else y + b
 

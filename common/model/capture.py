@@ -121,13 +121,14 @@ def output_tensor(out) -> torch.Tensor:
 @contextmanager
 def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, dict[str, torch.Tensor]], None],
                    save_x_norm: bool = True, save_reference: bool = True, save_layer_refs: bool = True,
-                   save_attn_probs: bool = True) -> Iterator[None]:
+                   save_attn_probs: bool = True, extra_hooks: Callable | None = None) -> Iterator[None]:
     """Hook decoder layers {N: module}; when layer N finishes, call sink(N, {file stem: (rows, C) tensor}).
 
     `config` is the (transformers) config the layers were built with; its attention
     implementation must be "eager" and is switched to CAPTURE_ATTENTION only inside the block.
     A new node is one more hook below that calls add(n, stem, tensor), and its stem in
     common/files/layout.py (STEP2_STEMS), which write_layer and stale_files follow.
+    extra_hooks(n, layer, add) -> handles adds more (a quantized capture's scales: common/model/quant_capture.py).
     """
     if config._attn_implementation not in ("eager", CAPTURE_ATTENTION):
         raise ValueError(f"capture needs eager attention, the model uses {config._attn_implementation!r}")
@@ -172,6 +173,8 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
                     add(n, "ref_probs", prob_rows(probs))  # (B, H, T, T_cache)
 
             _RECORDERS[layer.self_attn] = qkv
+        if extra_hooks is not None:
+            handles += extra_hooks(n, layer, add)
         handles.append(layer.register_forward_hook(done))  # registered last: runs after the others
 
     previous = config._attn_implementation
@@ -235,18 +238,25 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
                        device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
                        meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
                        logits: str = "all", head_sink: Callable | None = None, generate: int = 0,
-                       decode_sinks: Callable | None = None) -> dict:
+                       decode_sinks: Callable | None = None, quant: tuple | None = None) -> dict:
     """Load the whole model (eager attention, `dtype`), run the batch once with hooks; return model_facts.
 
     meta, if given, gets rope_meta of the model before sink sees the first layer. With logits "all"
     or "last" the model runs to its logits and head_sink receives ref_norm and ref_logits; with
     "none" only the decoder runs. With generate = N > 0 the prefill fills a KV cache and N greedy
-    decode steps follow (decode_capture; decode_sinks as there).
+    decode steps follow (decode_capture; decode_sinks as there). quant = (Scheme, quant_head): the
+    model quantized by torchao first (common/model/quant.py), its linears' scales captured too.
     """
     from transformers import DynamicCache, LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
                                              attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
+    extra = None
+    if quant is not None:
+        from common.model import quant_capture
+        from common.model.quant import apply_scheme
+        apply_scheme(model, *quant)
+        extra = quant_capture.scale_hooks(quant[0])
     if meta is not None:
         meta.update(rope_meta(model.model.rotary_emb))
     hooked = {n: model.model.layers[n] for n in layers}
@@ -256,7 +266,8 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
               "past_key_values": cache}
     head = (capture_head(model.model.norm, model.lm_head, head_sink, logit_rows(batch.attention_mask, logits))
             if logits != "none" else nullcontext())
-    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs, save_attn_probs):
+    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs, save_attn_probs,
+                        extra):
         if logits == "none" and not generate:
             model.model(**inputs)
         else:
@@ -266,13 +277,13 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable
         rows_last = logit_rows(batch.attention_mask, "last")
         first = rows(out.logits)[rows_last].float().argmax(-1)  # (B,): each prompt's greedy next token
         decode_capture(model, batch, first, cache, generate, hooked, decode_sinks, save_x_norm, save_reference,
-                       save_layer_refs, save_attn_probs, logits != "none")
+                       save_layer_refs, save_attn_probs, logits != "none", extra)
     return model_facts(model.config, model.model.layers[0])
 
 
 def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hooked: dict[int, nn.Module],
                    decode_sinks: Callable, save_x_norm: bool, save_reference: bool, save_layer_refs: bool,
-                   save_attn_probs: bool, save_head: bool) -> None:
+                   save_attn_probs: bool, save_head: bool, extra_hooks: Callable | None = None) -> None:
     """Greedy decode steps 1..steps after a prefill that filled `cache` (a DynamicCache), captured as it runs.
 
     Each step feeds every prompt its last greedy token (next_ids, (B,)) as one new row, as
@@ -294,7 +305,7 @@ def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hook
         sink, head_sink, done = decode_sinks(step, fed)
         head = capture_head(model.model.norm, model.lm_head, head_sink, None) if save_head else nullcontext()
         with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs,
-                            save_attn_probs), head:
+                            save_attn_probs, extra_hooks), head:
             out = model(input_ids=fed["input_ids"].to(device), attention_mask=mask.to(device),
                         position_ids=fed["position_ids"].to(device), past_key_values=cache, use_cache=True)
         next_ids = out.logits[:, -1].float().argmax(-1).cpu()  # (B,): generate()'s greedy choice
@@ -304,12 +315,14 @@ def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hook
 def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
                    device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
                    meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
-                   logits: str = "all", head_sink: Callable | None = None) -> dict:
+                   logits: str = "all", head_sink: Callable | None = None, quant: tuple | None = None) -> dict:
     """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it; return model_facts.
 
     meta: as above. With logits "all" or "last" every layer runs, then the final norm and the head
-    (head_sink as in full_model_capture); with "none" it stops after the last chosen layer.
+    (head_sink as in full_model_capture); with "none" it stops after the last chosen layer. quant as
+    there: each layer (and with quant_head the head) quantized by torchao as it is loaded.
     """
+    from common.model import quant_capture
     col = LayerCollector(model_dir, dtype=dtype, device=device)
     if meta is not None:
         meta.update(rope_meta(col.rotary))
@@ -319,12 +332,17 @@ def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dt
     for n in tqdm(range(stop), desc="layers", unit="layer", disable=not os.isatty(2)):
         layer = col.load_layer(n)
         facts = model_facts(col.hf_config, layer)
+        if quant is not None:
+            quant_capture.quantize_layer(layer, n, quant[0])
+        extra = quant_capture.scale_hooks(quant[0]) if quant is not None else None
         with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, sink, save_x_norm, save_reference,
-                            save_layer_refs, save_attn_probs):
+                            save_layer_refs, save_attn_probs, extra):
             col.run_layer(layer, state)
         del layer
     if logits != "none":
         norm, head = col.load_norm(), col.load_head()
+        if quant is not None and quant[1]:
+            head = quant_capture.quantize_head(head, quant[0])
         with capture_head(norm, head, head_sink, logit_rows(batch.attention_mask, logits)):
             head(norm(state.hidden))  # the same modules on the same input as LlamaForCausalLM's forward
     return facts
