@@ -59,7 +59,8 @@ PLOT_HEAD = 0  # query head of that plot
 PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (x_all_layers-w8a8, ...)
-QUANT_RTOL = 1e-2  # quantized captures: an activation one LSB off (a rounding tie) is a real but legitimate difference
+QUANT_RTOL = 5e-2  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
+# a node by up to ~1.5e-2 of its range on the tiny models (docs/quantized.md); xscale and linear are the exact checks
 # -------------------------------------------------------------------------------------------------
 
 
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
     if scheme is None:
         layout.check_attention_weights(weights_dir, metas)
+    quantities = quant_check.quantities(QUANTITIES, scheme)
     read_weight = lambda path, shape: quant_weights.read_weight(path, shape, scheme, quant_head)
     hashes.folder(weights_dir, [p.name for p in quant_weights.files(weight_paths, scheme, quant_head)],
                   "step 1", layout.rerun_step1(metas[layers[0]]["model_dir"], weights_dir))
@@ -165,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         meta = metas[n]
         x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta, read_weight)
         qw = quant_check.linears(w)  # the quantized linears (none for a float capture)
-        quantities = quant_check.quantities(QUANTITIES, qw)
         norm_w = qkv.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
         xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
         # Attention runs in blocks of query rows (common/llama/attention.py). Every head's probabilities are
@@ -181,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         del x, xnorm, out  # before the references are read: a long prompt's peak memory is here
         quant_check.writing_tapes(qkv.write_outputs, qw)(out_dir, n, rows)
         checked, missing = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
-        checked.update(quant_check.check_scales(acts_dir, n, qw, real_rows))
+        checked.update(quant_check.check_layer(acts_dir, n, w, real_rows))
         if checked:
             results[n] = checked
         missing_refs += missing
         if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
             cache = decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
             scales: dict = {}
-            compute = quant_check.checking_scales(step_attention(w, norm_w, meta, pow_lanes), qw, n, scales)
+            compute = quant_check.checking(step_attention(w, norm_w, meta, pow_lanes), w, n, scales)
             checked, missing = decode.verify_steps(steps, n, cache, compute, quant_check.writing_tapes(
                 qkv.write_outputs, qw), out_dir, QUANTITIES, args.atol, args.rtol)
             results.update({key: {**c, **scales.get(key, {})} for key, c in checked.items()})

@@ -24,6 +24,11 @@ its own greedy token, looked up in the embedding, through every layer over its o
 head, PASS only when every token is the model's (common/check/decode.py). Files in OUT_DIR/decode/step_S/.
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/files/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
+A quantized capture (step 2 --quant S) is read with step 1 --quant S's weights, every linear computed
+as torchao computes it, its integer tensors written beside the nodes (xq/xscale/xzero/acc_P_layerN.csv,
+as step 3) and the activation scales checked bit for bit (quantity xscale); nodes PASS at QUANT_RTOL,
+the chain at QUANT_CHAIN_RTOL (docs/quantized.md). --quant S picks the default folders
+(x_all_layers-S, weights-S, forward-S, forward_chain-S) and must name the capture's scheme.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -41,10 +46,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common import paths
-from common.check import decode, forward_io, forward_report, qkv, report
+from common.check import decode, forward_io, forward_report, qkv, quant_check, report
 from common.check.verify import compare, low_precision_note
-from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.files import layout, manifest
+from common.cli import InputError, parse_layers, path_arg, print_settings, quant_scheme, run, tolerance
+from common.files import layout, manifest, quant_weights
 from common.files.atomic import output_folder
 from common.files.csv_io import read_csv, write_csv
 from common.llama import forward
@@ -62,6 +67,10 @@ CHAIN_RTOL = 1e-4  # chain mode: the logits' max_rel after every layer (README: 
 TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per prompt
 PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
+QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (forward-w8a8, ...)
+QUANT_RTOL = 5e-2  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
+# a node by up to ~1.5e-2 of its range on the tiny models (docs/quantized.md); xscale and linear are the exact checks
+QUANT_CHAIN_RTOL = 1e-1  # quantized captures, chain mode: such flips compound through the layers (top-1 must agree)
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -78,8 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", default=LAYERS, type=parse_layers, help="layer mode: e.g. 0,5-7 (default: all)")
     p.add_argument("--mode", default=MODE, choices=MODES)
     p.add_argument("--atol", default=ATOL, type=tolerance)
-    p.add_argument("--rtol", default=RTOL, type=tolerance)
-    p.add_argument("--chain-rtol", default=CHAIN_RTOL, type=tolerance)
+    p.add_argument("--rtol", default=None, type=tolerance, help="default: RTOL, or QUANT_RTOL for a quantized capture")
+    p.add_argument("--chain-rtol", default=None, type=tolerance,
+                   help="default: CHAIN_RTOL, or QUANT_CHAIN_RTOL for a quantized capture")
+    p.add_argument("--quant", default=QUANT, type=quant_scheme, metavar="SCHEME",
+                   help="the capture's scheme: default folders x_all_layers-SCHEME, weights-SCHEME, forward-SCHEME")
     p.add_argument("--top-k", default=TOP_K, type=int)
     p.add_argument("--plots", default=PLOTS, action=argparse.BooleanOptionalAction)
     p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
@@ -122,7 +134,7 @@ def run_head(r: forward_io.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
     """Final norm and logits from the last layer's output x; writes norm.csv, logits.csv.
 
     Returns (our nodes, the model's logits: ref_logits.csv)."""
-    norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, r.meta)
+    norm_w, head_blocks = r.read_head()
     out = forward.head(x, norm_w, head_blocks, r.meta["rms_norm_eps"], forward_io.logit_rows(r.meta, r.mask))
     write_csv(r.out_dir / layout.NORM, out["norm"])
     write_csv(r.out_dir / layout.LOGITS, out["logits"])
@@ -140,20 +152,24 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     results, missing = {}, []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         x = qkv.read_layer_input(r.acts_dir, n, meta)
-        w = forward_io.read_layer_weights(r.weights_dir, n, meta)
+        w = forward_io.read_layer_weights(r.weights_dir, n, meta, r.read_weight)
+        qw = quant_check.linears(w)  # the quantized linears (none for a float capture)
         keep = qkv.probs_to_keep(meta["seq_len"], None)  # every head's, up to PROBS_MAX_SEQ_LEN tokens
         rows = qkv.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec, keep), r.n_rows)
-        forward_io.write_layer_nodes(r.out_dir, n, rows)
+        quant_check.writing_tapes(forward_io.write_layer_nodes, qw)(r.out_dir, n, rows)
         checked, miss = qkv.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
                                    forward_io.CHECKED)
+        checked.update(quant_check.check_layer(r.acts_dir, n, w, r.real_rows))
         if checked:
             results[n] = checked
         missing += miss
         if r.steps:  # every decode step of this layer from its captured x, over a cache of our own K and V
             cache = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-            checked, miss = decode.verify_steps(r.steps, n, cache, step_layer(w, spec), forward_io.write_layer_nodes,
-                                                r.out_dir, forward_io.CHECKED, args.atol, args.rtol)
-            results.update(checked)
+            scales: dict = {}
+            compute = quant_check.checking(step_layer(w, spec), w, n, scales)
+            checked, miss = decode.verify_steps(r.steps, n, cache, compute, quant_check.writing_tapes(
+                forward_io.write_layer_nodes, qw), r.out_dir, forward_io.CHECKED, args.atol, args.rtol)
+            results.update({key: {**c, **scales.get(key, {})} for key, c in checked.items()})
             missing += miss
     head, tops = {}, []
     if with_head:  # from the captured input of the final norm, so a head error is the head's own
@@ -167,7 +183,7 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
         tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
     decoded = {}
     if with_head and r.steps:  # each step's head from the step's captured last layer output
-        norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, meta)
+        norm_w, head_blocks = r.read_head()
         last = layers[-1]
 
         def last_out(st: decode.Step) -> np.ndarray:
@@ -186,7 +202,7 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     plots = []
     if args.plots:
         plots = [r.out_dir / layout.ERRORS_PLOT] + ([r.out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
-        report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, "Step 4, layer mode: every node vs the model")
+        report.plot_errors(plots[0], results, args.rtol, r.quantities, "Step 4, layer mode: every node vs the model")
         if tops:
             forward_report.plot_top_tokens(plots[1], tops)
     passed = (report.all_pass(results) and all(m["pass"] for m in head.values())
@@ -197,7 +213,7 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
         head_md += ["", "## Decode steps: the head from each step's captured last layer output", ""]
         head_md += report.markdown_table(decode_table)
     report.write_reports(r.out_dir, results, {k: str(v) for k, v in r.settings.items()}, forward_report.DEFINITION,
-                         [p.name for p in plots], args.atol, args.rtol, forward_io.CHECKED, f"{TITLE} (layer mode)",
+                         [p.name for p in plots], args.atol, args.rtol, r.quantities, f"{TITLE} (layer mode)",
                          {"mode": "layer", "head": head, "top_tokens": tops,
                           **({"decode_head": {f"step_{s}": c for s, c in decoded.items()}} if decoded else {})},
                          head_md + forward_report.top_tokens_markdown(tops), passed)
@@ -205,7 +221,7 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
           + f" in {time.perf_counter() - r.t0:.2f} s")
     if tops:
         print(forward_report.top_tokens_text(tops))
-    print(report.console_table(results, args.atol, args.rtol, forward_io.CHECKED))  # the table ends the run
+    print(report.console_table(results, args.atol, args.rtol, r.quantities))  # the table ends the run
     if head:
         print(forward_report.head_line(head))
     if decoded:
@@ -221,9 +237,12 @@ def chain_mode(r: forward_io.Inputs) -> int:
     # their first read (the whole model in memory), and each layer's K and V start its cache.
     kept: dict[int, forward.LayerWeights] = {}
     caches: dict[int, decode.Cache] = {}
+    loaded: dict[int, forward.LayerWeights] = {}  # the layer just run: its quantized linears' integer tensors
 
     def load(n: int) -> forward.LayerWeights:
-        w = kept.get(n) or forward_io.read_layer_weights(r.weights_dir, n, meta)
+        w = kept.get(n) or forward_io.read_layer_weights(r.weights_dir, n, meta, r.read_weight)
+        loaded.clear()
+        loaded[n] = w
         if r.steps:
             kept[n] = w
         return w
@@ -235,7 +254,7 @@ def chain_mode(r: forward_io.Inputs) -> int:
         rows = qkv.as_rows(nodes, r.n_rows)
         if r.steps:
             caches[n] = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-        forward_io.write_layer_nodes(r.out_dir, n, rows)
+        quant_check.writing_tapes(forward_io.write_layer_nodes, quant_check.linears(loaded[n]))(r.out_dir, n, rows)
         ref_path = r.acts_dir / layout.ref_file("out", n)
         if ref_path.is_file():
             growth[n] = compare(rows["out"], read_csv(ref_path, rows["out"].shape), r.real_rows, 0.0, args.chain_rtol)
@@ -254,7 +273,7 @@ def chain_mode(r: forward_io.Inputs) -> int:
     if r.steps:  # generate offline: our own greedy tokens, their embeddings, our own caches
         first = r.at_last(ours["logits"]).argmax(axis=1)  # (B,): our greedy token after the prefill
         embed = decode.embedding_rows(r.weights_dir, meta, {int(t) for st in r.steps for t in st.fed})
-        norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, meta)
+        norm_w, head_blocks = r.read_head()
         decoded = decode.chain_steps(r.steps, first, caches, load, spec, embed, norm_w, list(head_blocks), meta,
                                      r.out_dir, args.chain_rtol)
         ok = decode.chain_passed(decoded, r.steps)
@@ -282,10 +301,10 @@ def chain_mode(r: forward_io.Inputs) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
-    weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
-    out_dir = args.out_dir or layout.default_dir(args.model_dir,
-                                                 layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN)
+    folder = lambda name: layout.default_dir(args.model_dir, layout.quant_folder(name, args.quant and args.quant.name))
+    acts_dir = args.acts_dir or folder(layout.ACTS)
+    weights_dir = args.weights_dir or folder(layout.WEIGHTS)
+    out_dir = args.out_dir or folder(layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN)
     settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
                 "MODE": args.mode, "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol,
                 "RTOL": args.rtol, "CHAIN_RTOL": args.chain_rtol, "TOP_K": args.top_k, "PLOTS": args.plots,
@@ -308,7 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     hashes.folder(acts_dir, decode.with_steps(acts_dir, forward_io.step2_inputs(args.mode, layers) + step_metas),
                   "step 2", rerun2)
     with_head = check_inputs(args, acts_dir, meta, layers)
-    forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    scheme, quant_head = quant_weights.scheme_of(meta, acts_dir / layout.META_MODEL, args.quant)
+    weight_paths = quant_weights.head_as_read(forward_io.weight_files(weights_dir, meta, layers, with_head), meta,
+                                              quant_head)
+    quant_weights.check(weights_dir, weight_paths, scheme, quant_head, meta["model_dir"], acts_dir)
+    if scheme is None:
+        forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
+    args.chain_rtol = settings["CHAIN_RTOL"] = (args.chain_rtol if args.chain_rtol is not None
+                                                else QUANT_CHAIN_RTOL if scheme else CHAIN_RTOL)
     embedding = weights_dir / layout.weight_file(layout.EMBEDDING)
     if chain_decode and not embedding.is_file():
         raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
@@ -316,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                          r"--filter '^model\.embed_tokens\.'")
     pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
-    hashes.folder(weights_dir, [p.name for p in forward_io.weight_files(weights_dir, meta, layers, with_head)]
+    hashes.folder(weights_dir, [p.name for p in quant_weights.files(weight_paths, scheme, quant_head)]
                   + ([embedding.name] if chain_decode else []), "step 1",
                   layout.rerun_step1(meta["model_dir"], weights_dir))
     print(f"input files: {hashes.line()}")
@@ -333,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                      "input hashes": hashes.line()})
     r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
                qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
-               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes, steps)
+               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes, steps,
+               lambda path, shape: quant_weights.read_weight(path, shape, scheme, quant_head),
+               quant_check.quantities(forward_io.CHECKED, scheme),
+               quant_weights.head_reader(weights_dir, meta, scheme) if quant_head else None)
     return layer_mode(r, layers, with_head) if args.mode == "layer" else chain_mode(r)
 
 

@@ -10,7 +10,7 @@ import argparse
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -170,6 +170,14 @@ class Inputs:
     t0: float
     pow_lanes: int | None = None  # RoPE's pow as torch's on the capture machine (qkv.rope_check)
     steps: list = field(default_factory=list)  # common.check.decode.Step: step 2's decode steps ([] without)
+    read_weight: Callable = read_csv  # (path, shape) -> array; a quantized capture's: common/files/quant_weights.py
+    quantities: tuple[str, ...] = CHECKED  # the report's quantities (a quantized capture adds xscale)
+    head_weight: Callable | None = None  # --quant-head: () -> the head's QuantWeight
+
+    def read_head(self) -> tuple[np.ndarray, Iterator]:
+        """The final norm's weight and the head's blocks: read_head_weights, or the quantized head whole."""
+        norm_w, blocks = read_head_weights(self.weights_dir, self.meta)
+        return (norm_w, blocks) if self.head_weight is None else (norm_w, iter([self.head_weight()]))
 
     @property
     def n_rows(self) -> int:

@@ -67,9 +67,44 @@ def check_scales(acts_folder: Path, n: int, qw: dict[str, QuantWeight], real_row
     return {XSCALE: compare(np.hstack(ours), np.hstack(refs), real_rows, 0.0, 0.0)}
 
 
-def quantities(base: tuple[str, ...], qw: dict[str, QuantWeight]) -> tuple[str, ...]:
-    """The report's quantities: `base`, and xscale when the layer's linears quantize their input."""
-    return base + (XSCALE,) if any(w.scheme.act for w in qw.values()) else base
+LINEAR = "linear"  # the report's quantity: v_proj and down_proj from their captured inputs vs the model's outputs
+LINEAR_RTOL = 1e-5  # the float-path schemes (w4a8's float32 epilogue, weight-only): torchao's own float32 sums
+
+
+def check_linears(acts_folder: Path, n: int, w, real_rows: np.ndarray) -> dict[str, dict]:
+    """{"linear": metrics}: v_proj on the captured xnorm vs ref_v, down_proj on the captured ref_act vs
+    ref_mlp (step 4), each computed by a fresh QuantWeight (the tapes stay the node chain's). w8a8 is
+    an integer matmul with torchao's exact epilogue: bit for bit (atol = rtol = 0); the other schemes
+    end in torchao's float32 sums: LINEAR_RTOL. {} for float weights."""
+    attn = getattr(w, "attn", w)
+    pairs = [(attn.wv, attn.bv, layout.layer_file("xnorm", n), layout.ref_file("v", n))]
+    if hasattr(w, "mlp"):
+        pairs.append((w.mlp.down, w.mlp.b_down, layout.ref_file("act", n), layout.ref_file("mlp", n)))
+    ours, refs, exact = [], [], True
+    for qw, b, x_name, y_name in pairs:
+        x_file, y_file = acts_folder / x_name, acts_folder / y_name
+        if not isinstance(qw, QuantWeight) or not (x_file.is_file() and y_file.is_file()):
+            continue
+        y = QuantWeight(qw.q, qw.scale, qw.scheme).apply(read_csv(x_file, (real_rows.size, qw.shape[1])), b)
+        ours.append(y)
+        refs.append(read_csv(y_file, y.shape))
+        exact = exact and qw.scheme.name == "w8a8"
+    if not ours:
+        return {}
+    return {LINEAR: compare(np.hstack(ours), np.hstack(refs), real_rows, 0.0, 0.0 if exact else LINEAR_RTOL)}
+
+
+def check_layer(acts_folder: Path, n: int, w, real_rows: np.ndarray) -> dict[str, dict]:
+    """The quantized path's own checks of one layer (xscale, linear); {} for float weights."""
+    qw = linears(w)
+    return {**check_scales(acts_folder, n, qw, real_rows), **check_linears(acts_folder, n, w, real_rows)} if qw else {}
+
+
+def quantities(base: tuple[str, ...], scheme) -> tuple[str, ...]:
+    """The report's quantities: `base`, with xscale when the scheme quantizes activations, and linear."""
+    if scheme is None:
+        return base
+    return base + ((XSCALE,) if scheme.act else ()) + (LINEAR,)
 
 
 def writing_tapes(write: Write, qw: dict[str, QuantWeight]) -> Write:
@@ -79,10 +114,10 @@ def writing_tapes(write: Write, qw: dict[str, QuantWeight]) -> Write:
     return write_both
 
 
-def checking_scales(compute: Compute, qw: dict[str, QuantWeight], n: int, into: dict) -> Compute:
-    """compute, then each decode step's scales checked against its step-2 folder: into[(step, n)]."""
+def checking(compute: Compute, w, n: int, into: dict) -> Compute:
+    """compute, then each decode step's check_layer against its step-2 folder: into[(step, n)]."""
     def compute_and_check(x, st, cache):
         nodes = compute(x, st, cache)
-        into[(st.step, n)] = check_scales(st.folder, n, qw, np.ones(x.shape[0], bool))
+        into[(st.step, n)] = check_layer(st.folder, n, w, np.ones(x.shape[0], bool))
         return nodes
     return compute_and_check

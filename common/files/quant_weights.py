@@ -118,3 +118,18 @@ def write_tapes(out_dir: Path, n: int, weights: dict[str, object]) -> list[str]:
             names.append(layout.quant_file(proj, n, what))
             write_csv_exact(out_dir / names[-1], a)
     return names
+
+
+def head_as_read(paths: list[Path], meta: dict, quant_head: bool) -> list[Path]:
+    """With --quant-head a tied model's head is read as lm_head.weight (step 1 quantized it from the
+    embedding), not as the embedding."""
+    if not quant_head:
+        return paths
+    return [p.with_name(layout.weight_file(layout.LM_HEAD)) if p.name == layout.weight_file(layout.EMBEDDING) else p
+            for p in paths]
+
+
+def head_reader(weights_dir: Path, meta: dict, scheme: Scheme):
+    """--quant-head: () -> the head's QuantWeight (V, d), int8 per output channel."""
+    path = weights_dir / layout.weight_file(layout.LM_HEAD)
+    return lambda: read_quant_weight(path, (meta["vocab_size"], meta["d_model"]), scheme.head())
