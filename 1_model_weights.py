@@ -44,7 +44,7 @@ QUANT_HEAD = False  # with QUANT: the head too, int8 per output channel (Meta's 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
-    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights")
+    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights (with --quant S: weights-S)")
     p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
     p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
                    help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
+    folder = layout.quant_folder(layout.WEIGHTS, args.quant and args.quant.name)  # weights, or weights-w8a8
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, folder)
     export.check_choices(args.format, args.dtype, args.layer)
     if args.list:
         infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)

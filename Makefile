@@ -28,10 +28,11 @@ $(STAMP): requirements.txt
 
 # Offline: build the demo model, run steps 1 -> 2 (+ 4 decode steps) -> 3 -> 4 on it at positions 0.. and again at 8000.. (near
 # the end of its 8192-token window), write golden vectors (5), grade step 3 (6); ends with step 4's
-# chain table and the top-5 tokens. A rerun redoes only what is out of date (below).
+# chain table and the top-5 tokens; then the w8a8 model (torchao) through steps 1-4 (QUANT, below).
+# A rerun redoes only what is out of date (below).
 demo: $(STAMP)
 	$(PY) 0_download_models.py --demo
-	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000 GENERATE=4
+	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000 GENERATE=4 QUANT=w8a8
 
 # Llama-3.2 from the Hub (needs HF_TOKEN with access): make pipeline [MODEL_DIR=model_paths/<org>_<name>]
 pipeline: $(STAMP)
@@ -71,7 +72,15 @@ LONG_FWD  := $(call done,forward.offset$(LONG_OFFSET))
 GOLDEN_OK := $(call done,golden)
 GRADE     := $(call done,grade)
 CHAIN     := $(call done,forward_chain)
-ALL_STEPS := $(WEIGHTS) $(ACTS) $(QKV) $(FORWARD) $(LONG_ACTS) $(LONG_QKV) $(LONG_FWD) $(GOLDEN_OK) $(GRADE) $(CHAIN)
+# QUANT=<scheme>: after the float steps, the torchao-quantized model through steps 1 --quant, 2 --quant,
+# 3 and 4 (layer and chain mode), in the folders <folder>-<scheme> (docs/quantized.md).
+Q_WEIGHTS := $(if $(QUANT),$(call done,weights-$(QUANT)))
+Q_ACTS    := $(if $(QUANT),$(call done,x_all_layers-$(QUANT)))
+Q_QKV     := $(if $(QUANT),$(call done,qkv-$(QUANT)))
+Q_FWD     := $(if $(QUANT),$(call done,forward-$(QUANT)))
+Q_CHAIN   := $(if $(QUANT),$(call done,forward_chain-$(QUANT)))
+ALL_STEPS := $(WEIGHTS) $(ACTS) $(QKV) $(FORWARD) $(LONG_ACTS) $(LONG_QKV) $(LONG_FWD) $(GOLDEN_OK) $(GRADE) $(CHAIN) \
+             $(Q_WEIGHTS) $(Q_ACTS) $(Q_QKV) $(Q_FWD) $(Q_CHAIN)
 STARTED   := $(shell date +%s.%N)
 
 steps: $(STAMP) $(ALL_STEPS)
@@ -112,6 +121,24 @@ $(CHAIN): $(WEIGHTS) $(ACTS) 4_offline_forward.py $(CODE) $(call key,chain,repor
 	@echo "== the whole forward pass offline, from x_layer0 to the logits (positions 0..)"
 	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --mode chain
 	$(ok)
+ifneq ($(QUANT),)
+$(Q_WEIGHTS): $(MODEL) 1_model_weights.py $(CODE)
+	@echo "== the $(QUANT) model: integer weights (step 1 --quant), torchao's running model (step 2 --quant), proven offline"
+	$(PY) 1_model_weights.py --model-dir $(MODEL_DIR) --quant $(QUANT)
+	$(ok)
+$(Q_ACTS): $(MODEL) 2_get_x.py $(CODE)
+	$(PY) 2_get_x.py --model-dir $(MODEL_DIR) --quant $(QUANT)
+	$(ok)
+$(Q_QKV): $(Q_WEIGHTS) $(Q_ACTS) 3_offline_qkv.py $(CODE)
+	$(PY) 3_offline_qkv.py --model-dir $(MODEL_DIR) --quant $(QUANT)
+	$(ok)
+$(Q_FWD): $(Q_WEIGHTS) $(Q_ACTS) 4_offline_forward.py $(CODE)
+	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --quant $(QUANT)
+	$(ok)
+$(Q_CHAIN): $(Q_WEIGHTS) $(Q_ACTS) 4_offline_forward.py $(CODE)
+	$(PY) 4_offline_forward.py --model-dir $(MODEL_DIR) --quant $(QUANT) --mode chain
+	$(ok)
+endif
 else
 steps: $(STAMP)  # parsed before the venv existed: once more, now that it does
 	@test -x $(PY) && $(MAKE) --no-print-directory steps
