@@ -284,3 +284,10 @@ def test_demo_model_w8a8(demo_model, tmp_path):
     xq, acc = read_ints(tmp_path / "fwd" / layout.xq("q_proj", 0)), read_ints(tmp_path / "fwd" / layout.acc("q_proj", 0))
     wq = read_ints(weights / "model.layers.0.self_attn.q_proj.weight.q.csv")
     assert np.array_equal(acc, xq @ wq.T)
+
+
+def test_long_positions(quantized, tmp_path):
+    """Positions 480.. (the tiny model's window is 512): RoPE far out, under the quantized linears."""
+    model, weights, _ = quantized("llama32", "w8a8")
+    acts = step2(model, tmp_path / "x", "--quant", "w8a8", "--position-offset", "480", prompts=PROMPTS)
+    assert offline(3, acts, weights, tmp_path / "qkv") == 0

@@ -17,6 +17,7 @@ import numpy as np
 from common.cli import InputError
 from common.files import layout, manifest
 from common.files.csv_io import read_csv
+from common.files.quant_export import write_csv_exact  # integers as integers, float32 exact
 from common.quant.linear import QuantWeight
 from common.quant.schemes import HEAD, Scheme, get_scheme, quantized_module
 
@@ -110,8 +111,6 @@ def read_weight(path: Path, shape: tuple[int, ...], scheme: Scheme | None, quant
 
 def write_tapes(out_dir: Path, n: int, weights: dict[str, object]) -> list[str]:
     """xq/xscale/xzero/acc_P_layerN.csv of every quantized linear P (its last call); returns the names."""
-    from common.files.quant_export import write_csv_exact  # integers as integers, float32 exact
-
     names = []
     for proj, w in weights.items():
         for what, a in getattr(w, "tape", {}).items():
