@@ -350,6 +350,13 @@ def test_schemes_table_and_lookup():
             get_scheme(bad)
     assert get_scheme("w4a8-g32").head().torchao_config == (
         "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))")
+    for scheme in [*SCHEMES.values(), *(s.head() for s in SCHEMES.values()), get_scheme("w4a16-g64")]:
+        config = torchao_config(scheme)  # the object applied is the one the recorded text names
+        assert scheme.torchao_config.startswith(type(config).__name__ + "(")
+        if scheme.family == "intx":
+            g = config.weight_granularity if scheme.act else config.granularity
+            assert config.weight_dtype == getattr(torch, f"int{scheme.weight_bits}")
+            assert g.group_size == scheme.group_size if scheme.group_size else g.axis == 0
 
 
 # --- step 1 --quant --------------------------------------------------------------------------------
