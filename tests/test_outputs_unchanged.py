@@ -110,7 +110,7 @@ def test_demo_outputs_are_unchanged(demo_run, tmp_path):
     want = json.loads(RECORD.read_text())
     assert names == sorted([*want["sha256"], *want["close to the capture"]])
     bad = mismatches(base, want, tmp_path)
-    assert not bad, f"{len(bad)} outputs changed: {bad[:5]}"
+    assert not bad, f"{len(bad)} outputs changed: {bad[:5]} (on a new kind of CPU: docs/reproducibility.md)"
 
 
 @pytest.mark.parametrize("mistake", ["one value 1e-4 off", "printed with %.6g", "a capture byte changed"])
