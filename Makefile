@@ -17,7 +17,7 @@ GENERATE  ?= 0
 # Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
 GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
-.PHONY: venv demo pipeline steps test rtl bench bench-full clean-outputs FORCE
+.PHONY: venv demo pipeline steps test test-avx2 rtl bench bench-full clean-outputs FORCE
 
 venv: $(STAMP)
 
@@ -126,6 +126,13 @@ test: $(STAMP)
 # when the demo model is there, its layer-0 q_proj (examples/rtl/README.md).
 rtl: $(STAMP)
 	$(PY) examples/rtl/run_rtl.py
+
+# An AVX2-only x86-64 machine on an AVX-512 one (docs/reproducibility.md): OpenBLAS's Haswell kernels,
+# numpy's dispatch without its AVX-512 targets (numpy.show_runtime() lists them), torch's AVX2 kernels.
+AVX2_ENV := OPENBLAS_CORETYPE=Haswell NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" ATEN_CPU_CAPABILITY=avx2
+test-avx2: $(STAMP)
+	$(AVX2_ENV) $(PY) tests/machine.py --avx2
+	$(AVX2_ENV) $(PY) -m pytest -q tests
 
 # Each benchmark prints its measurements and ratios, and exits 1 when it misses a goal.
 bench: $(STAMP)
