@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import export, layout, paths
+from common import export, hf_cache, layout, paths
 from common.atomic import output_folder
 from common.cli import path_arg, print_settings, run
 from common.safetensors_io import head_is_tied, index_weight_map, list_tensors
 
-MODEL_DIR = paths.MODEL_DIR  # the model folder (Llama-3.2-1B-Instruct; the demo: paths.DEMO_MODEL_DIR)
+MODEL_DIR = paths.MODEL_DIR  # the model folder, or a repo id in the HF cache (docs/models.md)
+REVISION = hf_cache.REVISION  # with a repo id: None (refs/main), a branch, tag or commit
 OUT_DIR = None  # None -> outputs/<model folder>/weights
 FORMAT = "csv"  # csv | txt (space-separated) | npy | safetensors | ckpt (torch state dict)
 # A callable on the tensor name, or None for all. Attention projections only:
@@ -36,7 +37,9 @@ DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfl
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
+    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR,
+                   help="a model folder, or a repo id (org/name) in the Hugging Face cache")
+    p.add_argument("--revision", default=REVISION, help="with a repo id: a branch, tag or commit (default: main)")
     p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights")
     p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
     p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
@@ -50,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.model_dir = hf_cache.resolve_model_dir(args.model_dir, args.revision)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     export.check_choices(args.format, args.dtype, args.layer)
     if args.list:

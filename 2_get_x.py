@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from common import attention, capture, layout, manifest, paths
+from common import attention, capture, hf_cache, layout, manifest, paths
 from common.atomic import output_folder
 from common.cli import InputError, parse_layers, path_arg, print_settings, run
 from common.model_config import load_config
@@ -63,6 +63,7 @@ from common.prompts import check_position_offset, encode_prompts, load_tokenizer
 from common.weights_check import check_weights
 
 MODEL_DIR = paths.MODEL_DIR
+REVISION = hf_cache.REVISION  # with a repo id as MODEL_DIR: None (refs/main), a branch, tag or commit
 TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch
 OUT_DIR = None  # None: outputs/<model folder>/x_all_layers
 SAVE_X_NORM = True  # xnorm_layerN.csv
@@ -95,7 +96,9 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
+    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR,
+                   help="a model folder, or a repo id (org/name) in the Hugging Face cache")
+    p.add_argument("--revision", default=REVISION, help="with a repo id: a branch, tag or commit (default: main)")
     # append would add to a default list, so the default (TEST_PROMPT) is applied after parsing.
     p.add_argument("--test-prompt", "--prompt", dest="test_prompt", action="append", default=None,
                    metavar="TEXT", help="a prompt; repeat for a batch (default: TEST_PROMPT)")
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="N greedy decode steps after the prefill, captured in decode/step_S/ (default: GENERATE)")
     p.add_argument("--warn-write-gb", type=float, default=WARN_WRITE_GB)
     args = p.parse_args(argv)
+    args.model_dir = hf_cache.resolve_model_dir(args.model_dir, args.revision)
 
     if args.generate < 0:
         raise InputError(f"--generate {args.generate}: give 0 (no decode steps) or more")
