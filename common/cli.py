@@ -66,16 +66,17 @@ def tolerance(text: str) -> float:
     return value
 
 
-def parse_layers(spec: str | list[int] | None, num_layers: int | None = None) -> list[int] | None:
+def parse_layers(spec: str | list[int] | None, num_layers: int | None = None,
+                 holder: str = "the model") -> list[int] | None:
     """"0,3-5" (or a list) -> [0, 3, 4, 5]; None, "" or "all" -> None (every layer).
 
     Ranges are checked before they are expanded: numbers outside 0..num_layers-1 (or past
-    MAX_LAYERS without num_layers) are an InputError.
+    MAX_LAYERS without num_layers) are an InputError saying that `holder` has layers 0..num_layers-1.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return None
     limit = MAX_LAYERS if num_layers is None else num_layers
-    bad = InputError(f"--layers {spec!r}: the model has layers 0..{limit - 1}")
+    bad = InputError(f"--layers {spec!r}: {holder} has layers 0..{limit - 1}")
     ranges: list[tuple[int, int]] = []
     if isinstance(spec, str):
         try:
