@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from common.atomic import check_regular_file
-from common.cli import InputError
+from common.cli import InputError, interrupts_deferred
 
 INDEX_NAME = "model.safetensors.index.json"
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -188,7 +188,9 @@ def shard_signature(shards) -> dict[str, dict[str, int]]:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor (memory-mapped; only its bytes are touched), in its stored dtype."""
-    with safe_open(str(info.shard), framework="pt") as f:
+    # A SIGINT inside safetensors' native code can come out as ValueError ("could not determine the shape
+    # of object type 'torch.storage.UntypedStorage'"): it waits until the call returns (it maps, not reads).
+    with interrupts_deferred(), safe_open(str(info.shard), framework="pt") as f:
         return f.get_tensor(info.name)
 
 
