@@ -1,8 +1,8 @@
 """Ctrl-C at many moments of one step, as a terminal sends it (SIGINT to the process group).
 
-    python tests/interrupt_driver.py PLAN.json   # prints one JSON line of results
+    python tests/interrupt_driver.py PLANS.json   # prints one JSON line of results, a list: one per plan
 
-PLAN: {"script": "1_model_weights.py", "args": [..., "{out}", ...], "out_dir": "...", "fractions": [0.05, ...]}:
+A plan: {"script": "1_model_weights.py", "args": [..., "{out}", ...], "out_dir": "...", "fractions": [0.05, ...]}:
 run k writes to out_dir/k (in place of "{out}"), so every run starts from an empty folder.
 The script is imported once here; each run is a fork that becomes its own process group (its CSV
 workers join it) and runs the script's main() through cli.run, as a user's process would, with
@@ -65,13 +65,15 @@ def one_run(module, script: str, args: list[str], out_dir: Path, delay: float | 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the caller ignores SIGINT
-    plan = json.loads(Path(sys.argv[1]).read_text())
-    module = load_script(plan["script"])
-    base = Path(plan["out_dir"])
-    first = one_run(module, plan["script"], plan["args"], base / "first", None)
-    runs = [one_run(module, plan["script"], plan["args"], base / str(k), f * first["seconds"])
-            for k, f in enumerate(plan["fractions"])]
-    print(json.dumps({"first": first, "runs": runs}))
+    results = []
+    for plan in json.loads(Path(sys.argv[1]).read_text()):
+        module = load_script(plan["script"])
+        base = Path(plan["out_dir"])
+        first = one_run(module, plan["script"], plan["args"], base / "first", None)
+        runs = [one_run(module, plan["script"], plan["args"], base / str(k), f * first["seconds"])
+                for k, f in enumerate(plan["fractions"])]
+        results.append({"first": first, "runs": runs})
+    print(json.dumps(results))
 
 
 def snapshot(folder: Path) -> dict:
