@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
             print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
             return 0
-        output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
+        output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
+                      create=False)  # never into (or around) the model folder, nor its HF cache repo
         print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
                         "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
                         "DTYPE": args.dtype, "force": args.force})

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: this capture writes ~{size / 1e9:.1f} GB to {out_dir} ({B} x {T} tokens, "
               f"{len(layers)} layers); fewer --layers or a shorter prompt write less", flush=True)
 
-    output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
+    output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
+                  create=False)  # never into (or around) the model folder, nor its HF cache repo
     manifest.remove_manifest(out_dir, 2)  # until this run's is written, last, nothing vouches for the folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
     written: dict[str, dict] = {}  # file name (a path inside out_dir) -> manifest entry (shape, bytes, sha256)

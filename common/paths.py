@@ -24,15 +24,22 @@ def is_repo_id(model_dir: str | Path) -> bool:
             and not Path(text).exists())
 
 
-def model_name(model_dir: str | Path) -> str:
-    """The outputs' folder name of a model: org_name for a repo id or a snapshot folder of the HF cache
-    (.../models--org--name/snapshots/<revision>), else the model folder's own name."""
+def cache_repo(model_dir: str | Path) -> Path | None:
+    """.../models--org--name for a snapshot folder of the HF cache (.../snapshots/<revision>), else None."""
     p = Path(model_dir)
     if p.parent.name == "snapshots" and p.parent.parent.name.startswith(CACHE_REPO_PREFIX):
-        return p.parent.parent.name.removeprefix(CACHE_REPO_PREFIX).replace("--", "_")
+        return p.parent.parent
+    return None
+
+
+def model_name(model_dir: str | Path) -> str:
+    """The outputs' folder name of a model: org_name for a repo id or a snapshot folder of the HF cache,
+    else the model folder's own name."""
+    if (repo := cache_repo(model_dir)) is not None:
+        return repo.name.removeprefix(CACHE_REPO_PREFIX).replace("--", "_")
     if is_repo_id(model_dir):
         return str(model_dir).replace("/", "_")
-    return p.name
+    return Path(model_dir).name
 
 
 def output_dir(model_dir: str | Path, what: str) -> Path:

@@ -157,3 +157,10 @@ def test_download_to_hf_cache_writes_the_snapshot_layout(llama32, tmp_path):
     assert not (Path(paths.MODEL_PATHS) / "tiny-org_Tiny-Llama").exists()
     r = run_main("1_model_weights.py", "--model-dir", snapshot, "--out-dir", tmp_path / "w", *LAYER0)
     assert r.code == 0 and csv_bytes(tmp_path / "w"), r.err
+
+
+def test_no_step_writes_into_the_cache(cache):
+    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    out = cache / f"models--{REPO.replace('/', '--')}" / "blobs" / "out"
+    one_line(run_main("1_model_weights.py", "--model-dir", snapshot, "--out-dir", out), "input folder")
+    assert not out.exists()
