@@ -43,9 +43,7 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, outer)
-        if came and outer is signal.default_int_handler:
-            raise KeyboardInterrupt
-        if came and callable(outer):
+        if came and callable(outer):  # Python's default handler raises KeyboardInterrupt
             outer(signal.SIGINT, None)
 
 

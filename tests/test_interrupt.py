@@ -19,10 +19,10 @@ DRIVER = Path(__file__).with_name("interrupt_driver.py")
 STEPS = {  # script -> (its arguments given (model, weights, acts), moments as fractions of its run time)
     "1_model_weights.py": (lambda m, w, x: ["--model-dir", m, "--out-dir", "{out}"], [i / 13 for i in range(1, 13)]),
     "2_get_x.py": (lambda m, w, x: ["--model-dir", m, "--out-dir", "{out}", "--prompt", "Hello there"],
-                   [i / 5 for i in range(1, 5)]),
+                   [0.25, 0.5, 0.75]),
     "3_offline_qkv.py": (lambda m, w, x: ["--weights-dir", w, "--acts-dir", x, "--out-dir", "{out}"],
-                         [i / 5 for i in range(1, 5)]),
-    "5_golden.py": (lambda m, w, x: ["--in-dir", x, "--out-dir", "{out}"], [i / 5 for i in range(1, 5)]),
+                         [0.25, 0.5, 0.75]),
+    "5_golden.py": (lambda m, w, x: ["--in-dir", x, "--out-dir", "{out}"], [0.25, 0.5, 0.75]),
 }
 
 
