@@ -20,12 +20,14 @@ import argparse
 from pathlib import Path
 
 from common import paths
-from common.cli import path_arg, print_settings, run
+from common.cli import Interrupted, path_arg, print_settings, run
 from common.files import export, layout
 from common.files.atomic import output_folder
 from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
+from common.model import hf_cache
 
-MODEL_DIR = paths.MODEL_DIR  # the model folder (Llama-3.2-1B-Instruct; the demo: paths.DEMO_MODEL_DIR)
+MODEL_DIR = paths.MODEL_DIR  # the model folder, or a repo id in the HF cache (docs/models.md)
+REVISION = hf_cache.REVISION  # with a repo id: None (refs/main), a branch, tag or commit
 OUT_DIR = None  # None -> outputs/<model folder>/weights
 FORMAT = "csv"  # csv | txt (space-separated) | npy | safetensors | ckpt (torch state dict)
 # A callable on the tensor name, or None for all. Attention projections only:
@@ -37,7 +39,9 @@ DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfl
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
+    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR,
+                   help="a model folder, or a repo id (org/name) in the Hugging Face cache")
+    p.add_argument("--revision", default=REVISION, help="with a repo id: a branch, tag or commit (default: main)")
     p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights")
     p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
     p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
@@ -50,28 +54,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
-    export.check_choices(args.format, args.dtype, args.layer)
-    if args.list:
+    try:  # Ctrl-C up to the export: nothing written (the export says what it wrote)
+        args = parse_args(argv)
+        args.model_dir = hf_cache.resolve_model_dir(args.model_dir, args.revision)
+        out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
+        export.check_choices(args.format, args.dtype, args.layer)
+        if args.list:
+            infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
+            # The head's status needs every name; with an index it costs no shard reads.
+            names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
+            print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
+            return 0
+        output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
+                      create=False)  # never into (or around) the model folder, nor its HF cache repo
+        print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
+                        "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
+                        "DTYPE": args.dtype, "force": args.force})
         infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
-        # The head's status needs every name; with an index it costs no shard reads.
-        names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
-        print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
-        return 0
-    output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
-    print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
-                    "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
-                    "DTYPE": args.dtype, "force": args.force})
-    infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
-    jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
-    summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)
-    if summary.skipped:
-        print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")
-    if len(jobs) == 1 and summary.files:
-        print(f"wrote {out_dir / summary.files[0]}")
-    print(f"manifest: {out_dir / layout.MANIFEST}")
-    print(summary.line())
+        jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
+    except KeyboardInterrupt:
+        raise Interrupted("before any file was written") from None
+    summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)  # Interrupted
+    try:
+        if summary.skipped:
+            print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")
+        if len(jobs) == 1 and summary.files:
+            print(f"wrote {out_dir / summary.files[0]}")
+        print(f"manifest: {out_dir / layout.MANIFEST}")
+        print(summary.line())
+    except KeyboardInterrupt:
+        raise Interrupted(f"after every file was written to {out_dir} and listed in its manifest") from None
     return 0
 
 

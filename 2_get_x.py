@@ -60,12 +60,13 @@ from common.cli import InputError, parse_layers, path_arg, print_settings, run
 from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.llama import attention
-from common.model import capture
+from common.model import capture, hf_cache
 from common.model.model_config import load_config
 from common.model.prompts import check_position_offset, encode_prompts, load_tokenizer
 from common.model.weights_check import check_weights
 
 MODEL_DIR = paths.MODEL_DIR
+REVISION = hf_cache.REVISION  # with a repo id as MODEL_DIR: None (refs/main), a branch, tag or commit
 TEST_PROMPT = "The capital of France is"  # a string, or a list of strings for a batch
 OUT_DIR = None  # None: outputs/<model folder>/x_all_layers
 SAVE_X_NORM = True  # xnorm_layerN.csv
@@ -98,7 +99,9 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
+    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR,
+                   help="a model folder, or a repo id (org/name) in the Hugging Face cache")
+    p.add_argument("--revision", default=REVISION, help="with a repo id: a branch, tag or commit (default: main)")
     # append would add to a default list, so the default (TEST_PROMPT) is applied after parsing.
     p.add_argument("--test-prompt", "--prompt", dest="test_prompt", action="append", default=None,
                    metavar="TEXT", help="a prompt; repeat for a batch (default: TEST_PROMPT)")
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="N greedy decode steps after the prefill, captured in decode/step_S/ (default: GENERATE)")
     p.add_argument("--warn-write-gb", type=float, default=WARN_WRITE_GB)
     args = p.parse_args(argv)
+    args.model_dir = hf_cache.resolve_model_dir(args.model_dir, args.revision)
 
     if args.generate < 0:
         raise InputError(f"--generate {args.generate}: give 0 (no decode steps) or more")
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: this capture writes ~{size / 1e9:.1f} GB to {out_dir} ({B} x {T} tokens, "
               f"{len(layers)} layers); fewer --layers or a shorter prompt write less", flush=True)
 
-    output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
+    output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
+                  create=False)  # never into (or around) the model folder, nor its HF cache repo
     manifest.remove_manifest(out_dir, 2)  # until this run's is written, last, nothing vouches for the folder
     meta = capture.layer_meta(cfg, batch, args.model_dir, dtype, device, args.streaming, args.chat)
     written: dict[str, dict] = {}  # file name (a path inside out_dir) -> manifest entry (shape, bytes, sha256)

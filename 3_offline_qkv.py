@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--acts-dir", default=ACTS_DIR, type=path_arg, help="step 2's output folder")
     p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="step 1's output folder")
     p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="e.g. 0,5-7 (default: all)")
+    p.add_argument("--layers", default=LAYERS, help="e.g. 0,5-7 (default: all)")
     p.add_argument("--atol", default=ATOL, type=tolerance)
     p.add_argument("--rtol", default=RTOL, type=tolerance)
     p.add_argument("--plot-layer", default=PLOT_LAYER, type=int)
@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def choose_layers(args, acts_dir: Path) -> list[int]:
     have = layout.step2_layers(acts_dir, args.model_dir)
+    # Checked against the capture (step 2 may have saved fewer layers than the model has).
+    args.layers = parse_layers(args.layers, have[-1] + 1, f"the capture in {acts_dir}")
     missing = [n for n in args.layers or [] if n not in have]
     if missing:
         raise InputError(f"{acts_dir / layout.meta_file(missing[0])} is missing (layers there: {have[0]}..{have[-1]}): "
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = choose_layers(args, acts_dir)
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
     hashes.folder(acts_dir, decode.with_steps(acts_dir, qkv.step2_inputs(layers)), "step 2",
-                  layout.rerun_step2(args.model_dir))
+                  layout.rerun_step2(layout.capture_source(acts_dir, args.model_dir)))
     metas = layout.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
     dtype = metas[layers[0]]["dtype"]

@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--acts-dir", default=ACTS_DIR, type=path_arg, help="step 2's output folder")
     p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="step 1's output folder")
     p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="layer mode: e.g. 0,5-7 (default: all)")
+    p.add_argument("--layers", default=LAYERS, help="layer mode: e.g. 0,5-7 (default: all)")
     p.add_argument("--mode", default=MODE, choices=MODES)
     p.add_argument("--atol", default=ATOL, type=tolerance)
     p.add_argument("--rtol", default=RTOL, type=tolerance)
@@ -90,10 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def choose_layers(args, acts_dir: Path, meta: dict) -> list[int]:
     """Layer mode: the chosen layers, each with its meta in ACTS_DIR. Chain mode: every layer."""
     if args.mode == "chain":
-        if args.layers is not None:
+        if parse_layers(args.layers, meta["num_layers"]) is not None:
             raise InputError("--layers: chain mode runs every layer from x_layer0; drop --layers, or use --mode layer")
         return list(range(meta["num_layers"]))
     have = layout.step2_layers(acts_dir, args.model_dir)
+    # Checked against the capture (step 2 may have saved fewer layers than the model has).
+    args.layers = parse_layers(args.layers, have[-1] + 1, f"the capture in {acts_dir}")
     missing = [n for n in args.layers or [] if n not in have]
     if missing:
         raise InputError(f"{acts_dir / layout.meta_file(missing[0])} is missing (layers there: {have[0]}..{have[-1]}): "
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if not acts_dir.is_dir():
         raise InputError(f"activations folder {acts_dir} does not exist: {layout.rerun_step2(args.model_dir)}")
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
-    rerun2 = layout.rerun_step2(args.model_dir)
+    rerun2 = layout.rerun_step2(layout.capture_source(acts_dir, args.model_dir))
     hashes.folder(acts_dir, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
     meta = forward_io.read_model_meta(acts_dir, args.model_dir)
     layers = choose_layers(args, acts_dir, meta)

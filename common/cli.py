@@ -4,9 +4,12 @@ from __future__ import annotations
 import errno
 import math
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 EXIT_OK, EXIT_USAGE = 0, 2  # 1: a script's own failure (a FAIL in step 3)
 MAX_LAYERS = 100_000  # no model has more; a --layers range past it is a typo, refused before expanding
@@ -17,6 +20,31 @@ FS_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
 
 class InputError(Exception):
     """Bad input or usage: the message is one line that names the file and says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a line saying what was written before it (cli.run prints "interrupted: <line>")."""
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back for a short block that must not be cut in two (a rename and its manifest entry,
+    a native call that would turn KeyboardInterrupt into another error); one that came meanwhile is
+    raised as KeyboardInterrupt on leaving the block.
+
+    A handler of our own rather than a blocked signal: any thread (torch's, tqdm's) may receive the
+    signal, and Python then runs the main thread's handler wherever it is."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are set there only
+        yield
+        return
+    came = []
+    outer = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, outer)
+        if came and callable(outer):  # Python's default handler raises KeyboardInterrupt
+            outer(signal.SIGINT, None)
 
 
 def run(main: Callable[[], int | None]) -> None:
@@ -34,8 +62,8 @@ def run(main: Callable[[], int | None]) -> None:
         print(f"error: {where}: {os.strerror(e.errno)}: free some space, fix the permissions, or choose "
               "another folder", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if isinstance(e, Interrupted) and str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or EXIT_OK)
 
@@ -66,16 +94,17 @@ def tolerance(text: str) -> float:
     return value
 
 
-def parse_layers(spec: str | list[int] | None, num_layers: int | None = None) -> list[int] | None:
+def parse_layers(spec: str | list[int] | None, num_layers: int | None = None,
+                 holder: str = "the model") -> list[int] | None:
     """"0,3-5" (or a list) -> [0, 3, 4, 5]; None, "" or "all" -> None (every layer).
 
     Ranges are checked before they are expanded: numbers outside 0..num_layers-1 (or past
-    MAX_LAYERS without num_layers) are an InputError.
+    MAX_LAYERS without num_layers) are an InputError saying that `holder` has layers 0..num_layers-1.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return None
     limit = MAX_LAYERS if num_layers is None else num_layers
-    bad = InputError(f"--layers {spec!r}: the model has layers 0..{limit - 1}")
+    bad = InputError(f"--layers {spec!r}: {holder} has layers 0..{limit - 1}")
     ranges: list[tuple[int, int]] = []
     if isinstance(spec, str):
         try:

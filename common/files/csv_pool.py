@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import interrupts_deferred
 from common.files import csv_io
 
 DROP_BEHIND_BYTES = 512 << 20  # written output kept in the page cache; writeback starts at half
@@ -228,7 +229,10 @@ class _Pool:
         gc.freeze()  # the workers' collector leaves the parent's objects alone: no copy-on-write
         try:
             for rank in range(nworkers):
-                pid = os.fork()
+                with interrupts_deferred():  # Ctrl-C reaches the whole process group: only the parent acts on it
+                    pid = os.fork()  # (it stops the workers); a worker that died of it would read as a failure
+                    if pid == 0:
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)
                 if pid == 0:  # worker: keep only its own ends, never return into the caller
                     code = 1
                     try:

@@ -16,6 +16,7 @@ quantity needs only a new stem, a new folder only a new constant below.
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -186,6 +187,19 @@ def rerun_step1(model_dir: str | Path, weights_dir: Path) -> str:
     """The command that rewrites a step-1 folder's files, even those its manifest says still match."""
     return (f"run: python 1_model_weights.py --model-dir {shlex.quote(str(model_dir))} "
             f"--out-dir {shlex.quote(str(weights_dir))} --force")
+
+
+def capture_source(acts_dir: Path, fallback: str | Path | None) -> str | Path | None:
+    """The model folder a step-2 capture came from (its meta files say), for a rerun hint that names the
+    right model even when the capture's files are damaged; `fallback` where no meta file says it."""
+    for name in (META_MODEL, *sorted(p.name for p in acts_dir.glob(meta_file("*")))):
+        try:
+            said = json.loads((acts_dir / name).read_bytes()).get("model_dir")
+        except (OSError, ValueError, AttributeError, RecursionError):  # a hint only: the hash check names the fault
+            continue
+        if isinstance(said, str) and said:
+            return said
+    return fallback
 
 
 def step2_layers(acts_dir: Path, model_dir: str | Path | None = None) -> list[int]:
