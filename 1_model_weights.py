@@ -5,6 +5,7 @@
     python 1_model_weights.py --list                                    # names, shapes, dtypes, shards
     python 1_model_weights.py --layer model.layers.8 --format ckpt      # one state dict, prefix stripped
     python 1_model_weights.py --filter '^model\\.embed_tokens\\.weight$' --format npy --dtype float16
+    python 1_model_weights.py --quant w8a8                              # linears as int8 + scales (docs/quantized.md)
 
 Reads MODEL_DIR (model.safetensors, or shards + model.safetensors.index.json); opens only the
 shards that hold the selected tensors and reads one tensor at a time.
@@ -12,6 +13,9 @@ Writes OUT_DIR/<tensor name>.<csv|txt|npy|safetensors|ckpt> (with --layer and ck
 one file <PREFIX>.<ext>, keys with the prefix stripped) and OUT_DIR/manifest.json.
 CSV: no header, one line per row (a 1-D tensor is one line); every value is the shortest decimal
 that parses back to exactly the source's float32 value (bf16/fp16 widened exactly).
+--quant SCHEME (w8a8, w4a8-g32, w8a16, w4a16-g32): the seven linears of every layer (and with
+--quant-head the head) as <name>.q.csv (integers) and <name>.scale.csv (float32), bit-identical to
+torchao's; every other tensor as without it.
 A rerun skips files whose manifest entry still matches the source (--force rewrites them).
 """
 from __future__ import annotations
@@ -20,8 +24,8 @@ import argparse
 from pathlib import Path
 
 from common import paths
-from common.cli import Interrupted, path_arg, print_settings, run
-from common.files import export, layout
+from common.cli import InputError, Interrupted, path_arg, print_settings, quant_scheme, run
+from common.files import export, layout, quant_export
 from common.files.atomic import output_folder
 from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
 from common.model import hf_cache
@@ -35,6 +39,8 @@ FORMAT = "csv"  # csv | txt (space-separated) | npy | safetensors | ckpt (torch 
 NAME_FILTER = None
 LAYER = None  # a name prefix, matched at a dot boundary: "model.layers.8" (not model.layers.80)
 DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfloat16 | source (npy/safetensors/ckpt)
+QUANT = None  # None: floats | w8a8 | w4a8-g32 | w8a16 | w4a16-g32 (w4a8-g<N>, w4a16-g<N>): quantized linears
+QUANT_HEAD = False  # with QUANT: the head too, int8 per output channel (Meta's Llama-3.2 model card)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
     p.add_argument("--layer", default=LAYER, help="keep names under this prefix (dot boundary)")
     p.add_argument("--dtype", default=DTYPE, help="float16 | bfloat16 | float32 | source (npy/safetensors/ckpt)")
+    p.add_argument("--quant", type=quant_scheme, default=QUANT,
+                   help="write the decoder linears as integers + scales: w8a8 | w4a8-g32 | w8a16 | w4a16-g32")
+    p.add_argument("--quant-head", action="store_true", default=QUANT_HEAD,
+                   help="with --quant: quantize the head too (int8 per output channel)")
     p.add_argument("--list", action="store_true", help="print the selected tensors (all by default) and exit")
     p.add_argument("--force", action="store_true", help="rewrite files even where the manifest says they match")
     return p.parse_args(argv)
@@ -65,16 +75,31 @@ def main(argv: list[str] | None = None) -> int:
             names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
             print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
             return 0
+        if args.quant_head and args.quant is None:
+            raise InputError("--quant-head needs --quant SCHEME")
+        if args.quant is not None and args.format != "csv":
+            raise InputError(f"--quant writes CSV (integers and scales): drop --format {args.format}")
         output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
                       create=False)  # never into (or around) the model folder, nor its HF cache repo
         print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
                         "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
-                        "DTYPE": args.dtype, "force": args.force})
+                        "DTYPE": args.dtype, "QUANT": args.quant and args.quant.name,
+                        "QUANT_HEAD": args.quant_head, "force": args.force})
         infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
+        quantized = {}
+        if args.quant is not None:  # checked whole (group sizes) before anything is written
+            names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
+            infos, quantized = quant_export.split(infos, args.quant, args.quant_head,
+                                                  head_is_tied(dict.fromkeys(names)))
         jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
     except KeyboardInterrupt:
         raise Interrupted("before any file was written") from None
     summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)  # Interrupted
+    if quantized:
+        q = quant_export.export_quantized(args.model_dir, out_dir, quantized, args.quant, args.quant_head, args.force)
+        print(f"{args.quant.name}: {q.tensors} quantized weights as .q.csv + .scale.csv ({q.bytes / 1e6:.1f} MB "
+              f"in {q.seconds:.2f} s)")
+        summary.skipped += q.skipped
     try:
         if summary.skipped:
             print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")

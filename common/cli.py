@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from common.quant.schemes import get_scheme
+
 EXIT_OK, EXIT_USAGE = 0, 2  # 1: a script's own failure (a FAIL in step 3)
 MAX_LAYERS = 100_000  # no model has more; a --layers range past it is a typo, refused before expanding
 # File-system faults a user can fix (disk full, read-only, permissions, a folder or file in the way).
@@ -122,3 +124,11 @@ def parse_layers(spec: str | list[int] | None, num_layers: int | None = None,
     if not all(0 <= lo and hi < limit for lo, hi in ranges):
         raise bad
     return sorted({n for lo, hi in ranges for n in range(lo, hi + 1)})
+
+
+def quant_scheme(text: str):
+    """argparse type for --quant: a scheme name (common/quant/schemes.py) -> its Scheme."""
+    try:
+        return get_scheme(text)
+    except ValueError as e:
+        raise InputError(f"--quant: {e}") from None

@@ -41,7 +41,7 @@ from common.files.csv_io import write_numbers
 
 MANIFEST_NAME = layout.MANIFEST
 # What a planned export and a recorded entry must agree on for the file to be reused.
-IDENTITY_KEYS = ("format", "dtype", "tensors", "sources", "model_dir")
+IDENTITY_KEYS = ("format", "dtype", "tensors", "sources", "model_dir", "quant")
 
 
 def read_manifest(out_dir: Path) -> dict:
