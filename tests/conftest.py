@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-import model_factory  # noqa: E402
+from common import paths  # noqa: E402  (first: its logging filter keeps torchao's import noise quiet)
 
-from common import paths  # noqa: E402
+import model_factory  # noqa: E402
 
 DEMO_DIR = paths.DEMO_MODEL_DIR
 

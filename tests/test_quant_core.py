@@ -188,6 +188,20 @@ def test_rounding_ties_to_even_like_torchao():
     assert np.array_equal(q, tq)
     twin, _ = quantize_weight_with(w, get_scheme("w8a8"), rounding=round_half_away)
     assert not np.array_equal(twin, tq)
+    # Python's round() is ties-to-even too: the plain reference, on ties, negative ties and the extremes
+    inv = np.float32(1) / s[0, 0]
+    assert q[0].tolist() == [max(-128, min(127, round(float(np.float32(v) * inv)))) for v in w[0]]
+
+
+def test_torchao_import_is_quiet():
+    """transformers imports torchao when it is installed; its GPU-only noise must not reach the console."""
+    from conftest import ROOT
+    import subprocess
+    import sys
+    code = ("import common; from transformers import LlamaForCausalLM; "
+            "from common.torchao_import import torchao_quantization; torchao_quantization()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
 
 
 def _torchao_weight(w: np.ndarray, scheme_name: str) -> np.ndarray:
@@ -336,6 +350,13 @@ def test_schemes_table_and_lookup():
             get_scheme(bad)
     assert get_scheme("w4a8-g32").head().torchao_config == (
         "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))")
+    for scheme in [*SCHEMES.values(), *(s.head() for s in SCHEMES.values()), get_scheme("w4a16-g64")]:
+        config = torchao_config(scheme)  # the object applied is the one the recorded text names
+        assert scheme.torchao_config.startswith(type(config).__name__ + "(")
+        if scheme.family == "intx":
+            g = config.weight_granularity if scheme.act else config.granularity
+            assert config.weight_dtype == getattr(torch, f"int{scheme.weight_bits}")
+            assert g.group_size == scheme.group_size if scheme.group_size else g.axis == 0
 
 
 # --- step 1 --quant --------------------------------------------------------------------------------

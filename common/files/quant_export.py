@@ -54,7 +54,7 @@ def split(infos: list[TensorInfo], scheme: Scheme, quant_head: bool, tied: bool)
         if len(info.shape) != 2:
             raise InputError(f"{info.shard}: {info.name} has shape {list(info.shape)}, not a linear's (out, in)")
         try:
-            check_group(scheme, info.shape[1], name)
+            check_group(scheme.head() if name == weight_name(HEAD) else scheme, info.shape[1], name)
         except ValueError as e:
             raise InputError(f"--quant {e}") from None
     return floats, quantized

@@ -16,13 +16,15 @@ from common.model.torchao_import import torchao_quantization
 
 
 def torchao_config(scheme: Scheme):
-    """The torchao 0.18 config object of a scheme (its `torchao_config` text, evaluated on the API)."""
+    """The torchao 0.18 config object of a scheme (what its `torchao_config` text says)."""
     tq = torchao_quantization()
-    names = {"torch": torch, "PerGroup": tq.PerGroup, "PerAxis": tq.PerAxis,
-             "Int8DynamicActivationInt8WeightConfig": tq.Int8DynamicActivationInt8WeightConfig,
-             "Int8DynamicActivationIntxWeightConfig": tq.Int8DynamicActivationIntxWeightConfig,
-             "Int8WeightOnlyConfig": tq.Int8WeightOnlyConfig, "IntxWeightOnlyConfig": tq.IntxWeightOnlyConfig}
-    return eval(scheme.torchao_config, {"__builtins__": {}}, names)  # our own table's text, never user input
+    if scheme.family == "int8":  # per output channel, symmetric (PerRow), the configs' defaults
+        return tq.Int8DynamicActivationInt8WeightConfig() if scheme.act else tq.Int8WeightOnlyConfig()
+    bits = {8: torch.int8, 4: torch.int4}[scheme.weight_bits]
+    granularity = tq.PerAxis(0) if scheme.group_size is None else tq.PerGroup(scheme.group_size)
+    if scheme.act:  # torchao 0.18 quantizes these activations asymmetrically (its only choice)
+        return tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=bits, weight_granularity=granularity)
+    return tq.IntxWeightOnlyConfig(weight_dtype=bits, granularity=granularity)
 
 
 def quantized_linears(model: torch.nn.Module, scheme: Scheme, quant_head: bool) -> dict[str, torch.nn.Linear]:
@@ -42,7 +44,7 @@ def quantized_linears(model: torch.nn.Module, scheme: Scheme, quant_head: bool) 
             raise InputError(f"{scheme.name}: {name} is {str(m.weight.dtype).removeprefix('torch.')}: "
                              "load the model in float32 to quantize it")
         try:
-            check_group(scheme, m.in_features, name)
+            check_group(scheme.head() if name == HEAD else scheme, m.in_features, name)
         except ValueError as e:
             raise InputError(f"--quant {e}") from None
     return found
