@@ -199,7 +199,7 @@ def test_torchao_import_is_quiet():
     import subprocess
     import sys
     code = ("import common; from transformers import LlamaForCausalLM; "
-            "from common.torchao_import import torchao_quantization; torchao_quantization()")
+            "from common.model.torchao_import import torchao_quantization; torchao_quantization()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
 
