@@ -32,7 +32,7 @@ from common.files.atomic import output_folder, read_json
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None
 IN_DIR = None  # any step 1/2/3/4 output folder; None -> outputs/<model folder>/x_all_layers (step 2)
 SELECT = None  # a regex searched in the CSV file names (as step 1's --filter); None = every CSV
-OUT_DIR = None  # None -> outputs/<model folder>/golden
+OUT_DIR = None  # None -> outputs/<model folder>/golden (--integer: golden-<scheme>; --rtl: golden_rtl-w8a8)
 FORMAT = "bin"  # bin (raw little-endian) | hex | mem ($readmemh; mem with a comment header) | npy | npz
 ENCODING = "float32"  # float32 | bfloat16 | float16 (bit patterns, round to nearest even) | fixed
 BITS = 32  # fixed point: word size, 8 | 16 | 32
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return golden_rtl.main(args)
     in_dir = args.in_dir or layout.default_dir(args.model_dir, layout.ACTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GOLDEN)
+    if args.integer and args.out_dir is None:  # golden-<scheme>, beside the float golden folder
+        rec = golden_int.scheme_record(in_dir, golden_int.file_records(in_dir)) if in_dir.is_dir() else None
+        out_dir = layout.default_dir(args.model_dir, layout.quant_folder(layout.GOLDEN, (rec or {}).get("scheme", "int")))
     enc = golden.make_encoding(args.encoding, args.bits, args.frac_bits)
     settings = {"MODEL_DIR": str(args.model_dir), "IN_DIR": str(in_dir), "SELECT": args.select or "(all)",
                 "OUT_DIR": str(out_dir), "FORMAT": args.format,

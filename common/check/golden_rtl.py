@@ -36,7 +36,6 @@ from common.quant.rtl_vectors import write_vectors
 
 LINEARS = layout.QUANT_LINEARS
 SCHEME = "w8a8"  # the one scheme the RTL computes: int8 x int8 per-channel weights, symmetric int8 activations
-OUT_FOLDER = "golden_rtl"  # default: outputs/<model folder>/golden_rtl-w8a8
 CASE_JSON = "case.json"  # beside the vector files: where they came from and the scale choice
 # tb_int8_dot_requant.v's memories (its MAX_* parameters): T*K, N*K, N, T*N words
 TB_MAX_X, TB_MAX_W, TB_MAX_N, TB_MAX_Y = 1 << 16, 1 << 20, 1 << 14, 1 << 16
@@ -72,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     default_in = layout.QKV if P in layout.ATTENTION_PROJ else layout.FORWARD
     in_dir = args.in_dir or layout.default_dir(args.model_dir, layout.quant_folder(default_in, SCHEME))
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.quant_folder(layout.WEIGHTS, SCHEME))
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.quant_folder(OUT_FOLDER, SCHEME))
+    out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.quant_folder(layout.GOLDEN_RTL, SCHEME))
     print("5_golden.py --rtl: examples/rtl vectors of one linear from a quantized run")
     print_settings({"IN_DIR": in_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir, "RTL_LAYER": N,
                     "RTL_LINEAR": P, "RTL_ROWS": rows})

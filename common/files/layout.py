@@ -271,6 +271,7 @@ def golden_file(tensor: str, fmt: str, layer: int | None) -> str:
 #   xq_P_layerN.csv int8 [rows, in], xscale_P_layerN.csv float32 [rows, 1],
 #   xzero_P_layerN.csv int8 [rows, 1] (asymmetric schemes), acc_P_layerN.csv int32 [rows, out (x G)]
 QUANT_LINEARS = ATTENTION_PROJ + MLP_PROJ
+GOLDEN_RTL = "golden_rtl"  # step 5 --rtl's default folder (+ "-<scheme>"): examples/rtl's vector files
 QUANT_KINDS = ("xq", "xscale", "xzero", "acc")
 _QUANT_FILE = re.compile(r"(?P<kind>xq|xscale|xzero|acc)_(?P<proj>" + "|".join(QUANT_LINEARS) + r")_layer(?P<n>\d+)")
 
