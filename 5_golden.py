@@ -8,9 +8,16 @@ layout (row order, head-major columns h*Dh + d), encoding, scale, rounding, how 
 and saturation changed, and the file's own sha256. Nothing is written unless everything succeeds.
 Exit code: 0 done, 2 bad input (or, with --on-overflow error, a value that does not fit).
 
+--integer: the quantized path's integer CSVs (xq_/xzero_ int8, acc_ int32, step 1's .q.csv int8 or int4
+packed two per byte, low nibble first) as words, the float32 scales beside them, the scheme in the
+manifest; a value outside its word is exit 2 (common/check/golden_int.py). --rtl: examples/rtl's
+$readmemh vectors of one linear of a w8a8 step 3/4 folder (common/check/golden_rtl.py).
+
     python 5_golden.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1          # float32 .bin of step 2
     python 5_golden.py --select '_layer0\\.csv$' --format hex --encoding fixed --bits 32 --frac-bits 16
     python 5_golden.py --in-dir outputs/M/qkv --format npz --encoding bfloat16 --out-dir golden_bf16
+    python 5_golden.py --integer --in-dir outputs/M/qkv-w8a8 --select '_layer0\\.csv$' --format hex
+    python 5_golden.py --rtl --in-dir outputs/M/qkv-w8a8 --weights-dir outputs/M/weights-w8a8
 """
 from __future__ import annotations
 

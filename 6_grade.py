@@ -10,8 +10,15 @@ NMSE in dB, PASS/FAIL against ATOL/RTOL; names the first failing node in forward
 Writes to OUT_DIR: report.json, report.md, errors.png. Prints the table, the first failing node last.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (unknown name, wrong shape, manifest that does not match).
 
+The quantized path: integer tensors on both sides (xq_/acc_/xzero_, .q.csv; CSV or 5_golden.py --integer)
+are graded exactly (common/check/int_grade.py: exit 1 on any mismatch); a quantized capture against the
+float capture of the same prompts (automatic when only the candidate's meta names a scheme, or
+--quant-error) gives SQNR/NMSE/cosine/max_abs per node, KL/top-1/top-5 at the logits and
+quant_errors.png (common/check/quant_error.py).
+
     python 6_grade.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1     # grades step 3's own outputs
     python 6_grade.py --candidate-dir my_accelerator_out --reference-dir outputs/M/x_all_layers --out-dir R
+    python 6_grade.py --candidate-dir outputs/M/x_all_layers-w8a8 --reference-dir outputs/M/x_all_layers --out-dir R
 """
 from __future__ import annotations
 
