@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if int_grade.applies(cand_dir, ref_dir):  # integer tensors on both sides: exact, no tolerance
         return int_grade.run(cand_dir, ref_dir, out_dir, settings)
     if args.quant_error or quant_error.applies(cand_dir, ref_dir):
-        return quant_error.run(cand_dir, ref_dir, out_dir, settings)
+        return quant_error.run(cand_dir, ref_dir, out_dir, settings, manifest.HashCheck(args.verify_hashes))
 
     t0 = time.perf_counter()
     candidates, skipped = grade.find_candidates(cand_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.files import layout
+from common.files import layout, manifest
 from common.files.csv_io import read_csv
 from common.files.quant_export import write_csv_exact
 from common.model import capture
@@ -34,23 +34,28 @@ def quantized_capture(model_dir: Path, float_dir: Path, out_dir: Path, scheme: s
                                              attn_implementation=capture.ATTN_IMPLEMENTATION).eval()
     apply_scheme(model, sch)
     out_dir.mkdir(parents=True)
+    float_files = json.loads((float_dir / layout.MANIFEST).read_text())["files"]
+    written = {}
     for name in (layout.TOKENS, layout.ATTENTION_MASK, layout.POSITION_IDS, layout.VOCAB):
-        shutil.copy(float_dir / name, out_dir / name)
+        shutil.copy(float_dir / name, out_dir / name)  # the same batch: the same bytes
+        written[name] = float_files[name]
     meta_model = json.loads((float_dir / layout.META_MODEL).read_text())
     record = sch.record(False)
-    (out_dir / layout.META_MODEL).write_text(json.dumps({**meta_model, "quant": record}))
+    written.update(manifest.save_json(out_dir, layout.META_MODEL, {**meta_model, "quant": record}))
     metas = {n: json.loads((float_dir / layout.meta_file(n)).read_text()) for n in layout.step2_layers(float_dir)}
     ids = torch.tensor(json.loads((float_dir / layout.TOKENS).read_text())["input_ids"])
     mask = torch.from_numpy(read_csv(float_dir / layout.ATTENTION_MASK)).long()
     pos = torch.from_numpy(read_csv(float_dir / layout.POSITION_IDS)).long()
 
     def sink(n, tensors):
-        capture.write_layer(out_dir, n, tensors, {**metas[n], "quant": record})
+        written.update(capture.write_layer(out_dir, n, tensors, {**metas[n], "quant": record}))
 
-    head = capture.capture_head(model.model.norm, model.lm_head, lambda t: capture.write_head(out_dir, t),
+    head = capture.capture_head(model.model.norm, model.lm_head,
+                                lambda t: written.update(capture.write_head(out_dir, t)),
                                 capture.logit_rows(mask, meta_model["logits"]))
     with capture.capture_layers(model.config, {n: model.model.layers[n] for n in metas}, sink), head, torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=0)
+    manifest.write_step_manifest(out_dir, 2, written, manifest.input_signature(model_dir))
     return out_dir
 
 

@@ -270,8 +270,11 @@ def test_identical_and_perturbed_candidates(quant_run, tmp_path, step6, capsys):
     row = int(np.flatnonzero(mask)[0]) if logits.shape[0] == mask.size else 0
     logits[row, np.argmin(logits[row])] = logits[row].max() + 5
     np.savetxt(cand / layout.REF_LOGITS, logits, delimiter=",", fmt="%.9g")
+    code, _, err = run_main(step6, ["--candidate-dir", cand, "--reference-dir", acts, "--quant-error",
+                                    "--out-dir", tmp_path / "pert"], capsys)
+    assert code == 2 and "ref_mlp_layer1.csv" in err and not (tmp_path / "pert").exists()  # its sha256 says so
     code, _, _ = run_main(step6, ["--candidate-dir", cand, "--reference-dir", acts, "--quant-error",
-                                  "--out-dir", tmp_path / "pert"], capsys)
+                                  "--no-verify-hashes", "--out-dir", tmp_path / "pert"], capsys)
     r = json.loads((tmp_path / "pert" / layout.REPORT_JSON).read_text())
     by = {(n["layer"], n["node"]): n for n in r["nodes"]}
     assert 39 < by[1, "mlp"]["sqnr_db"] < 41  # 1% relative error: 40 dB
@@ -286,5 +289,5 @@ def test_quant_error_refuses_other_prompts(quant_run, tmp_path, step6, capsys):
     mask[-1, 0] = 1 - mask[-1, 0]
     np.savetxt(cand / layout.ATTENTION_MASK, mask, delimiter=",", fmt="%d")
     code, _, err = run_main(step6, ["--candidate-dir", cand, "--reference-dir", quant_run["acts"],
-                                    "--out-dir", tmp_path / "o"], capsys)
+                                    "--no-verify-hashes", "--out-dir", tmp_path / "o"], capsys)
     assert code == 2 and "not of the same prompts" in err and not (tmp_path / "o").exists()

@@ -31,6 +31,7 @@ from common.cli import InputError
 from common.files import layout, nodes
 from common.files.atomic import read_json, write_json, write_text
 from common.files.csv_io import read_csv
+from common.files.manifest import HashCheck
 
 QUANT_PLOT = "quant_errors.png"
 TOP_K = 5
@@ -114,14 +115,19 @@ def logits_metrics(a: np.ndarray, r: np.ndarray, real: np.ndarray) -> dict:
             "top1_agreement": float(np.mean(top_a[:, 0] == top_r[:, 0])), "top5_overlap": float(np.mean(overlap))}
 
 
-def grade_folders(cand_dir: Path, ref_dir: Path) -> tuple[list[dict], dict | None]:
-    """Per node both folders hold (forward order): SQNR, NMSE, cosine, max_abs; and the logits' metrics."""
-    mask = batch_mask(ref_dir, cand_dir)
+def grade_folders(cand_dir: Path, ref_dir: Path, hashes: HashCheck | None = None) -> tuple[list[dict], dict | None]:
+    """Per node both folders hold (forward order): SQNR, NMSE, cosine, max_abs; and the logits' metrics.
+    With `hashes`, every file is first checked against its folder's manifest.json (step 2's)."""
     ref, cand = node_files(ref_dir), node_files(cand_dir)
     common = sorted(set(ref) & set(cand), key=lambda k: nodes.forward_key(*k))
     if not common:
         raise InputError(f"{cand_dir} and {ref_dir} share no node files (x_layerN, ref_q_layerN, ..., ref_logits): "
                          "give two step 2 folders (or two step 4 folders) of the same prompts")
+    if hashes is not None:
+        for folder, files in ((ref_dir, ref), (cand_dir, cand)):
+            batch = [n for n in (layout.ATTENTION_MASK, layout.TOKENS) if (folder / n).is_file()]
+            hashes.folder(folder, batch + [files[k].name for k in common], "step 2", layout.rerun_step2())
+    mask = batch_mask(ref_dir, cand_dir)
     results, logits = [], None
     for layer, node in common:
         a, r = read_csv(cand[layer, node]), read_csv(ref[layer, node])
@@ -215,9 +221,11 @@ def plot_sqnr(path: Path, results: list[dict], scheme: str) -> None:
     plt.close(fig)
 
 
-def run(cand_dir: Path, ref_dir: Path, out_dir: Path, settings: dict) -> int:
+def run(cand_dir: Path, ref_dir: Path, out_dir: Path, settings: dict, hashes: HashCheck) -> int:
     """Grade, write report.json/md and the plot, print the SQNR table; top-1 agreement and KL last. Exit 0."""
-    results, logits = grade_folders(cand_dir, ref_dir)
+    results, logits = grade_folders(cand_dir, ref_dir, hashes)
+    print(f"input files: {hashes.line()}")
+    settings = {**settings, "input hashes": hashes.line()}
     scheme = quant_record(cand_dir)
     plot_sqnr(out_dir / QUANT_PLOT, results, (scheme or {}).get("scheme", "quantized"))
     write_reports(out_dir, results, logits, scheme, {k: str(v) for k, v in settings.items()})
