@@ -10,8 +10,15 @@ NMSE in dB, PASS/FAIL against ATOL/RTOL; names the first failing node in forward
 Writes to OUT_DIR: report.json, report.md, errors.png. Prints the table, the first failing node last.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (unknown name, wrong shape, manifest that does not match).
 
+The quantized path: integer tensors on both sides (xq_/acc_/xzero_, .q.csv; CSV or 5_golden.py --integer)
+are graded exactly (common/check/int_grade.py: exit 1 on any mismatch); a quantized capture against the
+float capture of the same prompts (automatic when only the candidate's meta names a scheme, or
+--quant-error) gives SQNR/NMSE/cosine/max_abs per node, KL/top-1/top-5 at the logits and
+quant_errors.png (common/check/quant_error.py).
+
     python 6_grade.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1     # grades step 3's own outputs
     python 6_grade.py --candidate-dir my_accelerator_out --reference-dir outputs/M/x_all_layers --out-dir R
+    python 6_grade.py --candidate-dir outputs/M/x_all_layers-w8a8 --reference-dir outputs/M/x_all_layers --out-dir R
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common import paths
-from common.check import grade
+from common.check import grade, int_grade, quant_error
 from common.cli import InputError, path_arg, print_settings, run, tolerance
 from common.files import layout, manifest
 from common.files.atomic import output_folder
@@ -37,6 +44,8 @@ OUT_DIR = None  # None -> outputs/<model folder>/grade
 ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/check/verify.py)
 RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/check/grade.py)
 VERIFY_HASHES = True  # check every reference file's sha256 against step 2's manifest.json first
+QUANT_ERROR = False  # force the quantization-error report (automatic when the candidate's meta names a
+#                      scheme and the reference's does not: common/check/quant_error.py)
 # -------------------------------------------------------------------------------------------------
 
 
@@ -51,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rtol", default=RTOL, type=tolerance)
     p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
                    help="check the reference files against step 2's manifest.json (default: on)")
+    p.add_argument("--quant-error", default=QUANT_ERROR, action="store_true",
+                   help="grade a quantized capture against the float capture of the same prompts (SQNR, KL, top-1)")
     return p.parse_args(argv)
 
 
@@ -66,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     output_folder(out_dir, inputs=[cand_dir, ref_dir], create=False)  # never into (or around) what is read
     if not ref_dir.is_dir():
         raise InputError(f"reference folder {ref_dir} does not exist: run 2_get_x.py, or pass --reference-dir")
+    if int_grade.applies(cand_dir, ref_dir):  # integer tensors on both sides: exact, no tolerance
+        return int_grade.run(cand_dir, ref_dir, out_dir, settings)
+    if args.quant_error or quant_error.applies(cand_dir, ref_dir):
+        return quant_error.run(cand_dir, ref_dir, out_dir, settings, manifest.HashCheck(args.verify_hashes))
 
     t0 = time.perf_counter()
     candidates, skipped = grade.find_candidates(cand_dir)

@@ -279,3 +279,20 @@ def read_csv_blocks(path: str | os.PathLike, shape: tuple[int, int], block_rows:
             yield block
     if seen != rows:
         raise InputError(f"{path} has shape ({seen}, {ncols}), expected {shape}: re-export it")
+
+
+def read_int_csv(path: str | os.PathLike) -> np.ndarray:
+    """A CSV of plain integers (step 1's .q.csv, steps 3/4's xq_/acc_ files) as int64, exact: an int32
+    accumulator past 2^24 is no float32. A field that is not an integer is an InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} is missing")
+    with open(path, "rb") as f:
+        ncols = f.readline().count(b",") + 1
+    try:
+        df = pl.read_csv(path, has_header=False, schema={f"c{i}": pl.Int64 for i in range(ncols)})
+    except pl.exceptions.PolarsError as e:
+        raise InputError(f"{path}: not a CSV of plain integers ({str(e).splitlines()[0]})") from None
+    if df.null_count().sum_horizontal().item():
+        raise InputError(f"{path}: not a CSV of plain integers (a row has fewer than {ncols} values, or an empty one)")
+    return df.to_numpy(order="c")

@@ -277,3 +277,41 @@ def golden_file(tensor: str, fmt: str, layer: int | None) -> str:
     if fmt == "npz":
         return "model.npz" if layer is None else f"layer{layer}.npz"
     return f"{tensor}.{fmt}"
+
+
+# --- the quantized path (issue 19, docs/quantized.md): integer tensors of steps 3/4 ------------
+
+# Per layer N and linear P, steps 3/4 of a quantized capture write (rows as the node's, b*T + t):
+#   xq_P_layerN.csv int8 [rows, in], xscale_P_layerN.csv float32 [rows, 1],
+#   xzero_P_layerN.csv int8 [rows, 1] (asymmetric schemes), acc_P_layerN.csv int32 [rows, out (x G)]
+QUANT_LINEARS = ATTENTION_PROJ + MLP_PROJ
+GOLDEN_RTL = "golden_rtl"  # step 5 --rtl's default folder (+ "-<scheme>"): examples/rtl's vector files
+QUANT_KINDS = ("xq", "xscale", "xzero", "acc")
+_QUANT_FILE = re.compile(r"(?P<kind>xq|xscale|xzero|acc)_(?P<proj>" + "|".join(QUANT_LINEARS) + r")_layer(?P<n>\d+)")
+
+
+def quant_folder(folder: str, scheme: str) -> str:
+    """A quantized run's folder beside the float one: x_all_layers, w8a8 -> x_all_layers-w8a8."""
+    return f"{folder}-{scheme}"
+
+
+def xq(proj: str, n: int) -> str:
+    return layer_file(f"xq_{proj}", n)
+
+
+def xscale(proj: str, n: int) -> str:
+    return layer_file(f"xscale_{proj}", n)
+
+
+def xzero(proj: str, n: int) -> str:
+    return layer_file(f"xzero_{proj}", n)
+
+
+def acc(proj: str, n: int) -> str:
+    return layer_file(f"acc_{proj}", n)
+
+
+def parse_quant_file(stem: str) -> tuple[str, str, int] | None:
+    """xq_q_proj_layer0 -> ("xq", "q_proj", 0); anything else -> None."""
+    m = _QUANT_FILE.fullmatch(stem)
+    return (m["kind"], m["proj"], int(m["n"])) if m else None
