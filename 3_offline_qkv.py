@@ -34,12 +34,12 @@ import numpy as np
 from tqdm import tqdm
 
 from common import paths
-from common.check import decode, qkv, report
+from common.check import decode, meta_check, offline, report
 from common.check.verify import DEFINITION, QUANTITIES, low_precision_note
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.files import layout, manifest
 from common.files.atomic import output_folder
-from common.llama import attention, norm
+from common.llama import attention, kv_cache, norm
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -99,7 +99,7 @@ def check_plot_choice(args, layers: list[int], metas: dict[int, dict]) -> int:
 
 def step_attention(w: attention.AttentionWeights, norm_w: np.ndarray, meta: dict, pow_lanes: int) -> decode.Compute:
     """One decode step of one layer, as step 3 checks it: the input norm, then attention over the cache."""
-    def compute(x: np.ndarray, step: decode.Step, cache: decode.Cache) -> dict:
+    def compute(x: np.ndarray, step: decode.Step, cache: kv_cache.Cache) -> dict:
         xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
         return {"xnorm": xnorm, **attention.attention_block(
             xnorm, w, step.positions, step.mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
@@ -121,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     layers = choose_layers(args, acts_dir)
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
-    hashes.folder(acts_dir, decode.with_steps(acts_dir, qkv.step2_inputs(layers)), "step 2",
+    hashes.folder(acts_dir, decode.with_steps(acts_dir, offline.qkv_inputs(layers)), "step 2",
                   layout.rerun_step2(args.model_dir))
-    metas = layout.read_metas(acts_dir, layers)
+    metas = meta_check.read_metas(acts_dir, layers)
     B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
     dtype = metas[layers[0]]["dtype"]
     if note := low_precision_note(dtype, args.rtol):
         print(note)
     plot_layer = check_plot_choice(args, layers, metas)
-    pow_lanes, rope_note = qkv.rope_check(metas[layers[0]])  # the same RoPE in every layer
+    pow_lanes, rope_note = offline.rope_check(metas[layers[0]])  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
     layout.check_attention_weights(weights_dir, metas)
     hashes.folder(weights_dir, [p.name for n in layers for p in
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                   "step 1", layout.rerun_step1(metas[layers[0]]["model_dir"], weights_dir))
     print(f"input files: {hashes.line()}")
     output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
-    mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
+    mask, position_ids, tokens = offline.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
-    real_probs = qkv.real_prob_rows(mask, metas[layers[0]]["num_heads"])  # (B*H*T,)
+    real_probs = offline.real_prob_rows(mask, metas[layers[0]]["num_heads"])  # (B*H*T,)
     steps = decode.read_steps(acts_dir, layers, B, T, mask)  # step 2's --generate: [] without
     if steps:
         print(f"decode steps: {len(steps)}, each verified over a KV cache of its own recomputed K and V")
@@ -148,29 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     missing_refs: list[Path] = []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         meta = metas[n]
-        x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta)
-        norm_w = qkv.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
+        x, w = offline.read_layer_input(acts_dir, n, meta), offline.read_attention_weights(weights_dir, n, meta)
+        norm_w = offline.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
         xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
         # Attention runs in blocks of query rows (common/llama/attention.py). Every head's probabilities are
         # kept (to write and check them) up to PROBS_MAX_SEQ_LEN tokens; past that only the plotted head's.
-        keep = qkv.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
+        keep = offline.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
         out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
                                         meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep,
                                         pow_lanes=pow_lanes)
         if n == plot_layer:
             plot_probs = (out["probs"][args.plot_prompt, args.plot_head].copy() if keep == "all"
                           else out["probs"])  # (T, T)
-        rows = qkv.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
+        rows = offline.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
         del x, xnorm, out  # before the references are read: a long prompt's peak memory is here
-        qkv.write_outputs(out_dir, n, rows)
-        checked, missing = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
+        offline.write_outputs(out_dir, n, rows)
+        checked, missing = offline.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
         if checked:
             results[n] = checked
         missing_refs += missing
         if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
-            cache = decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
+            cache = kv_cache.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
             compute = step_attention(w, norm_w, meta, pow_lanes)
-            checked, missing = decode.verify_steps(steps, n, cache, compute, qkv.write_outputs, out_dir, QUANTITIES,
+            checked, missing = decode.verify_steps(steps, n, cache, compute, offline.write_outputs, out_dir, QUANTITIES,
                                                    args.atol, args.rtol)
             results.update(checked)
             missing_refs += missing

@@ -41,13 +41,13 @@ import numpy as np
 from tqdm import tqdm
 
 from common import paths
-from common.check import decode, forward_io, forward_report, qkv, report
+from common.check import decode, meta_check, offline, report
 from common.check.verify import compare, low_precision_note
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.files.csv_io import read_csv, write_csv
-from common.llama import forward
+from common.llama import forward, kv_cache
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -106,7 +106,7 @@ def check_inputs(args, acts_dir: Path, meta: dict, layers: list[int]) -> bool:
     if args.top_k < 1:
         raise InputError(f"--top-k {args.top_k}: give at least 1")
     if args.mode == "layer":
-        metas = layout.read_metas(acts_dir, layers)
+        metas = meta_check.read_metas(acts_dir, layers)
         first = metas[layers[0]]
         if (first["batch_size"], first["seq_len"]) != (meta["batch_size"], meta["seq_len"]):
             raise InputError(f"{acts_dir / layout.META_MODEL} and {layout.meta_file(layers[0])} disagree on the "
@@ -118,15 +118,15 @@ def check_inputs(args, acts_dir: Path, meta: dict, layers: list[int]) -> bool:
     return has_logits and meta["num_layers"] - 1 in layers
 
 
-def run_head(r: forward_io.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
+def run_head(r: offline.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
     """Final norm and logits from the last layer's output x; writes norm.csv, logits.csv.
 
     Returns (our nodes, the model's logits: ref_logits.csv)."""
-    norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, r.meta)
-    out = forward.head(x, norm_w, head_blocks, r.meta["rms_norm_eps"], forward_io.logit_rows(r.meta, r.mask))
+    norm_w, head_blocks = offline.read_head_weights(r.weights_dir, r.meta)
+    out = forward.head(x, norm_w, head_blocks, r.meta["rms_norm_eps"], offline.logit_rows(r.meta, r.mask))
     write_csv(r.out_dir / layout.NORM, out["norm"])
     write_csv(r.out_dir / layout.LOGITS, out["logits"])
-    return out, forward_io.read_ref_logits(r.acts_dir, r.meta, out["logits"].shape[0])
+    return out, offline.read_ref_logits(r.acts_dir, r.meta, out["logits"].shape[0])
 
 
 def step_layer(w: forward.LayerWeights, spec: forward.LayerSpec) -> decode.Compute:
@@ -134,25 +134,25 @@ def step_layer(w: forward.LayerWeights, spec: forward.LayerSpec) -> decode.Compu
     return lambda x, step, cache: forward.decoder_layer(x, w, step.positions, step.mask, spec, "all", past_kv=cache)
 
 
-def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
+def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
     """Every node of every chosen layer from its captured input, then the head from the captured last output."""
-    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
+    args, meta, spec = r.args, r.meta, offline.layer_spec(r.meta, r.pow_lanes)
     results, missing = {}, []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
-        x = qkv.read_layer_input(r.acts_dir, n, meta)
-        w = forward_io.read_layer_weights(r.weights_dir, n, meta)
-        keep = qkv.probs_to_keep(meta["seq_len"], None)  # every head's, up to PROBS_MAX_SEQ_LEN tokens
-        rows = qkv.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec, keep), r.n_rows)
-        forward_io.write_layer_nodes(r.out_dir, n, rows)
-        checked, miss = qkv.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
-                                   forward_io.CHECKED)
+        x = offline.read_layer_input(r.acts_dir, n, meta)
+        w = offline.read_layer_weights(r.weights_dir, n, meta)
+        keep = offline.probs_to_keep(meta["seq_len"], None)  # every head's, up to PROBS_MAX_SEQ_LEN tokens
+        rows = offline.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec, keep), r.n_rows)
+        offline.write_layer_nodes(r.out_dir, n, rows)
+        checked, miss = offline.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
+                                   offline.CHECKED)
         if checked:
             results[n] = checked
         missing += miss
         if r.steps:  # every decode step of this layer from its captured x, over a cache of our own K and V
-            cache = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-            checked, miss = decode.verify_steps(r.steps, n, cache, step_layer(w, spec), forward_io.write_layer_nodes,
-                                                r.out_dir, forward_io.CHECKED, args.atol, args.rtol)
+            cache = kv_cache.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
+            checked, miss = decode.verify_steps(r.steps, n, cache, step_layer(w, spec), offline.write_layer_nodes,
+                                                r.out_dir, offline.CHECKED, args.atol, args.rtol)
             results.update(checked)
             missing += miss
     head, tops = {}, []
@@ -164,10 +164,10 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
         head = {"norm": compare(ours["norm"], read_csv(r.acts_dir / layout.REF_NORM, (r.n_rows, meta["d_model"])),
                                 r.real_rows, args.atol, args.rtol),
                 "logits": compare(ours["logits"], ref, r.logit_checked_rows(), args.atol, args.rtol)}
-        tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
+        tops = report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
     decoded = {}
     if with_head and r.steps:  # each step's head from the step's captured last layer output
-        norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, meta)
+        norm_w, head_blocks = offline.read_head_weights(r.weights_dir, meta)
         last = layers[-1]
 
         def last_out(st: decode.Step) -> np.ndarray:
@@ -186,56 +186,56 @@ def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
     plots = []
     if args.plots:
         plots = [r.out_dir / layout.ERRORS_PLOT] + ([r.out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
-        report.plot_errors(plots[0], results, args.rtol, forward_io.CHECKED, "Step 4, layer mode: every node vs the model")
+        report.plot_errors(plots[0], results, args.rtol, offline.CHECKED, "Step 4, layer mode: every node vs the model")
         if tops:
-            forward_report.plot_top_tokens(plots[1], tops)
+            report.plot_top_tokens(plots[1], tops)
     passed = (report.all_pass(results) and all(m["pass"] for m in head.values())
-              and all(map(forward_report.decode_passed, decoded.values())))
-    head_md = ["", f"**{forward_report.head_line(head)}**"] if head else []
-    decode_table = forward_report.decode_rows(decoded, r.vocab) if decoded else []
+              and all(map(report.decode_passed, decoded.values())))
+    head_md = ["", f"**{report.head_line(head)}**"] if head else []
+    decode_table = report.decode_rows(decoded, r.vocab) if decoded else []
     if decoded:
         head_md += ["", "## Decode steps: the head from each step's captured last layer output", ""]
         head_md += report.markdown_table(decode_table)
-    report.write_reports(r.out_dir, results, {k: str(v) for k, v in r.settings.items()}, forward_report.DEFINITION,
-                         [p.name for p in plots], args.atol, args.rtol, forward_io.CHECKED, f"{TITLE} (layer mode)",
+    report.write_reports(r.out_dir, results, {k: str(v) for k, v in r.settings.items()}, report.FORWARD_DEFINITION,
+                         [p.name for p in plots], args.atol, args.rtol, offline.CHECKED, f"{TITLE} (layer mode)",
                          {"mode": "layer", "head": head, "top_tokens": tops,
                           **({"decode_head": {f"step_{s}": c for s, c in decoded.items()}} if decoded else {})},
-                         head_md + forward_report.top_tokens_markdown(tops), passed)
+                         head_md + report.top_tokens_markdown(tops), passed)
     print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
           + f" in {time.perf_counter() - r.t0:.2f} s")
     if tops:
-        print(forward_report.top_tokens_text(tops))
-    print(report.console_table(results, args.atol, args.rtol, forward_io.CHECKED))  # the table ends the run
+        print(report.top_tokens_text(tops))
+    print(report.console_table(results, args.atol, args.rtol, offline.CHECKED))  # the table ends the run
     if head:
-        print(forward_report.head_line(head))
+        print(report.head_line(head))
     if decoded:
         print(report.text_table(decode_table))
     return 0 if passed else 1
 
 
-def chain_mode(r: forward_io.Inputs) -> int:
+def chain_mode(r: offline.Inputs) -> int:
     """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
-    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
+    args, meta, spec = r.args, r.meta, offline.layer_spec(r.meta, r.pow_lanes)
     layers = range(meta["num_layers"])
     # Decode steps run every layer again for each new token: then the layers' weights are kept after
     # their first read (the whole model in memory), and each layer's K and V start its cache.
     kept: dict[int, forward.LayerWeights] = {}
-    caches: dict[int, decode.Cache] = {}
+    caches: dict[int, kv_cache.Cache] = {}
 
     def load(n: int) -> forward.LayerWeights:
-        w = kept.get(n) or forward_io.read_layer_weights(r.weights_dir, n, meta)
+        w = kept.get(n) or offline.read_layer_weights(r.weights_dir, n, meta)
         if r.steps:
             kept[n] = w
         return w
-    chained = forward.chain(qkv.read_layer_input(r.acts_dir, 0, meta), layers, load, r.position_ids, r.mask,
+    chained = forward.chain(offline.read_layer_input(r.acts_dir, 0, meta), layers, load, r.position_ids, r.mask,
                             lambda n: spec)
     growth = {}
     for n, nodes in tqdm(chained, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
                          file=sys.stdout):
-        rows = qkv.as_rows(nodes, r.n_rows)
+        rows = offline.as_rows(nodes, r.n_rows)
         if r.steps:
-            caches[n] = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-        forward_io.write_layer_nodes(r.out_dir, n, rows)
+            caches[n] = kv_cache.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
+        offline.write_layer_nodes(r.out_dir, n, rows)
         ref_path = r.acts_dir / layout.ref_file("out", n)
         if ref_path.is_file():
             growth[n] = compare(rows["out"], read_csv(ref_path, rows["out"].shape), r.real_rows, 0.0, args.chain_rtol)
@@ -245,16 +245,16 @@ def chain_mode(r: forward_io.Inputs) -> int:
     logits = compare(ours["logits"], ref, checked, 0.0, args.chain_rtol)
     agree = forward.top_k(ours["logits"][checked], 1) == forward.top_k(ref[checked], 1)
     top1 = {"agree": int(agree.sum()), "total": int(checked.sum())}
-    tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
+    tops = report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
     top5 = {"agree": sum(t["topk_same_set"] for t in tops), "total": len(tops)}
-    passed, verdict = forward_report.chain_verdict(logits, top1, top5, args.chain_rtol)
+    passed, verdict = report.chain_verdict(logits, top1, top5, args.chain_rtol)
     print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files, {layout.NORM}, {layout.LOGITS} "
           f"to {r.out_dir}")
     decoded = {}
     if r.steps:  # generate offline: our own greedy tokens, their embeddings, our own caches
         first = r.at_last(ours["logits"]).argmax(axis=1)  # (B,): our greedy token after the prefill
         embed = decode.embedding_rows(r.weights_dir, meta, {int(t) for st in r.steps for t in st.fed})
-        norm_w, head_blocks = forward_io.read_head_weights(r.weights_dir, meta)
+        norm_w, head_blocks = offline.read_head_weights(r.weights_dir, meta)
         decoded = decode.chain_steps(r.steps, first, caches, load, spec, embed, norm_w, list(head_blocks), meta,
                                      r.out_dir, args.chain_rtol)
         ok = decode.chain_passed(decoded, r.steps)
@@ -265,17 +265,17 @@ def chain_mode(r: forward_io.Inputs) -> int:
     plots = []
     if args.plots:
         plots = [r.out_dir / layout.CHAIN_PLOT, r.out_dir / layout.TOP_TOKENS_PLOT]
-        forward_report.plot_chain(plots[0], growth, logits, args.chain_rtol)
-        forward_report.plot_top_tokens(plots[1], tops)
-    forward_report.write_chain_report(r.out_dir, passed, verdict, growth, logits, top1, top5, tops,
+        report.plot_chain(plots[0], growth, logits, args.chain_rtol)
+        report.plot_top_tokens(plots[1], tops)
+    report.write_chain_report(r.out_dir, passed, verdict, growth, logits, top1, top5, tops,
                                       {k: str(v) for k, v in r.settings.items()}, [p.name for p in plots], decoded,
                                       r.vocab)
     print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
           + f" in {time.perf_counter() - r.t0:.2f} s")
-    print(forward_report.top_tokens_text(tops))
-    print(report.text_table(forward_report.chain_rows(growth)))  # the table ends the run
+    print(report.top_tokens_text(tops))
+    print(report.text_table(report.chain_rows(growth)))  # the table ends the run
     if decoded:
-        print(report.text_table(forward_report.decode_rows(decoded, r.vocab)))
+        print(report.text_table(report.decode_rows(decoded, r.vocab)))
     print(verdict)
     return 0 if passed else 1
 
@@ -299,24 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
     rerun2 = layout.rerun_step2(args.model_dir)
     hashes.folder(acts_dir, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
-    meta = forward_io.read_model_meta(acts_dir, args.model_dir)
+    meta = offline.read_model_meta(acts_dir, args.model_dir)
     layers = choose_layers(args, acts_dir, meta)
     # Decode steps (step 2's --generate): in chain mode each step reads the captured layers' meta, and the
     # embedding to look its token up.
     chain_decode = args.mode == "chain" and bool(layout.decode_steps(acts_dir))
     step_metas = [layout.meta_file(n) for n in layout.step2_layers(acts_dir)] if chain_decode else []
-    hashes.folder(acts_dir, decode.with_steps(acts_dir, forward_io.step2_inputs(args.mode, layers) + step_metas),
+    hashes.folder(acts_dir, decode.with_steps(acts_dir, offline.forward_inputs(args.mode, layers) + step_metas),
                   "step 2", rerun2)
     with_head = check_inputs(args, acts_dir, meta, layers)
-    forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+    offline.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
     embedding = weights_dir / layout.weight_file(layout.EMBEDDING)
     if chain_decode and not embedding.is_file():
         raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
                          f"python 1_model_weights.py --model-dir {meta['model_dir']} --out-dir {weights_dir} "
                          r"--filter '^model\.embed_tokens\.'")
-    pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
+    pow_lanes, rope_note = offline.rope_check(meta)  # the same RoPE in every layer
     print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
-    hashes.folder(weights_dir, [p.name for p in forward_io.weight_files(weights_dir, meta, layers, with_head)]
+    hashes.folder(weights_dir, [p.name for p in offline.weight_files(weights_dir, meta, layers, with_head)]
                   + ([embedding.name] if chain_decode else []), "step 1",
                   layout.rerun_step1(meta["model_dir"], weights_dir))
     print(f"input files: {hashes.line()}")
@@ -324,16 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     B, T = meta["batch_size"], meta["seq_len"]
     if note := low_precision_note(meta["dtype"], args.rtol):
         print(note)
-    mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
+    mask, position_ids, tokens = offline.read_batch(acts_dir, B, T)
     real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
     # Step 2's --generate N: every decode step of the checked layers (chain mode: of those captured).
     steps = decode.read_steps(acts_dir, layers if args.mode == "layer" else layout.step2_layers(acts_dir), B, T, mask)
     settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
                      "reference dtype": meta["dtype"], "logits captured": meta["logits"], "decode steps": len(steps),
                      "input hashes": hashes.line()})
-    r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
-               qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
-               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes, steps)
+    r = offline.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
+               offline.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
+               offline.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes, steps)
     return layer_mode(r, layers, with_head) if args.mode == "layer" else chain_mode(r)
 
 

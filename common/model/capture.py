@@ -47,6 +47,7 @@ from common.files import layout
 from common.files.atomic import sha256_file
 from common.files.manifest import save_csv, save_json
 from common.model.layer_loader import LayerCollector
+from common.model.prompts import position_ids_from_mask
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
 # for the duration of a capture, so a model outside a capture is untouched.
@@ -283,7 +284,6 @@ def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hook
     "position_ids" (B, 1)}: sink and head_sink receive the step's layers and head as in
     capture_layers/capture_head, and done(next_ids) the step's greedy tokens (B,).
     """
-    from common.model.prompts import position_ids_from_mask
 
     device = next(model.parameters()).device
     mask = batch.attention_mask
