@@ -26,6 +26,7 @@ Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and wha
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ from common.check.verify import DEFINITION, QUANTITIES, low_precision_note
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
 from common.files import layout, manifest
 from common.files.atomic import output_folder
-from common.llama import attention, kv_cache, norm
+from common.llama import kv_cache
+from common.llama.spec import LayerSpec
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -97,16 +99,6 @@ def check_plot_choice(args, layers: list[int], metas: dict[int, dict]) -> int:
     return layer
 
 
-def step_attention(w: attention.AttentionWeights, norm_w: np.ndarray, meta: dict, pow_lanes: int) -> decode.Compute:
-    """One decode step of one layer, as step 3 checks it: the input norm, then attention over the cache."""
-    def compute(x: np.ndarray, step: decode.Step, cache: kv_cache.Cache) -> dict:
-        xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
-        return {"xnorm": xnorm, **attention.attention_block(
-            xnorm, w, step.positions, step.mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
-            meta["rope_theta"], meta["rope_scaling"], keep_probs="all", pow_lanes=pow_lanes, past_kv=cache)}
-    return compute
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
@@ -150,18 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         meta = metas[n]
         x, w = offline.read_layer_input(acts_dir, n, meta), offline.read_attention_weights(weights_dir, n, meta)
         norm_w = offline.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
-        xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
+        layer = LayerSpec.from_meta(meta, pow_lanes)
         # Attention runs in blocks of query rows (common/llama/attention.py). Every head's probabilities are
         # kept (to write and check them) up to PROBS_MAX_SEQ_LEN tokens; past that only the plotted head's.
         keep = offline.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
-        out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
-                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep,
-                                        pow_lanes=pow_lanes)
+        out = offline.norm_and_attention(x, norm_w, w, layer, position_ids, mask, keep)  # xnorm, q, k, v, ...
         if n == plot_layer:
             plot_probs = (out["probs"][args.plot_prompt, args.plot_head].copy() if keep == "all"
                           else out["probs"])  # (T, T)
-        rows = offline.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
-        del x, xnorm, out  # before the references are read: a long prompt's peak memory is here
+        rows = offline.as_rows(out, B * T, with_probs=keep == "all")
+        del x, out  # before the references are read: a long prompt's peak memory is here
         offline.write_outputs(out_dir, n, rows)
         checked, missing = offline.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
         if checked:
@@ -169,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         missing_refs += missing
         if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
             cache = kv_cache.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
-            compute = step_attention(w, norm_w, meta, pow_lanes)
+            compute = functools.partial(offline.attention_step, norm_w, w, layer)
             checked, missing = decode.verify_steps(steps, n, cache, compute, offline.write_outputs, out_dir, QUANTITIES,
                                                    args.atol, args.rtol)
             results.update(checked)

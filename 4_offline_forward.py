@@ -33,6 +33,7 @@ Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.files.csv_io import read_csv, write_csv
 from common.llama import forward, kv_cache
+from common.llama.spec import LayerSpec
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -129,20 +131,15 @@ def run_head(r: offline.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
     return out, offline.read_ref_logits(r.acts_dir, r.meta, out["logits"].shape[0])
 
 
-def step_layer(w: forward.LayerWeights, spec: forward.LayerSpec) -> decode.Compute:
-    """One decode step of one layer: every node, the attention over the layer's cache."""
-    return lambda x, step, cache: forward.decoder_layer(x, w, step.positions, step.mask, spec, "all", past_kv=cache)
-
-
 def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
     """Every node of every chosen layer from its captured input, then the head from the captured last output."""
-    args, meta, spec = r.args, r.meta, offline.layer_spec(r.meta, r.pow_lanes)
+    args, meta, spec = r.args, r.meta, LayerSpec.from_meta(r.meta, r.pow_lanes)
     results, missing = {}, []
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
         x = offline.read_layer_input(r.acts_dir, n, meta)
         w = offline.read_layer_weights(r.weights_dir, n, meta)
         keep = offline.probs_to_keep(meta["seq_len"], None)  # every head's, up to PROBS_MAX_SEQ_LEN tokens
-        rows = offline.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec, keep), r.n_rows)
+        rows = offline.as_rows(forward.decoder_layer(x, w, spec, r.position_ids, r.mask, keep), r.n_rows)
         offline.write_layer_nodes(r.out_dir, n, rows)
         checked, miss = offline.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
                                    offline.CHECKED)
@@ -151,7 +148,8 @@ def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
         missing += miss
         if r.steps:  # every decode step of this layer from its captured x, over a cache of our own K and V
             cache = kv_cache.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-            checked, miss = decode.verify_steps(r.steps, n, cache, step_layer(w, spec), offline.write_layer_nodes,
+            compute = functools.partial(offline.layer_step, w, spec)
+            checked, miss = decode.verify_steps(r.steps, n, cache, compute, offline.write_layer_nodes,
                                                 r.out_dir, offline.CHECKED, args.atol, args.rtol)
             results.update(checked)
             missing += miss
@@ -215,7 +213,7 @@ def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
 
 def chain_mode(r: offline.Inputs) -> int:
     """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
-    args, meta, spec = r.args, r.meta, offline.layer_spec(r.meta, r.pow_lanes)
+    args, meta, spec = r.args, r.meta, LayerSpec.from_meta(r.meta, r.pow_lanes)
     layers = range(meta["num_layers"])
     # Decode steps run every layer again for each new token: then the layers' weights are kept after
     # their first read (the whole model in memory), and each layer's K and V start its cache.

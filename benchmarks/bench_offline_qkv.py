@@ -63,6 +63,7 @@ sys.path.insert(0, sys.argv[1])
 from common.check import offline
 from common.files import layout
 from common.llama import attention, norm
+from common.llama.spec import LayerSpec
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t = {"read_csv": 0.0, "compute": 0.0, "write_csv": 0.0}
 t_start = time.perf_counter()
@@ -84,8 +85,7 @@ with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         xnorm = norm.rms_norm(x, w_norm, m["rms_norm_eps"])
         keep = offline.probs_to_keep(T, None)
-        res = attention.attention_block(xnorm, w, position_ids, mask, m["num_heads"], m["num_kv_heads"],
-                                        m["head_dim"], m["rope_theta"], m["rope_scaling"], keep_probs=keep)
+        res = attention.attention_block(xnorm, w, LayerSpec.from_meta(m), position_ids, mask, keep_probs=keep)
         rows = offline.as_rows({"xnorm": xnorm, **res}, B * T, with_probs=keep == "all")
         t["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from common.cli import InputError
 from common.files import layout
 from common.files.csv_io import read_csv
 from common.llama import attention, rope, torch_pow
+from common.llama.spec import LayerSpec
 from common.model.prompts import encode_prompts, load_tokenizer
 
 RTOL = 1e-5
@@ -118,8 +119,7 @@ def offline_qk_max_rel(weights, acts) -> dict[str, float]:
     B, T = meta["batch_size"], meta["seq_len"]
     mask, position_ids, _ = offline.read_batch(acts, B, T)
     out = attention.attention_block(offline.read_xnorm(acts, 0, meta), offline.read_attention_weights(weights, 0, meta),
-                                    position_ids, mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
-                                    meta["rope_theta"], meta["rope_scaling"])
+                                    LayerSpec.from_meta(meta), position_ids, mask)
     rows = offline.as_rows(out, B * T, with_probs=False)
     checked, _ = offline.verify(acts, 0, rows, mask.reshape(-1) > 0, offline.real_prob_rows(mask, meta["num_heads"]), 0, RTOL,
                             ("q", "k"))

@@ -161,12 +161,11 @@ def rms_norm_one_plus_w(x, weight, eps):
     return ORIG_RMS_NORM(x, 1 + weight, eps)
 
 
-def decoder_layer_without_residual(x, w, position_ids, attention_mask, spec, keep_probs=None):
+def decoder_layer_without_residual(x, w, spec, position_ids, attention_mask, keep_probs=None):
     """forward.decoder_layer with h = attn instead of x + attn."""
     eps = spec.rms_norm_eps
     xnorm = norm.rms_norm(x, w.input_layernorm, eps)
-    a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads, spec.num_kv_heads,
-                                  spec.head_dim, spec.rope_theta, spec.rope_scaling, keep_probs=keep_probs)
+    a = attention.attention_block(xnorm, w.attn, spec, position_ids, attention_mask, keep_probs=keep_probs)
     h = a["attn"]
     hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
     m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)

@@ -185,7 +185,7 @@ def chain_steps(steps: list[Step], first: np.ndarray, caches: dict[int, Cache], 
         x0 = st.folder / layout.layer_file("x", 0)
         out[st.step]["x0"] = (compare(x, read_csv(x0, x.shape), every, 0.0, 0.0) if x0.is_file() else None)
         for n in range(meta["num_layers"]):
-            nodes = forward.decoder_layer(x, weights(n), st.positions, st.mask, spec, past_kv=caches[n])
+            nodes = forward.decoder_layer(x, weights(n), spec, st.positions, st.mask, past_kv=caches[n])
             caches[n] = grow(caches[n], nodes["k"], nodes["v"], B, spec.head_dim)
             x = nodes["out"]
         h = forward.head(x, norm_w, head_w, meta["rms_norm_eps"])

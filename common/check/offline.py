@@ -23,9 +23,10 @@ from common.cli import InputError
 from common.files import layout
 from common.files.atomic import read_json
 from common.files.csv_io import read_csv, read_csv_blocks, write_csv
-from common.llama import attention, forward, mlp, norm, rope, torch_pow
+from common.llama import attention, forward, kv_cache, mlp, norm, rope, torch_pow
 from common.llama.attention import AttentionWeights
 from common.llama.mlp import MLPWeights
+from common.llama.spec import LayerSpec
 
 
 def read_batch(acts_dir: Path, B: int, T: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -92,6 +93,26 @@ def read_input_norm(weights_dir: Path, n: int, meta: dict) -> np.ndarray:
     """Layer n's input_layernorm weight (d,)."""
     name = layout.norm_weight_name(n, "input_layernorm")
     return read_csv(weights_dir / layout.weight_file(name), (meta["d_model"],))
+
+
+def norm_and_attention(x: np.ndarray, norm_w: np.ndarray, w: AttentionWeights, layer: LayerSpec,
+                       positions: np.ndarray, mask: np.ndarray, keep_probs: str | tuple[int, int] | None = None,
+                       past_kv: kv_cache.Cache | None = None) -> dict[str, np.ndarray]:
+    """Step 3's recomputation of one layer: the input norm, then attention (xnorm, q, k, v, probs, attn)."""
+    xnorm = norm.rms_norm(x, norm_w, layer.rms_norm_eps)
+    return {"xnorm": xnorm, **attention.attention_block(xnorm, w, layer, positions, mask, keep_probs, past_kv)}
+
+
+def attention_step(norm_w: np.ndarray, w: AttentionWeights, layer: LayerSpec, x: np.ndarray, step,
+                   cache: kv_cache.Cache) -> dict[str, np.ndarray]:
+    """One decode step of one layer as step 3 checks it (a decode.Compute once norm_w, w, layer are bound)."""
+    return norm_and_attention(x, norm_w, w, layer, step.positions, step.mask, "all", cache)
+
+
+def layer_step(w: forward.LayerWeights, layer: LayerSpec, x: np.ndarray, step, cache: kv_cache.Cache
+               ) -> dict[str, np.ndarray]:
+    """One decode step of one layer as step 4 checks it: every node, attention over the layer's cache."""
+    return forward.decoder_layer(x, w, layer, step.positions, step.mask, "all", past_kv=cache)
 
 
 def probs_to_keep(seq_len: int, plot: tuple[int, int] | None) -> str | tuple[int, int] | None:
@@ -176,11 +197,6 @@ def read_model_meta(acts_dir: Path, model_dir: str | Path) -> dict:
             raise InputError(f"{path}: the model's norm is {meta[key]!r}, whose formula is not Llama's RMSNorm "
                              f"(supported: {', '.join(norm.SUPPORTED_NORMS)}); refusing to guess")
     return meta
-
-
-def layer_spec(meta: dict, pow_lanes: int | None = None) -> forward.LayerSpec:
-    return forward.LayerSpec(meta["num_heads"], meta["num_kv_heads"], meta["head_dim"], meta["rope_theta"],
-                             meta.get("rope_scaling"), meta["rms_norm_eps"], meta["hidden_act"], pow_lanes)
 
 
 def step1_command(meta: dict, weights_dir: Path, layers: list[int], head: bool, model_dir: str | Path) -> str:
