@@ -8,9 +8,7 @@ another norm) instead of computing something else.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -294,36 +292,3 @@ def read_ref_logits(acts_dir: Path, meta: dict, n_rows: int) -> np.ndarray:
 def logit_rows(meta: dict, attention_mask: np.ndarray) -> np.ndarray | None:
     """The rows of (B*T) that ref_logits holds: None (all) for LOGITS "all", else each prompt's last real one."""
     return None if meta["logits"] == "all" else forward.last_real_rows(attention_mask)
-
-
-@dataclass
-class Inputs:
-    """What both of step 4's modes read before any work: folders, meta_model.json, the batch, the vocabulary."""
-    args: argparse.Namespace
-    acts_dir: Path
-    weights_dir: Path
-    out_dir: Path
-    meta: dict
-    mask: np.ndarray  # (B, T), 1 = real token
-    position_ids: np.ndarray  # (B, T)
-    real_rows: np.ndarray  # (B*T,) bool: rows of real tokens
-    real_probs: np.ndarray  # (B*H*T,) bool: rows of a probs file whose query is real
-    last: np.ndarray  # (B,) each prompt's last real row
-    prompts: list[str]
-    vocab: list[str] | None
-    settings: dict
-    t0: float
-    pow_lanes: int | None = None  # RoPE's pow as torch's on the capture machine (rope_check)
-    steps: list = field(default_factory=list)  # common.check.decode.Step: step 2's decode steps ([] without)
-
-    @property
-    def n_rows(self) -> int:
-        return self.meta["batch_size"] * self.meta["seq_len"]
-
-    def logit_checked_rows(self) -> np.ndarray:
-        """Which rows of ref_logits are real: every real token ("all"), or all B rows ("last")."""
-        return self.real_rows if self.meta["logits"] == "all" else np.ones(len(self.last), bool)
-
-    def at_last(self, logits: np.ndarray) -> np.ndarray:
-        """The rows of each prompt's last real token: (B, V)."""
-        return logits[self.last] if self.meta["logits"] == "all" else logits
