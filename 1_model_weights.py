@@ -16,11 +16,10 @@ A rerun skips files whose manifest entry still matches the source (--force rewri
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common import paths
-from common.cli import path_arg, print_settings, run
+from common import cli, paths
+from common.cli import print_settings, run
 from common.files import export, layout
 from common.files.atomic import output_folder
 from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
@@ -35,17 +34,16 @@ LAYER = None  # a name prefix, matched at a dot boundary: "model.layers.8" (not 
 DTYPE = None  # None keeps the source's float32 values | float32 | float16 | bfloat16 | source (npy/safetensors/ckpt)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
-    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights")
-    p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
-    p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
-                   help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
-    p.add_argument("--layer", default=LAYER, help="keep names under this prefix (dot boundary)")
-    p.add_argument("--dtype", default=DTYPE, help="float16 | bfloat16 | float32 | source (npy/safetensors/ckpt)")
-    p.add_argument("--list", action="store_true", help="print the selected tensors (all by default) and exit")
-    p.add_argument("--force", action="store_true", help="rewrite files even where the manifest says they match")
+def parse_args(argv: list[str] | None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir", "--out-dir")
+    p.flag("--format")
+    p.flag("--filter", dest="name_filter", type=export.regex_filter,
+           help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
+    p.flag("--layer")
+    p.flag("--dtype")
+    p.flag("--list", action="store_true", help="print the selected tensors (all by default) and exit")
+    p.flag("--force", action="store_true", help="rewrite files even where the manifest says they match")
     return p.parse_args(argv)
 
 
@@ -60,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
         return 0
     output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
-    print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
-                    "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
-                    "DTYPE": args.dtype, "force": args.force})
+    print_settings(cli.settings(args, OUT_DIR=out_dir, NAME_FILTER=export.describe_filter(args.name_filter)))
     infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
     jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
     summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)

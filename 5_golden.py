@@ -14,7 +14,6 @@ Exit code: 0 done, 2 bad input (or, with --on-overflow error, a value that does 
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import paths
+from common import cli, paths
 from common.check import golden
 from common.cli import InputError, path_arg, print_settings, run
 from common.files import layout
@@ -41,18 +40,17 @@ ON_OVERFLOW = "saturate"  # saturate (counted and reported) | error (exit 2, not
 # -------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--in-dir", default=IN_DIR, type=path_arg, help="a step 1/2/3/4 output folder")
-    p.add_argument("--select", default=SELECT, help="regex searched in the CSV file names (default: all)")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--format", default=FORMAT, choices=golden.FORMATS)
-    p.add_argument("--encoding", default=ENCODING, choices=golden.ENCODINGS)
-    p.add_argument("--bits", default=BITS, type=int, help="fixed point word size: 8, 16 or 32")
-    p.add_argument("--frac-bits", default=FRAC_BITS, type=int, help="fixed point fraction bits")
-    p.add_argument("--on-overflow", default=ON_OVERFLOW, choices=golden.ON_OVERFLOW)
+def parse_args(argv=None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--in-dir", type=path_arg)
+    p.flag("--select")
+    p.shared("--out-dir")
+    p.flag("--format", choices=golden.FORMATS)
+    p.flag("--encoding", choices=golden.ENCODINGS)
+    p.flag("--bits", type=int)
+    p.flag("--frac-bits", type=int)
+    p.flag("--on-overflow", choices=golden.ON_OVERFLOW)
     return p.parse_args(argv)
 
 
