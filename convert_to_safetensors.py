@@ -16,6 +16,7 @@ zip-format files) plus one converted tensor. The folder is built under a tempora
 OUTPUT_DIR and renamed when complete; an OUTPUT_DIR that already holds files is left alone
 unless --force, which replaces it.
 """
+import functools
 import shlex
 import sys
 import time
@@ -43,7 +44,7 @@ def default_output_dir(checkpoint: Path) -> Path:
     return paths.MODEL_PATHS / f"{checkpoint.resolve().parent.name}_{checkpoint.stem}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]):
     p = cli.Parser(globals())
     p.flag("checkpoint", nargs="?", type=path_arg)
     p.flag("--out-dir", constant="OUTPUT_DIR")  # --output-dir, the old spelling, is kept (cli.SHARED)
@@ -51,8 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     p.flag("--vocab-size", type=int)
     p.flag("--max-shard-size")
     p.flag("--force", action="store_true")
+    return p.parse_args(argv)
+
+
+def fill(folder: Path, plan: list, max_shard: int, facts: dict | None, checkpoint: Path, card: str,
+         written: list[Path]) -> None:
+    """Write the model folder's files into `folder` (build_folder's fresh folder): weights, config, card."""
+    total = sum(t.nbytes for t in plan)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
+        written.extend(write_weights(folder, plan, max_shard, on_tensor=bar.update))
+    if facts is not None:
+        write_json(folder / "config.json", gpt2_config(facts))
+        write_json(folder / "tokenizer_config.json", gpt2_tokenizer_config(facts))
+    else:
+        copied = copy_side_files(checkpoint, folder)
+        if copied:
+            print(f"copied from {checkpoint.parent}: {', '.join(copied)}")
+    write_text(folder / "README.md", card)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(map(str, argv))
-    args = p.parse_args(argv)
+    args = parse_args(argv)
 
     if args.checkpoint is None:
         raise InputError("no checkpoint given: python convert_to_safetensors.py CHECKPOINT --output-dir DIR")
@@ -86,21 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(t.nbytes for t in plan)
     command = "python convert_to_safetensors.py " + " ".join(shlex.quote(a) for a in argv)
     written: list[Path] = []
-
-    def fill(folder: Path) -> None:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
-            written.extend(write_weights(folder, plan, max_shard, on_tensor=bar.update))
-        if facts is not None:
-            write_json(folder / "config.json", gpt2_config(facts))
-            write_json(folder / "tokenizer_config.json", gpt2_tokenizer_config(facts))
-        else:
-            copied = copy_side_files(checkpoint, folder)
-            if copied:
-                print(f"copied from {checkpoint.parent}: {', '.join(copied)}")
-        write_text(folder / "README.md", model_card(checkpoint, output_dir, ckpt.kind, command, settings,
-                                                    facts, ckpt.extras))
-
-    build_folder(output_dir, fill, args.force)
+    card = model_card(checkpoint, output_dir, ckpt.kind, command, settings, facts, ckpt.extras)
+    build_folder(output_dir, functools.partial(fill, plan=plan, max_shard=max_shard, facts=facts,
+                                               checkpoint=checkpoint, card=card, written=written), args.force)
     dt = time.perf_counter() - t0
     for f in written:
         print(f"wrote {output_dir / f.name} ({(output_dir / f.name).stat().st_size / 1e6:,.1f} MB)")

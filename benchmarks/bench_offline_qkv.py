@@ -60,7 +60,7 @@ PHASES = r"""
 import json, sys, time, tempfile
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from common.check import offline
+from common.check import meta_check, offline
 from common.files import layout
 from common.llama import attention, norm
 from common.llama.spec import LayerSpec
