@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
-from common.check import offline
+from common.check import offline as offline_files
 from common.cli import InputError
 from common.files import layout
 from common.files.csv_io import read_csv
@@ -144,7 +144,7 @@ def test_chain_plots_and_logits_last(pipeline, tmp_path):
 
 # --- the check has teeth ----------------------------------------------------------------------------
 
-ORIG_SWIGLU, ORIG_RMS_NORM, ORIG_HEAD_WEIGHTS = mlp.swiglu_mlp, norm.rms_norm, offline.read_head_weights
+ORIG_SWIGLU, ORIG_RMS_NORM, ORIG_HEAD_WEIGHTS = mlp.swiglu_mlp, norm.rms_norm, offline_files.read_head_weights
 
 
 def swiglu_gate_up_swapped(hnorm, w, hidden_act="silu"):
@@ -185,7 +185,7 @@ BUGS = {
     "norm_one_plus_w": ("llama32", norm, "rms_norm", rms_norm_one_plus_w, ALL_NODES, {"norm", "logits"}),
     "residual_skipped": ("llama32", forward, "decoder_layer", decoder_layer_without_residual,
                          {"h", "hnorm", "act", "mlp", "out"}, set()),
-    "embedding_as_untied_head": ("untied", offline, "read_head_weights", head_weights_tied_anyway, set(),
+    "embedding_as_untied_head": ("untied", offline_files, "read_head_weights", head_weights_tied_anyway, set(),
                                  {"logits"}),
 }
 
@@ -287,7 +287,7 @@ def test_the_head_is_read_in_blocks(pipeline, tmp_path, monkeypatch):
     """Blocks of 7 vocabulary rows give the logits of one read; a short head file is an error."""
     model, weights, acts = pipeline("untied")
     step4(model, weights, acts, tmp_path / "whole", "--layers", "2")
-    monkeypatch.setattr(offline, "HEAD_BLOCK_VALUES", 7 * 64)
+    monkeypatch.setattr(offline_files, "HEAD_BLOCK_VALUES", 7 * 64)
     code, report = step4(model, weights, acts, tmp_path / "blocks", "--layers", "2")
     assert code == 0 and report["head"]["logits"]["pass"]
     whole, blocks = (read_csv(tmp_path / d / layout.LOGITS) for d in ("whole", "blocks"))

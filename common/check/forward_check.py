@@ -91,7 +91,7 @@ def check_inputs(mode: str, top_k: int, acts_dir: Path, meta: dict, layers: list
     return has_logits and meta["num_layers"] - 1 in layers
 
 
-def run_head(r: offline.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
+def run_head(r: Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
     """Final norm and logits from the last layer's output x; writes norm.csv, logits.csv.
 
     Returns (our nodes, the model's logits: ref_logits.csv)."""
@@ -102,7 +102,7 @@ def run_head(r: offline.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
     return out, offline.read_ref_logits(r.f.acts, r.meta, out["logits"].shape[0])
 
 
-def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
+def layer_mode(r: Inputs, layers: list[int], with_head: bool) -> int:
     """Every node of every chosen layer from its captured input, then the head from the captured last output."""
     c, meta, spec = r.checks, r.meta, LayerSpec.from_meta(r.meta, r.batch.pow_lanes)
     results, missing = {}, []
@@ -114,7 +114,7 @@ def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
         rows = offline.as_rows(forward.decoder_layer(x, w, spec, r.batch.position_ids, r.batch.mask, keep), r.n_rows)
         offline.write_layer_nodes(r.f.out, n, rows)
         checked, miss = offline.verify(r.f.acts, n, rows, r.batch.real_rows, real_probs, c.atol, c.rtol,
-                                   offline.CHECKED)
+                                       offline.CHECKED)
         if checked:
             results[n] = checked
         missing += miss
@@ -183,7 +183,7 @@ def layer_mode(r: offline.Inputs, layers: list[int], with_head: bool) -> int:
     return 0 if passed else 1
 
 
-def chain_mode(r: offline.Inputs) -> int:
+def chain_mode(r: Inputs) -> int:
     """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
     c, meta, spec = r.checks, r.meta, LayerSpec.from_meta(r.meta, r.batch.pow_lanes)
     layers = range(meta["num_layers"])

@@ -49,8 +49,8 @@ from common.files import layout
 from common.files.atomic import sha256_file
 from common.files.manifest import save_csv, save_json
 from common.llama.attention import PROBS_MAX_SEQ_LEN
+from common.model import prompts  # called as prompts.f(...): a test plants a capture that restarts positions
 from common.model.layer_loader import LayerCollector
-from common.model.prompts import position_ids_from_mask
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
 # for the duration of a capture, so a model outside a capture is untouched.
@@ -334,7 +334,7 @@ def decode_capture(model, batch, next_ids: torch.Tensor, cache, hooked: dict[int
     for step in tqdm(range(1, s.generate + 1), desc="decode", unit="step", disable=not os.isatty(2)):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + step)
         fed = {"input_ids": next_ids[:, None].clone(), "attention_mask": mask,
-               "position_ids": position_ids_from_mask(mask, batch.position_offset)[:, -1:]}
+               "position_ids": prompts.position_ids_from_mask(mask, batch.position_offset)[:, -1:]}
         sink = decoder.step(step, fed)
         head = (capture_head(model.model.norm, model.lm_head, sink.head, None) if s.logits != "none"
                 else nullcontext())
