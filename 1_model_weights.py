@@ -20,11 +20,10 @@ A rerun skips files whose manifest entry still matches the source (--force rewri
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common import paths
-from common.cli import InputError, Interrupted, path_arg, print_settings, quant_scheme, run
+from common import cli, paths
+from common.cli import InputError, Interrupted, print_settings, quant_scheme, run
 from common.files import export, layout, quant_export
 from common.files.atomic import output_folder
 from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
@@ -43,23 +42,20 @@ QUANT = None  # None: floats | w8a8 | w4a8-g32 | w8a16 | w4a16-g32 (w4a8-g<N>, w
 QUANT_HEAD = False  # with QUANT: the head too, int8 per output channel (Meta's Llama-3.2 model card)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR,
-                   help="a model folder, or a repo id (org/name) in the Hugging Face cache")
-    p.add_argument("--revision", default=REVISION, help="with a repo id: a branch, tag or commit (default: main)")
-    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights")
-    p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
-    p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
-                   help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
-    p.add_argument("--layer", default=LAYER, help="keep names under this prefix (dot boundary)")
-    p.add_argument("--dtype", default=DTYPE, help="float16 | bfloat16 | float32 | source (npy/safetensors/ckpt)")
-    p.add_argument("--quant", type=quant_scheme, default=QUANT,
-                   help="write the decoder linears as integers + scales: w8a8 | w4a8-g32 | w8a16 | w4a16-g32")
-    p.add_argument("--quant-head", action="store_true", default=QUANT_HEAD,
-                   help="with --quant: quantize the head too (int8 per output channel)")
-    p.add_argument("--list", action="store_true", help="print the selected tensors (all by default) and exit")
-    p.add_argument("--force", action="store_true", help="rewrite files even where the manifest says they match")
+def parse_args(argv: list[str] | None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--revision")
+    p.shared("--out-dir")
+    p.flag("--format")
+    p.flag("--filter", dest="name_filter", type=export.regex_filter,
+           help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
+    p.flag("--layer")
+    p.flag("--dtype")
+    p.flag("--quant", type=quant_scheme)
+    p.flag("--quant-head", action="store_true")
+    p.flag("--list", action="store_true", help="print the selected tensors (all by default) and exit")
+    p.flag("--force", action="store_true", help="rewrite files even where the manifest says they match")
     return p.parse_args(argv)
 
 
@@ -81,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--quant writes CSV (integers and scales): drop --format {args.format}")
         output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
                       create=False)  # never into (or around) the model folder, nor its HF cache repo
-        print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
-                        "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
-                        "DTYPE": args.dtype, "QUANT": args.quant and args.quant.name,
-                        "QUANT_HEAD": args.quant_head, "force": args.force})
+        print_settings(cli.settings(args, OUT_DIR=out_dir, NAME_FILTER=export.describe_filter(args.name_filter),
+                                    QUANT=args.quant and args.quant.name))
         infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
         quantized = {}
         if args.quant is not None:  # checked whole (group sizes) before anything is written

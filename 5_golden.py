@@ -21,7 +21,6 @@ $readmemh vectors of one linear of a w8a8 step 3/4 folder (common/check/golden_r
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import paths
+from common import cli, paths
 from common.check import golden, golden_int, golden_rtl
 from common.cli import InputError, path_arg, print_settings, run
 from common.files import layout
@@ -47,31 +46,30 @@ FRAC_BITS = 16  # fixed point: value = word / 2^FRAC_BITS (Q16.16: --bits 32 --f
 ON_OVERFLOW = "saturate"  # saturate (counted and reported) | error (exit 2, nothing written)
 INTEGER = False  # the quantized path's integer CSVs (xq_, acc_, xzero_, *.q.csv) as int8/int4/int32 words
 RTL = False  # examples/rtl's $readmemh vectors of one linear from a quantized (w8a8) step 3/4 folder
-RTL_LAYER, RTL_LINEAR, RTL_ROWS = 0, "q_proj", 8  # which linear, and its first RTL_ROWS rows
+RTL_LAYER = 0  # --rtl: the layer of the linear
+RTL_LINEAR = "q_proj"  # --rtl: which linear of that layer
+RTL_ROWS = 8  # --rtl: the linear's first RTL_ROWS rows (tokens)
 WEIGHTS_DIR = None  # --rtl: step 1 --quant's folder; None -> outputs/<model folder>/weights-<scheme>
 # -------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--in-dir", default=IN_DIR, type=path_arg, help="a step 1/2/3/4 output folder")
-    p.add_argument("--select", default=SELECT, help="regex searched in the CSV file names (default: all)")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--format", default=FORMAT, choices=golden.FORMATS)
-    p.add_argument("--encoding", default=ENCODING, choices=golden.ENCODINGS)
-    p.add_argument("--bits", default=BITS, type=int, help="fixed point word size: 8, 16 or 32")
-    p.add_argument("--frac-bits", default=FRAC_BITS, type=int, help="fixed point fraction bits")
-    p.add_argument("--on-overflow", default=ON_OVERFLOW, choices=golden.ON_OVERFLOW)
-    p.add_argument("--integer", default=INTEGER, action="store_true",
-                   help="write the integer tensors (xq_, acc_, xzero_, *.q.csv) as int8/int4/int32 words, scales beside")
-    p.add_argument("--rtl", default=RTL, action="store_true",
-                   help="write examples/rtl's vector files of one linear from a quantized (w8a8) step 3/4 folder")
-    p.add_argument("--rtl-layer", default=RTL_LAYER, type=int)
-    p.add_argument("--rtl-linear", default=RTL_LINEAR, choices=golden_rtl.LINEARS)
-    p.add_argument("--rtl-rows", default=RTL_ROWS, type=int, help="the linear's first N rows (tokens)")
-    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="--rtl: step 1 --quant's folder")
+def parse_args(argv=None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--in-dir", type=path_arg)
+    p.flag("--select")
+    p.shared("--out-dir")
+    p.flag("--format", choices=golden.FORMATS)
+    p.flag("--encoding", choices=golden.ENCODINGS)
+    p.flag("--bits", type=int)
+    p.flag("--frac-bits", type=int)
+    p.flag("--on-overflow", choices=golden.ON_OVERFLOW)
+    p.flag("--integer", action="store_true")
+    p.flag("--rtl", action="store_true")
+    p.flag("--rtl-layer", type=int)
+    p.flag("--rtl-linear", choices=golden_rtl.LINEARS)
+    p.flag("--rtl-rows", type=int)
+    p.shared("--weights-dir")
     return p.parse_args(argv)
 
 

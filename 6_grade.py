@@ -22,16 +22,15 @@ quant_errors.png (common/check/quant_error.py).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common import paths
+from common import cli, paths
 from common.check import grade, int_grade, quant_error
-from common.cli import InputError, path_arg, print_settings, run, tolerance
+from common.cli import InputError, path_arg, print_settings, run
 from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.files.csv_io import read_csv
@@ -44,24 +43,19 @@ OUT_DIR = None  # None -> outputs/<model folder>/grade
 ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/check/verify.py)
 RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/check/grade.py)
 VERIFY_HASHES = True  # check every reference file's sha256 against step 2's manifest.json first
-QUANT_ERROR = False  # force the quantization-error report (automatic when the candidate's meta names a
-#                      scheme and the reference's does not: common/check/quant_error.py)
+# Force the quantization-error report (automatic when the candidate's meta names a scheme and the
+# reference's does not: common/check/quant_error.py).
+QUANT_ERROR = False
 # -------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--candidate-dir", default=CANDIDATE_DIR, type=path_arg, help="the outputs to grade")
-    p.add_argument("--reference-dir", default=REFERENCE_DIR, type=path_arg, help="step 2's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--atol", default=ATOL, type=tolerance)
-    p.add_argument("--rtol", default=RTOL, type=tolerance)
-    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
-                   help="check the reference files against step 2's manifest.json (default: on)")
-    p.add_argument("--quant-error", default=QUANT_ERROR, action="store_true",
-                   help="grade a quantized capture against the float capture of the same prompts (SQNR, KL, top-1)")
+def parse_args(argv=None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--candidate-dir", type=path_arg)
+    p.flag("--reference-dir", type=path_arg)
+    p.shared("--out-dir", "--atol", "--rtol", "--verify-hashes")
+    p.flag("--quant-error", action="store_true")
     return p.parse_args(argv)
 
 
@@ -70,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     cand_dir = args.candidate_dir or layout.default_dir(args.model_dir, layout.QKV)
     ref_dir = args.reference_dir or layout.default_dir(args.model_dir, layout.ACTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GRADE)
-    settings = {"MODEL_DIR": args.model_dir, "CANDIDATE_DIR": cand_dir, "REFERENCE_DIR": ref_dir,
-                "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol, "VERIFY_HASHES": args.verify_hashes}
+    settings = cli.settings(args, CANDIDATE_DIR=cand_dir, REFERENCE_DIR=ref_dir, OUT_DIR=out_dir)
     print("6_grade.py: grade a candidate implementation's outputs against the model")
     print_settings(settings)
     output_folder(out_dir, inputs=[cand_dir, ref_dir], create=False)  # never into (or around) what is read

@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from common import paths  # noqa: E402
-from common.files import csv_io, export  # noqa: E402
+from common.files import csv_format, csv_io, export  # noqa: E402
 from common.files.csv_io import read_csv, write_numbers  # noqa: E402
 from common.files.safetensors_io import list_tensors, read_tensor  # noqa: E402
 from memory import peak_rss_mb, sampled_peak, tree_pss_mb  # noqa: E402
@@ -182,7 +182,7 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
 
 
 def _executor_chunk(args) -> bytes:
-    return b"".join(csv_io.format_block(*args))
+    return b"".join(csv_format.format_block(*args))
 
 
 def executor_write(ex, path: Path, t: torch.Tensor, workers: int) -> str:
@@ -192,7 +192,7 @@ def executor_write(ex, path: Path, t: torch.Tensor, workers: int) -> str:
     chunk_values = min(csv_io.CHUNK_VALUES, max(csv_io.MIN_CHUNK_VALUES, a.size // (4 * workers)))
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for text in ex.map(_executor_chunk, csv_io.chunks(a, b",", chunk_values)):
+        for text in ex.map(_executor_chunk, csv_format.chunks(a, b",", chunk_values)):
             digest.update(text)
             f.write(text)
     return digest.hexdigest()

@@ -1,12 +1,17 @@
-"""Command-line plumbing shared by the numbered scripts: exit codes, one-line errors, flag types."""
+"""Command-line plumbing shared by the numbered scripts: exit codes, one-line errors, flag types, and
+the flags themselves (default and help from the script's constants)."""
 from __future__ import annotations
 
+import argparse
+import ast
 import errno
+import io
 import math
 import os
 import signal
 import sys
 import threading
+import tokenize
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -132,3 +137,82 @@ def quant_scheme(text: str):
         return get_scheme(text)
     except ValueError as e:
         raise InputError(f"--quant: {e}") from None
+# --- flags: a setting in one place ---------------------------------------------------------------
+# A script's constant (ACTS_DIR = None  # step 2's folder ...) is its flag's default (--acts-dir), and
+# the comment beside it (or the comment lines right above it) is the flag's --help. The flags that
+# several steps share are declared here once: their type or action, and the old spellings kept.
+SHARED = {
+    "--model-dir": {"type": path_arg},
+    "--acts-dir": {"type": path_arg},
+    "--weights-dir": {"type": path_arg},
+    "--out-dir": {"type": path_arg, "aliases": ("--output-dir",)},
+    "--layers": {"type": str},  # parsed against the model or capture once known (parse_layers)
+    "--atol": {"type": tolerance},
+    "--rtol": {"type": tolerance},
+    "--verify-hashes": {"action": argparse.BooleanOptionalAction},
+}
+
+
+def constant_comments(source: str) -> dict[str, str]:
+    """NAME -> its comment, for every top-level `NAME = ...` of a script: the comment on the line (of a
+    one-line assignment), else the comment lines right above it."""
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        name, text = node.targets[0].id, comments.get(node.lineno)
+        if text is None or node.end_lineno != node.lineno:
+            above, i = [], node.lineno - 1
+            while i >= 1 and lines[i - 1].lstrip().startswith("#") and i in comments:
+                above.insert(0, comments[i])
+                i -= 1
+            text = " ".join(above) or None
+        if name.isupper() and text:
+            out[name] = text
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for a numbered script: a flag's default is the script's constant of the same name
+    (--acts-dir: ACTS_DIR) and its help the comment beside that constant; a flag with neither a
+    constant's comment nor a help= is refused when it is declared."""
+
+    def __init__(self, script: dict, **kwargs):
+        super().__init__(description=script["__doc__"].split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self.constants = script
+        self.comments = constant_comments(Path(script["__file__"]).read_text())
+
+    def flag(self, name: str, *aliases: str, constant: str | None = None, **kwargs) -> argparse.Action:
+        """Declare --name (and its aliases); default and help from the constant (NAME, or `constant`)."""
+        shared = dict(SHARED.get(name, {}))
+        aliases = (*aliases, *shared.pop("aliases", ()))
+        kwargs = {**shared, **kwargs}
+        constant = constant or kwargs.get("dest", name.lstrip("-").replace("-", "_")).upper()
+        if constant in self.constants and "default" not in kwargs:
+            kwargs["default"] = self.constants[constant]
+        if "help" not in kwargs:
+            if constant not in self.comments:
+                raise TypeError(f"{name}: no help= and no comment beside a constant {constant}")
+            kwargs["help"] = self.comments[constant].replace("%", "%%")
+        return self.add_argument(name, *aliases, **kwargs)
+
+    def shared(self, *names: str) -> None:
+        """The shared flags (SHARED) in the order given."""
+        for name in names:
+            self.flag(name)
+
+
+def settings(args: argparse.Namespace, **resolved) -> dict:
+    """The settings a run prints and saves, from the parsed arguments: NAME -> value in the flags' order
+    (a --layers of None is "all"), with `resolved` (a default folder made real) in place of the given."""
+    out = {dest.upper(): value for dest, value in vars(args).items()}
+    if "LAYERS" in out and out["LAYERS"] is None:
+        out["LAYERS"] = "all"
+    out.update(resolved)
+    return out

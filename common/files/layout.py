@@ -22,11 +22,7 @@ import shlex
 from pathlib import Path
 
 from common import paths
-from common.check.step_files import check_meta_values
 from common.cli import InputError
-from common.files.atomic import read_json
-from common.llama.attention import check_heads
-from common.llama.rope import check_scaling
 
 # Default folders under outputs/<model folder>/ (paths.output_dir).
 WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
@@ -211,36 +207,6 @@ def step2_layers(acts_dir: Path, model_dir: str | Path | None = None) -> list[in
     if not have:
         raise InputError(f"no meta_layerN.json in {acts_dir}: {rerun_step2(model_dir)}")
     return have
-
-
-def check_meta(meta: dict, path: Path) -> None:
-    """The keys a later step needs, a supported RoPE and whole GQA groups."""
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
-    check_meta_values(meta, path)  # types and ranges: positive sizes, finite rope_theta, a mapping for rope_scaling
-    try:
-        rope_type = check_scaling(meta["rope_scaling"])
-        check_heads(meta["num_heads"], meta["num_kv_heads"])
-    except ValueError as e:
-        raise InputError(f"{path}: {e}; refusing to guess") from None
-    if meta["rope_type"] != rope_type:
-        raise InputError(f"{path}: rope_type {meta['rope_type']!r} disagrees with rope_scaling "
-                         f"{meta['rope_scaling']}: run 2_get_x.py again")
-
-
-def read_metas(acts_dir: Path, layers: list[int]) -> dict[int, dict]:
-    """layer -> checked meta_layerN.json; all of one batch (the same batch size and sequence length)."""
-    metas = {}
-    for n in layers:
-        path = acts_dir / meta_file(n)
-        metas[n] = read_json(path, "run 2_get_x.py again")
-        check_meta(metas[n], path)
-        first = metas[layers[0]]
-        if (metas[n]["batch_size"], metas[n]["seq_len"]) != (first["batch_size"], first["seq_len"]):
-            raise InputError(f"{path} disagrees with {meta_file(layers[0])} on batch size or sequence "
-                             "length: run 2_get_x.py again")
-    return metas
 
 
 # --- reading a step-1 folder -------------------------------------------------------------------
