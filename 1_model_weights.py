@@ -20,16 +20,17 @@ A rerun skips files whose manifest entry still matches the source (--force rewri
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common import paths
-from common.cli import InputError, path_arg, print_settings, quant_scheme, run
+from common import cli, paths
+from common.cli import InputError, Interrupted, print_settings, quant_scheme, run
 from common.files import export, layout, quant_export
 from common.files.atomic import output_folder
 from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
+from common.model import hf_cache
 
-MODEL_DIR = paths.MODEL_DIR  # the model folder (Llama-3.2-1B-Instruct; the demo: paths.DEMO_MODEL_DIR)
+MODEL_DIR = paths.MODEL_DIR  # the model folder, or a repo id in the HF cache (docs/models.md)
+REVISION = hf_cache.REVISION  # with a repo id: None (refs/main), a branch, tag or commit
 OUT_DIR = None  # None -> outputs/<model folder>/weights
 FORMAT = "csv"  # csv | txt (space-separated) | npy | safetensors | ckpt (torch state dict)
 # A callable on the tensor name, or None for all. Attention projections only:
@@ -41,62 +42,68 @@ QUANT = None  # None: floats | w8a8 | w4a8-g32 | w8a16 | w4a16-g32 (w4a8-g<N>, w
 QUANT_HEAD = False  # with QUANT: the head too, int8 per output channel (Meta's Llama-3.2 model card)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR)
-    p.add_argument("--out-dir", type=path_arg, default=OUT_DIR, help="default: outputs/<model folder>/weights (with --quant S: weights-S)")
-    p.add_argument("--format", default=FORMAT, help="csv | txt | npy | safetensors | ckpt")
-    p.add_argument("--filter", dest="name_filter", type=export.regex_filter, default=NAME_FILTER,
-                   help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
-    p.add_argument("--layer", default=LAYER, help="keep names under this prefix (dot boundary)")
-    p.add_argument("--dtype", default=DTYPE, help="float16 | bfloat16 | float32 | source (npy/safetensors/ckpt)")
-    p.add_argument("--quant", type=quant_scheme, default=QUANT,
-                   help="write the decoder linears as integers + scales: w8a8 | w4a8-g32 | w8a16 | w4a16-g32")
-    p.add_argument("--quant-head", action="store_true", default=QUANT_HEAD,
-                   help="with --quant: quantize the head too (int8 per output channel)")
-    p.add_argument("--list", action="store_true", help="print the selected tensors (all by default) and exit")
-    p.add_argument("--force", action="store_true", help="rewrite files even where the manifest says they match")
+def parse_args(argv: list[str] | None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--revision")
+    p.shared("--out-dir")
+    p.flag("--format")
+    p.flag("--filter", dest="name_filter", type=export.regex_filter,
+           help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
+    p.flag("--layer")
+    p.flag("--dtype")
+    p.flag("--quant", type=quant_scheme)
+    p.flag("--quant-head", action="store_true")
+    p.flag("--list", action="store_true", help="print the selected tensors (all by default) and exit")
+    p.flag("--force", action="store_true", help="rewrite files even where the manifest says they match")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    folder = layout.quant_folder(layout.WEIGHTS, args.quant and args.quant.name)  # weights, or weights-w8a8
-    out_dir = args.out_dir or layout.default_dir(args.model_dir, folder)
-    export.check_choices(args.format, args.dtype, args.layer)
-    if args.list:
+    try:  # Ctrl-C up to the export: nothing written (the export says what it wrote)
+        args = parse_args(argv)
+        args.model_dir = hf_cache.resolve_model_dir(args.model_dir, args.revision)
+        folder = layout.quant_folder(layout.WEIGHTS, args.quant and args.quant.name)  # weights, or weights-w8a8
+        out_dir = args.out_dir or layout.default_dir(args.model_dir, folder)
+        export.check_choices(args.format, args.dtype, args.layer)
+        if args.list:
+            infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
+            # The head's status needs every name; with an index it costs no shard reads.
+            names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
+            print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
+            return 0
+        if args.quant_head and args.quant is None:
+            raise InputError("--quant-head needs --quant SCHEME")
+        if args.quant is not None and args.format != "csv":
+            raise InputError(f"--quant writes CSV (integers and scales): drop --format {args.format}")
+        output_folder(out_dir, inputs=[args.model_dir, paths.cache_repo(args.model_dir)],
+                      create=False)  # never into (or around) the model folder, nor its HF cache repo
+        print_settings(cli.settings(args, OUT_DIR=out_dir, NAME_FILTER=export.describe_filter(args.name_filter),
+                                    QUANT=args.quant and args.quant.name))
         infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
-        # The head's status needs every name; with an index it costs no shard reads.
-        names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
-        print(export.listing(args.model_dir, infos, head_is_tied(dict.fromkeys(names))))
-        return 0
-    if args.quant_head and args.quant is None:
-        raise InputError("--quant-head needs --quant SCHEME")
-    if args.quant is not None and args.format != "csv":
-        raise InputError(f"--quant writes CSV (integers and scales): drop --format {args.format}")
-    output_folder(out_dir, inputs=[args.model_dir], create=False)  # never into (or around) the model folder
-    print_settings({"MODEL_DIR": args.model_dir, "OUT_DIR": out_dir, "FORMAT": args.format,
-                    "NAME_FILTER": export.describe_filter(args.name_filter), "LAYER": args.layer,
-                    "DTYPE": args.dtype, "QUANT": args.quant and args.quant.name, "QUANT_HEAD": args.quant_head,
-                    "force": args.force})
-    infos = export.select_tensors(args.model_dir, args.name_filter, args.layer)
-    quantized = {}
-    if args.quant is not None:  # checked whole (group sizes) before anything is written
-        names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
-        infos, quantized = quant_export.split(infos, args.quant, args.quant_head, head_is_tied(dict.fromkeys(names)))
-    jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
-    summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)
+        quantized = {}
+        if args.quant is not None:  # checked whole (group sizes) before anything is written
+            names = index_weight_map(args.model_dir) or list_tensors(args.model_dir)
+            infos, quantized = quant_export.split(infos, args.quant, args.quant_head,
+                                                  head_is_tied(dict.fromkeys(names)))
+        jobs = export.plan(args.model_dir, infos, args.format, args.dtype, args.layer)
+    except KeyboardInterrupt:
+        raise Interrupted("before any file was written") from None
+    summary = export.export(args.model_dir, out_dir, args.format, args.dtype, jobs, force=args.force)  # Interrupted
     if quantized:
         q = quant_export.export_quantized(args.model_dir, out_dir, quantized, args.quant, args.quant_head, args.force)
         print(f"{args.quant.name}: {q.tensors} quantized weights as .q.csv + .scale.csv ({q.bytes / 1e6:.1f} MB "
               f"in {q.seconds:.2f} s)")
         summary.skipped += q.skipped
-    if summary.skipped:
-        print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")
-    if len(jobs) == 1 and summary.files:
-        print(f"wrote {out_dir / summary.files[0]}")
-    print(f"manifest: {out_dir / layout.MANIFEST}")
-    print(summary.line())
+    try:
+        if summary.skipped:
+            print(f"kept {len(summary.skipped)} file(s) that still match their source (--force rewrites them)")
+        if len(jobs) == 1 and summary.files:
+            print(f"wrote {out_dir / summary.files[0]}")
+        print(f"manifest: {out_dir / layout.MANIFEST}")
+        print(summary.line())
+    except KeyboardInterrupt:
+        raise Interrupted(f"after every file was written to {out_dir} and listed in its manifest") from None
     return 0
 
 

@@ -3,8 +3,8 @@
 Reads only ACTS_DIR (step 2: x_layerN.csv, meta_layerN.json, attention_mask.csv, position_ids.csv,
 tokens.json, and the model's own xnorm_layerN.csv, ref_{q,k,v,probs,attn}_layerN.csv) and
 WEIGHTS_DIR (step 1: input_layernorm and q/k/v/o_proj CSVs of the chosen layers). No transformers,
-no model: the math is common/llama/norm.py, common/llama/rope.py and common/llama/attention.py, float32 numpy, RoPE in
-the rotate-half layout of HF checkpoints. The proof starts at the layer input x: the RMSNorm is
+no model: the math is common/llama/ (norm.py, rope.py, attention.py), float32 numpy, RoPE in the
+rotate-half layout of HF checkpoints. The proof starts at the layer input x: the RMSNorm is
 recomputed too (and checked), never trusted.
 
 Writes to OUT_DIR: q_layerN.csv, k_layerN.csv, v_layerN.csv (after RoPE, the ref_ files' shapes and
@@ -21,8 +21,9 @@ exit 2. --no-verify-hashes skips that, and the report says so.
 A quantized capture (step 2 --quant S: its meta names the scheme) is read with step 1 --quant S's
 weights: each of q/k/v/o_proj computed as torchao computes it (common/quant/linear.py), and for each
 P, xq_P_layerN.csv, xscale_P_layerN.csv (xzero_P_layerN.csv) and acc_P_layerN.csv written; the
-quantity xscale compares the per-token scales with the running model's. --quant S only picks the
-default folders (x_all_layers-S, weights-S, qkv-S) and must name the capture's scheme.
+quantities xscale and linear are exact checks against the running model (docs/quantized.md).
+--quant S only picks the default folders (x_all_layers-S, weights-S, qkv-S) and must name the
+capture's scheme.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 3_offline_qkv.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -30,7 +31,6 @@ Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and wha
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,13 +38,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import paths
-from common.check import decode, qkv, quant_check, report
-from common.check.verify import DEFINITION, QUANTITIES, low_precision_note
-from common.cli import InputError, parse_layers, path_arg, print_settings, quant_scheme, run, tolerance
+from common import cli, paths
+from common.check import decode, meta_check, offline, offline_run, quant_check, report
+from common.check.verify import DEFINITION, QUANTITIES
+from common.cli import InputError, print_settings, quant_scheme, run
 from common.files import layout, manifest, quant_weights
-from common.files.atomic import output_folder
-from common.llama import attention, norm
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -59,38 +57,24 @@ PLOT_HEAD = 0  # query head of that plot
 PLOT_PROMPT = 0  # which prompt of the batch that plot shows
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (x_all_layers-w8a8, ...)
-QUANT_RTOL = 1e-1  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
-# a node by up to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are the exact checks
+# quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves a node by up
+# to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are the exact checks
+QUANT_RTOL = 1e-1
 # -------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--acts-dir", default=ACTS_DIR, type=path_arg, help="step 2's output folder")
-    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="step 1's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="e.g. 0,5-7 (default: all)")
-    p.add_argument("--atol", default=ATOL, type=tolerance)
-    p.add_argument("--rtol", default=None, type=tolerance, help="default: RTOL, or QUANT_RTOL for a quantized capture")
-    p.add_argument("--plot-layer", default=PLOT_LAYER, type=int)
-    p.add_argument("--plot-head", default=PLOT_HEAD, type=int)
-    p.add_argument("--plot-prompt", default=PLOT_PROMPT, type=int)
-    p.add_argument("--quant", default=QUANT, type=quant_scheme, metavar="SCHEME",
-                   help="the capture's scheme: default folders x_all_layers-SCHEME, weights-SCHEME, qkv-SCHEME")
-    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
-                   help="check input files against the manifests of steps 1 and 2 (default: on)")
+
+
+def parse_args(argv: list[str] | None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir", "--acts-dir", "--weights-dir", "--out-dir", "--layers", "--atol")
+    p.flag("--rtol", default=None, help="default: RTOL, or QUANT_RTOL for a quantized capture")
+    p.shared("--verify-hashes")
+    p.flag("--quant", type=quant_scheme, metavar="SCHEME")
+    p.flag("--plot-layer", type=int)
+    p.flag("--plot-head", type=int)
+    p.flag("--plot-prompt", type=int)
     return p.parse_args(argv)
-
-
-def choose_layers(args, acts_dir: Path) -> list[int]:
-    have = layout.step2_layers(acts_dir, args.model_dir)
-    missing = [n for n in args.layers or [] if n not in have]
-    if missing:
-        raise InputError(f"{acts_dir / layout.meta_file(missing[0])} is missing (layers there: {have[0]}..{have[-1]}): "
-                         f"choose --layers among them or {layout.rerun_step2(args.model_dir)}")
-    return args.layers or have
 
 
 def check_plot_choice(args, layers: list[int], metas: dict[int, dict]) -> int:
@@ -107,117 +91,67 @@ def check_plot_choice(args, layers: list[int], metas: dict[int, dict]) -> int:
     return layer
 
 
-def step_attention(w: attention.AttentionWeights, norm_w: np.ndarray, meta: dict, pow_lanes: int) -> decode.Compute:
-    """One decode step of one layer, as step 3 checks it: the input norm, then attention over the cache."""
-    def compute(x: np.ndarray, step: decode.Step, cache: decode.Cache) -> dict:
-        xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
-        return {"xnorm": xnorm, **attention.attention_block(
-            xnorm, w, step.positions, step.mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
-            meta["rope_theta"], meta["rope_scaling"], keep_probs="all", pow_lanes=pow_lanes, past_kv=cache)}
-    return compute
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = lambda name: layout.default_dir(args.model_dir, layout.quant_folder(name, args.quant and args.quant.name))
-    acts_dir = args.acts_dir or folder(layout.ACTS)
-    weights_dir = args.weights_dir or folder(layout.WEIGHTS)
-    out_dir = args.out_dir or folder(layout.QKV)
-    settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
-                "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol, "RTOL": args.rtol,
-                "VERIFY_HASHES": args.verify_hashes}
+    f = offline_run.folders(args.model_dir, args.acts_dir, args.weights_dir, args.out_dir, layout.QKV,
+                            args.quant and args.quant.name)
+    settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out)
     print("3_offline_qkv.py: recompute Q/K/V/attention from CSV (float32, no model) and verify")
     print_settings(settings)
 
     t0 = time.perf_counter()
-    layers = choose_layers(args, acts_dir)
+    layers = offline_run.choose_layers(args.layers, f.acts, args.model_dir)
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
-    hashes.folder(acts_dir, decode.with_steps(acts_dir, qkv.step2_inputs(layers)), "step 2",
-                  layout.rerun_step2(args.model_dir))
-    metas = layout.read_metas(acts_dir, layers)
-    B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
-    dtype = metas[layers[0]]["dtype"]
+    hashes.folder(f.acts, decode.with_steps(f.acts, offline.qkv_inputs(layers)), "step 2",
+                  layout.rerun_step2(layout.capture_source(f.acts, args.model_dir)))
+    metas = meta_check.read_metas(f.acts, layers)
     plot_layer = check_plot_choice(args, layers, metas)
-    pow_lanes, rope_note = qkv.rope_check(metas[layers[0]])  # the same RoPE in every layer
-    print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
-    scheme, quant_head = quant_weights.scheme_of(metas[layers[0]], acts_dir / layout.meta_file(layers[0]), args.quant)
-    weight_paths = [p for n in layers for p in layout.qkv_weight_files(weights_dir, n, metas[n]["attention_bias"]).values()]
-    quant_weights.check(weights_dir, weight_paths, scheme, quant_head, metas[layers[0]]["model_dir"], acts_dir)
-    args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
+    scheme, quant_head = quant_weights.scheme_of(metas[layers[0]], f.acts / layout.meta_file(layers[0]), args.quant)
+    paths1 = [p for n in layers for p in layout.qkv_weight_files(f.weights, n, metas[n]["attention_bias"]).values()]
+    quant_weights.check(f.weights, paths1, scheme, quant_head, metas[layers[0]]["model_dir"], f.acts)
     if scheme is None:
-        layout.check_attention_weights(weights_dir, metas)
-    quantities = quant_check.quantities(QUANTITIES, scheme)
-    read_weight = lambda path, shape: quant_weights.read_weight(path, shape, scheme, quant_head)
-    hashes.folder(weights_dir, [p.name for p in quant_weights.files(weight_paths, scheme, quant_head)],
-                  "step 1", layout.rerun_step1(metas[layers[0]]["model_dir"], weights_dir))
-    print(f"input files: {hashes.line()}")
-    if note := low_precision_note(dtype, args.rtol):
-        print(note)
-    output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
-    mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
-    real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
-    real_probs = qkv.real_prob_rows(mask, metas[layers[0]]["num_heads"])  # (B*H*T,)
-    steps = decode.read_steps(acts_dir, layers, B, T, mask)  # step 2's --generate: [] without
-    if steps:
-        print(f"decode steps: {len(steps)}, each verified over a KV cache of its own recomputed K and V")
+        layout.check_attention_weights(f.weights, metas)
+    step1 = [p.name for p in quant_weights.files(paths1, scheme, quant_head)]
+    quant = quant_check.QuantRun(scheme, quant_head)
+    args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
+    batch = offline_run.open_batch(f, hashes, metas[layers[0]], step1, layers, args.rtol)
+    if batch.steps:
+        print(f"decode steps: {len(batch.steps)}, each verified over a KV cache of its own recomputed K and V")
 
     results: dict[int, dict[str, dict]] = {}
     missing_refs: list[Path] = []
+    plot_probs = None
     for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
-        meta = metas[n]
-        x, w = qkv.read_layer_input(acts_dir, n, meta), qkv.read_attention_weights(weights_dir, n, meta, read_weight)
-        qw = quant_check.linears(w)  # the quantized linears (none for a float capture)
-        norm_w = qkv.read_input_norm(weights_dir, n, meta)  # (d,): the prefill's and every decode step's
-        xnorm = norm.rms_norm(x, norm_w, meta["rms_norm_eps"])
         # Attention runs in blocks of query rows (common/llama/attention.py). Every head's probabilities are
         # kept (to write and check them) up to PROBS_MAX_SEQ_LEN tokens; past that only the plotted head's.
-        keep = qkv.probs_to_keep(T, (args.plot_prompt, args.plot_head) if n == plot_layer else None)
-        out = attention.attention_block(xnorm, w, position_ids, mask, meta["num_heads"], meta["num_kv_heads"],
-                                        meta["head_dim"], meta["rope_theta"], meta["rope_scaling"], keep_probs=keep,
-                                        pow_lanes=pow_lanes)
-        if n == plot_layer:
-            plot_probs = (out["probs"][args.plot_prompt, args.plot_head].copy() if keep == "all"
-                          else out["probs"])  # (T, T)
-        rows = qkv.as_rows({"xnorm": xnorm, **out}, B * T, with_probs=keep == "all")
-        del x, xnorm, out  # before the references are read: a long prompt's peak memory is here
-        quant_check.writing_tapes(qkv.write_outputs, qw)(out_dir, n, rows)
-        checked, missing = qkv.verify(acts_dir, n, rows, real_rows, real_probs, args.atol, args.rtol)
-        checked.update(quant_check.check_layer(acts_dir, n, w, real_rows))
-        if checked:
-            results[n] = checked
+        plot = (args.plot_prompt, args.plot_head) if n == plot_layer else None
+        checked, missing, probs = offline_run.attention_layer(f, n, metas[n], batch, plot, args.atol, args.rtol, quant)
+        results.update(checked)
         missing_refs += missing
-        if steps:  # the decode steps of this layer, over a cache of the K and V just recomputed
-            cache = decode.grow(None, rows["k"], rows["v"], B, meta["head_dim"])
-            scales: dict = {}
-            compute = quant_check.checking(step_attention(w, norm_w, meta, pow_lanes), w, n, scales)
-            checked, missing = decode.verify_steps(steps, n, cache, compute, quant_check.writing_tapes(
-                qkv.write_outputs, qw), out_dir, QUANTITIES, args.atol, args.rtol)
-            results.update({key: {**c, **scales.get(key, {})} for key, c in checked.items()})
-            missing_refs += missing
-        del w
-
+        plot_probs = plot_probs if probs is None else probs
+    steps = batch.steps
     print(f"wrote {len(layers) * len(layout.QKV_STEMS)} CSV files ({', '.join(layout.QKV_STEMS)} of {len(layers)} "
-          f"layers) to {out_dir}" + (f", and as many for each of {len(steps)} decode steps in "
-                                     f"{out_dir / layout.DECODE}" if steps else ""))
+          f"layers) to {f.out}" + (f", and as many for each of {len(steps)} decode steps in "
+                                   f"{f.out / layout.DECODE}" if steps else ""))
     if not results:
-        print(f"no ref_ files in {acts_dir} (2_get_x.py run with SAVE_REFERENCE off?): nothing verified")
+        print(f"no ref_ files in {f.acts} (2_get_x.py run with SAVE_REFERENCE off?): nothing verified")
         return 0
     if missing_refs:
         print(f"warning: {len(missing_refs)} ref_ files missing, e.g. {missing_refs[0]}: those were not verified")
 
-    plots = [out_dir / layout.ERRORS_PLOT, out_dir / layout.attention_plot(plot_layer, args.plot_head)]
-    report.plot_errors(plots[0], results, args.rtol, quantities)
-    real = np.flatnonzero(mask[args.plot_prompt] > 0)  # this prompt's real token indices
-    report.plot_attention(plots[1], plot_probs[np.ix_(real, real)], report.token_labels(tokens, args.plot_prompt, real),
-                          plot_layer, args.plot_head, args.plot_prompt)
-    settings.update({"PLOT_LAYER": plot_layer, "PLOT_HEAD": args.plot_head, "PLOT_PROMPT": args.plot_prompt,
-                     "batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
-                     "reference dtype": dtype, "RoPE inv_freq": rope_note, "input hashes": hashes.line()})
-    report.write_reports(out_dir, results, {k: str(v) for k, v in settings.items()}, DEFINITION,
-                         [p.name for p in plots], args.atol, args.rtol, quantities)
-    print(f"wrote {out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}, {plots[0].name}, {plots[1].name} "
+    plots = [f.out / layout.ERRORS_PLOT, f.out / layout.attention_plot(plot_layer, args.plot_head)]
+    report.plot_errors(plots[0], results, args.rtol, quant.quantities(QUANTITIES))
+    real = np.flatnonzero(batch.mask[args.plot_prompt] > 0)  # this prompt's real token indices
+    report.plot_attention(plots[1], plot_probs[np.ix_(real, real)],
+                          report.token_labels(batch.tokens, args.plot_prompt, real), plot_layer, args.plot_head,
+                          args.plot_prompt)
+    settings.update({"PLOT_LAYER": plot_layer, "batch": batch.describe(), "reference dtype": metas[layers[0]]["dtype"],
+                     "RoPE inv_freq": batch.rope_note, "input hashes": hashes.line()})
+    report.write_reports(f.out, results, {k: str(v) for k, v in settings.items()}, DEFINITION,
+                         [p.name for p in plots], args.atol, args.rtol, quant.quantities(QUANTITIES))
+    print(f"wrote {f.out / layout.REPORT_JSON}, {layout.REPORT_MD}, {plots[0].name}, {plots[1].name} "
           f"in {time.perf_counter() - t0:.2f} s")
-    print(report.console_table(results, args.atol, args.rtol, quantities))  # last: what `make demo` ends with
+    print(report.console_table(results, args.atol, args.rtol, quant.quantities(QUANTITIES)))  # last: what `make demo` ends with
     return 0 if report.all_pass(results) else 1
 
 

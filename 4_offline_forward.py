@@ -3,8 +3,8 @@
 Reads only ACTS_DIR (step 2: meta_model.json, meta_layerN.json, x_layerN.csv, the ref_ files,
 attention_mask.csv, position_ids.csv, tokens.json, vocab.json) and WEIGHTS_DIR (step 1: every
 tensor of the layers it checks; model.norm and the head, lm_head or the tied embedding, for the
-logits). No transformers, no torch, no model: the math is common/llama/forward.py (common/llama/norm.py,
-common/llama/attention.py with common/llama/rope.py, common/llama/mlp.py), float32 numpy.
+logits). No transformers, no torch, no model: the math is common/llama/ (forward.py: norm.py,
+attention.py with rope.py, mlp.py), float32 numpy.
 
 Two modes:
   layer  (default) each layer starts from its own captured x_layerN.csv, so an error is pinned to the
@@ -21,14 +21,15 @@ top_tokens.png: the top next tokens, model vs offline, for each prompt.
 Decode steps (step 2's --generate N): layer mode checks every node of each step over a KV cache of
 its own K and V (as step 3), and each step's head and greedy token; chain mode generates offline:
 its own greedy token, looked up in the embedding, through every layer over its own caches and the
-head, PASS only when every token is the model's (common/check/decode.py). Files in OUT_DIR/decode/step_S/.
+head, PASS only when every token is the model's
+(common/check/decode.py). Files in OUT_DIR/decode/step_S/.
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/files/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
 A quantized capture (step 2 --quant S) is read with step 1 --quant S's weights, every linear computed
 as torchao computes it, its integer tensors written beside the nodes (xq/xscale/xzero/acc_P_layerN.csv,
-as step 3) and the activation scales checked bit for bit (quantity xscale); nodes PASS at QUANT_RTOL,
-the chain at QUANT_CHAIN_RTOL (docs/quantized.md). --quant S picks the default folders
-(x_all_layers-S, weights-S, forward-S, forward_chain-S) and must name the capture's scheme.
+as step 3) and the exact checks xscale and linear made; nodes PASS at QUANT_RTOL, the chain at
+QUANT_CHAIN_RTOL (docs/quantized.md). --quant S picks the default folders (x_all_layers-S,
+weights-S, forward-S, forward_chain-S) and must name the capture's scheme.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -38,21 +39,12 @@ Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from common import paths
-from common.check import decode, forward_io, forward_report, qkv, quant_check, report
-from common.check.verify import compare, low_precision_note
-from common.cli import InputError, parse_layers, path_arg, print_settings, quant_scheme, run, tolerance
+from common import cli, paths
+from common.check import decode, forward_check, offline, offline_run, quant_check
+from common.cli import InputError, print_settings, quant_scheme, run
 from common.files import layout, manifest, quant_weights
-from common.files.atomic import output_folder
-from common.files.csv_io import read_csv, write_csv
-from common.llama import forward
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -68,305 +60,79 @@ TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per 
 PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
 QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the default folders (forward-w8a8, ...)
-QUANT_RTOL = 1e-1  # quantized captures: an activation one LSB off (an ulp upstream at a rounding boundary) moves
-# a node by up to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are the exact checks
-QUANT_CHAIN_RTOL = 0.25  # quantized captures, chain mode: such flips compound through the layers (demo: 0.12, 0.17)
+# quantized captures, layer mode: an activation one LSB off (an ulp upstream at a rounding boundary) moves a
+# node by up to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are exact
+QUANT_RTOL = 1e-1
+QUANT_CHAIN_RTOL = 0.25  # quantized captures, chain mode: such flips compound through the layers (demo: 0.12)
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
-TITLE = "Step 4: the forward pass offline vs the model"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--acts-dir", default=ACTS_DIR, type=path_arg, help="step 2's output folder")
-    p.add_argument("--weights-dir", default=WEIGHTS_DIR, type=path_arg, help="step 1's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--layers", default=LAYERS, type=parse_layers, help="layer mode: e.g. 0,5-7 (default: all)")
-    p.add_argument("--mode", default=MODE, choices=MODES)
-    p.add_argument("--atol", default=ATOL, type=tolerance)
-    p.add_argument("--rtol", default=None, type=tolerance, help="default: RTOL, or QUANT_RTOL for a quantized capture")
-    p.add_argument("--chain-rtol", default=None, type=tolerance,
-                   help="default: CHAIN_RTOL, or QUANT_CHAIN_RTOL for a quantized capture")
-    p.add_argument("--quant", default=QUANT, type=quant_scheme, metavar="SCHEME",
-                   help="the capture's scheme: default folders x_all_layers-SCHEME, weights-SCHEME, forward-SCHEME")
-    p.add_argument("--top-k", default=TOP_K, type=int)
-    p.add_argument("--plots", default=PLOTS, action=argparse.BooleanOptionalAction)
-    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
-                   help="check input files against the manifests of steps 1 and 2 (default: on)")
+def parse_args(argv: list[str] | None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir", "--acts-dir", "--weights-dir", "--out-dir")
+    p.flag("--mode", choices=MODES)
+    p.shared("--layers", "--atol")
+    p.flag("--rtol", default=None, help="default: RTOL, or QUANT_RTOL for a quantized capture")
+    p.flag("--chain-rtol", type=cli.tolerance, default=None,
+           help="default: CHAIN_RTOL, or QUANT_CHAIN_RTOL for a quantized capture")
+    p.flag("--quant", type=quant_scheme, metavar="SCHEME")
+    p.flag("--top-k", type=int)
+    p.flag("--plots", action=argparse.BooleanOptionalAction)
+    p.shared("--verify-hashes")
     return p.parse_args(argv)
-
-
-def choose_layers(args, acts_dir: Path, meta: dict) -> list[int]:
-    """Layer mode: the chosen layers, each with its meta in ACTS_DIR. Chain mode: every layer."""
-    if args.mode == "chain":
-        if args.layers is not None:
-            raise InputError("--layers: chain mode runs every layer from x_layer0; drop --layers, or use --mode layer")
-        return list(range(meta["num_layers"]))
-    have = layout.step2_layers(acts_dir, args.model_dir)
-    missing = [n for n in args.layers or [] if n not in have]
-    if missing:
-        raise InputError(f"{acts_dir / layout.meta_file(missing[0])} is missing (layers there: {have[0]}..{have[-1]}): "
-                         f"choose --layers among them or {layout.rerun_step2(args.model_dir)}")
-    return args.layers or have
-
-
-def check_inputs(args, acts_dir: Path, meta: dict, layers: list[int]) -> bool:
-    """Everything the run needs, checked before any work; returns whether the head is checked."""
-    if args.top_k < 1:
-        raise InputError(f"--top-k {args.top_k}: give at least 1")
-    if args.mode == "layer":
-        metas = layout.read_metas(acts_dir, layers)
-        first = metas[layers[0]]
-        if (first["batch_size"], first["seq_len"]) != (meta["batch_size"], meta["seq_len"]):
-            raise InputError(f"{acts_dir / layout.META_MODEL} and {layout.meta_file(layers[0])} disagree on the "
-                             f"batch: {layout.rerun_step2(args.model_dir)}")
-    has_logits = meta["logits"] != "none" and (acts_dir / layout.REF_LOGITS).is_file()
-    if args.mode == "chain" and not has_logits:
-        raise InputError(f"{acts_dir / layout.REF_LOGITS} is missing (step 2 ran with --logits none?): chain mode "
-                         f"checks the logits; {layout.rerun_step2(args.model_dir)} --logits last")
-    return has_logits and meta["num_layers"] - 1 in layers
-
-
-def run_head(r: forward_io.Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Final norm and logits from the last layer's output x; writes norm.csv, logits.csv.
-
-    Returns (our nodes, the model's logits: ref_logits.csv)."""
-    norm_w, head_blocks = r.read_head()
-    out = forward.head(x, norm_w, head_blocks, r.meta["rms_norm_eps"], forward_io.logit_rows(r.meta, r.mask))
-    write_csv(r.out_dir / layout.NORM, out["norm"])
-    write_csv(r.out_dir / layout.LOGITS, out["logits"])
-    return out, forward_io.read_ref_logits(r.acts_dir, r.meta, out["logits"].shape[0])
-
-
-def step_layer(w: forward.LayerWeights, spec: forward.LayerSpec) -> decode.Compute:
-    """One decode step of one layer: every node, the attention over the layer's cache."""
-    return lambda x, step, cache: forward.decoder_layer(x, w, step.positions, step.mask, spec, "all", past_kv=cache)
-
-
-def layer_mode(r: forward_io.Inputs, layers: list[int], with_head: bool) -> int:
-    """Every node of every chosen layer from its captured input, then the head from the captured last output."""
-    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
-    results, missing = {}, []
-    for n in tqdm(layers, desc="layers", unit="layer", disable=len(layers) < 4, file=sys.stdout):
-        x = qkv.read_layer_input(r.acts_dir, n, meta)
-        w = forward_io.read_layer_weights(r.weights_dir, n, meta, r.read_weight)
-        qw = quant_check.linears(w)  # the quantized linears (none for a float capture)
-        keep = qkv.probs_to_keep(meta["seq_len"], None)  # every head's, up to PROBS_MAX_SEQ_LEN tokens
-        rows = qkv.as_rows(forward.decoder_layer(x, w, r.position_ids, r.mask, spec, keep), r.n_rows)
-        quant_check.writing_tapes(forward_io.write_layer_nodes, qw)(r.out_dir, n, rows)
-        checked, miss = qkv.verify(r.acts_dir, n, rows, r.real_rows, r.real_probs, args.atol, args.rtol,
-                                   forward_io.CHECKED)
-        checked.update(quant_check.check_layer(r.acts_dir, n, w, r.real_rows))
-        if checked:
-            results[n] = checked
-        missing += miss
-        if r.steps:  # every decode step of this layer from its captured x, over a cache of our own K and V
-            cache = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-            scales: dict = {}
-            compute = quant_check.checking(step_layer(w, spec), w, n, scales)
-            checked, miss = decode.verify_steps(r.steps, n, cache, compute, quant_check.writing_tapes(
-                forward_io.write_layer_nodes, qw), r.out_dir, forward_io.CHECKED, args.atol, args.rtol)
-            results.update({key: {**c, **scales.get(key, {})} for key, c in checked.items()})
-            missing += miss
-    head, tops = {}, []
-    if with_head:  # from the captured input of the final norm, so a head error is the head's own
-        ref_out = r.acts_dir / layout.ref_file("out", layers[-1])
-        x = read_csv(ref_out if ref_out.is_file() else r.out_dir / layout.layer_file("out", layers[-1]),
-                     (r.n_rows, meta["d_model"]))
-        ours, ref = run_head(r, x)
-        head = {"norm": compare(ours["norm"], read_csv(r.acts_dir / layout.REF_NORM, (r.n_rows, meta["d_model"])),
-                                r.real_rows, args.atol, args.rtol),
-                "logits": compare(ours["logits"], ref, r.logit_checked_rows(), args.atol, args.rtol)}
-        tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
-    decoded = {}
-    if with_head and r.steps:  # each step's head from the step's captured last layer output
-        norm_w, head_blocks = r.read_head()
-        last = layers[-1]
-
-        def last_out(st: decode.Step) -> np.ndarray:
-            ref_out = st.folder / layout.ref_file("out", last)
-            mine = decode.step_dir(r.out_dir, st.step) / layout.layer_file("out", last)
-            return read_csv(ref_out if ref_out.is_file() else mine, (meta["batch_size"], meta["d_model"]))
-        decoded = decode.head_steps(r.steps, last_out, norm_w, list(head_blocks), meta, r.out_dir, args.atol, args.rtol)
-    print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files"
-          + (f", {layout.NORM}, {layout.LOGITS}" if head else "") + f" to {r.out_dir}")
-    if not results:
-        print(f"no reference files in {r.acts_dir} (2_get_x.py run without them?): nothing verified")
-        return 0
-    if missing:
-        print(f"warning: {len(missing)} reference files missing, e.g. {missing[0]}: those were not verified")
-
-    plots = []
-    if args.plots:
-        plots = [r.out_dir / layout.ERRORS_PLOT] + ([r.out_dir / layout.TOP_TOKENS_PLOT] if tops else [])
-        report.plot_errors(plots[0], results, args.rtol, r.quantities, "Step 4, layer mode: every node vs the model")
-        if tops:
-            forward_report.plot_top_tokens(plots[1], tops)
-    passed = (report.all_pass(results) and all(m["pass"] for m in head.values())
-              and all(map(forward_report.decode_passed, decoded.values())))
-    head_md = ["", f"**{forward_report.head_line(head)}**"] if head else []
-    decode_table = forward_report.decode_rows(decoded, r.vocab) if decoded else []
-    if decoded:
-        head_md += ["", "## Decode steps: the head from each step's captured last layer output", ""]
-        head_md += report.markdown_table(decode_table)
-    report.write_reports(r.out_dir, results, {k: str(v) for k, v in r.settings.items()}, forward_report.DEFINITION,
-                         [p.name for p in plots], args.atol, args.rtol, r.quantities, f"{TITLE} (layer mode)",
-                         {"mode": "layer", "head": head, "top_tokens": tops,
-                          **({"decode_head": {f"step_{s}": c for s, c in decoded.items()}} if decoded else {})},
-                         head_md + forward_report.top_tokens_markdown(tops), passed)
-    print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
-          + f" in {time.perf_counter() - r.t0:.2f} s")
-    if tops:
-        print(forward_report.top_tokens_text(tops))
-    print(report.console_table(results, args.atol, args.rtol, r.quantities))  # the table ends the run
-    if head:
-        print(forward_report.head_line(head))
-    if decoded:
-        print(report.text_table(decode_table))
-    return 0 if passed else 1
-
-
-def chain_mode(r: forward_io.Inputs) -> int:
-    """x_layer0 through every layer on our own outputs, the final norm and the head; judged by the logits."""
-    args, meta, spec = r.args, r.meta, forward_io.layer_spec(r.meta, r.pow_lanes)
-    layers = range(meta["num_layers"])
-    # Decode steps run every layer again for each new token: then the layers' weights are kept after
-    # their first read (the whole model in memory), and each layer's K and V start its cache.
-    kept: dict[int, forward.LayerWeights] = {}
-    caches: dict[int, decode.Cache] = {}
-    loaded: dict[int, forward.LayerWeights] = {}  # the layer just run: its quantized linears' integer tensors
-
-    def load(n: int) -> forward.LayerWeights:
-        w = kept.get(n) or forward_io.read_layer_weights(r.weights_dir, n, meta, r.read_weight)
-        loaded.clear()
-        loaded[n] = w
-        if r.steps:
-            kept[n] = w
-        return w
-    chained = forward.chain(qkv.read_layer_input(r.acts_dir, 0, meta), layers, load, r.position_ids, r.mask,
-                            lambda n: spec)
-    growth = {}
-    for n, nodes in tqdm(chained, total=len(layers), desc="layers", unit="layer", disable=len(layers) < 4,
-                         file=sys.stdout):
-        rows = qkv.as_rows(nodes, r.n_rows)
-        if r.steps:
-            caches[n] = decode.grow(None, rows["k"], rows["v"], meta["batch_size"], meta["head_dim"])
-        quant_check.writing_tapes(forward_io.write_layer_nodes, quant_check.linears(loaded[n]))(r.out_dir, n, rows)
-        ref_path = r.acts_dir / layout.ref_file("out", n)
-        if ref_path.is_file():
-            growth[n] = compare(rows["out"], read_csv(ref_path, rows["out"].shape), r.real_rows, 0.0, args.chain_rtol)
-        x = rows["out"]
-    ours, ref = run_head(r, x)
-    checked = r.logit_checked_rows()
-    logits = compare(ours["logits"], ref, checked, 0.0, args.chain_rtol)
-    agree = forward.top_k(ours["logits"][checked], 1) == forward.top_k(ref[checked], 1)
-    if quant_check.LINEAR in r.quantities:  # quantized: a near-tie of the model's may go either way
-        agree |= quant_check.within_margin(ours["logits"][checked], ref[checked], logits["max_abs"])[:, None]
-    top1 = {"agree": int(agree.sum()), "total": int(checked.sum())}
-    tops = forward_report.top_tokens(r.at_last(ref), r.at_last(ours["logits"]), r.vocab, r.prompts, args.top_k)
-    top5 = {"agree": sum(t["topk_same_set"] for t in tops), "total": len(tops)}
-    passed, verdict = forward_report.chain_verdict(logits, top1, top5, args.chain_rtol)
-    print(f"wrote {len(layers) * len(layout.FORWARD_STEMS)} layer CSV files, {layout.NORM}, {layout.LOGITS} "
-          f"to {r.out_dir}")
-    decoded = {}
-    if r.steps:  # generate offline: our own greedy tokens, their embeddings, our own caches
-        first = r.at_last(ours["logits"]).argmax(axis=1)  # (B,): our greedy token after the prefill
-        embed = decode.embedding_rows(r.weights_dir, meta, {int(t) for st in r.steps for t in st.fed})
-        norm_w, head_blocks = r.read_head()
-        decoded = decode.chain_steps(r.steps, first, caches, load, spec, embed, norm_w, list(head_blocks), meta,
-                                     r.out_dir, args.chain_rtol)
-        ok = decode.chain_passed(decoded, r.steps)
-        passed = passed and ok
-        verdict += (f"; {'PASS' if ok else 'FAIL'}: {len(r.steps)} decode steps generated offline "
-                    + ("give the model's greedy tokens" if ok else "differ from the model's"))
-
-    plots = []
-    if args.plots:
-        plots = [r.out_dir / layout.CHAIN_PLOT, r.out_dir / layout.TOP_TOKENS_PLOT]
-        forward_report.plot_chain(plots[0], growth, logits, args.chain_rtol)
-        forward_report.plot_top_tokens(plots[1], tops)
-    forward_report.write_chain_report(r.out_dir, passed, verdict, growth, logits, top1, top5, tops,
-                                      {k: str(v) for k, v in r.settings.items()}, [p.name for p in plots], decoded,
-                                      r.vocab)
-    print(f"wrote {r.out_dir / layout.REPORT_JSON}, {layout.REPORT_MD}" + "".join(f", {p.name}" for p in plots)
-          + f" in {time.perf_counter() - r.t0:.2f} s")
-    print(forward_report.top_tokens_text(tops))
-    print(report.text_table(forward_report.chain_rows(growth)))  # the table ends the run
-    if decoded:
-        print(report.text_table(forward_report.decode_rows(decoded, r.vocab)))
-    print(verdict)
-    return 0 if passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = lambda name: layout.default_dir(args.model_dir, layout.quant_folder(name, args.quant and args.quant.name))
-    acts_dir = args.acts_dir or folder(layout.ACTS)
-    weights_dir = args.weights_dir or folder(layout.WEIGHTS)
-    out_dir = args.out_dir or folder(layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN)
-    settings = {"MODEL_DIR": args.model_dir, "ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir,
-                "MODE": args.mode, "LAYERS": "all" if args.layers is None else args.layers, "ATOL": args.atol,
-                "RTOL": args.rtol, "CHAIN_RTOL": args.chain_rtol, "TOP_K": args.top_k, "PLOTS": args.plots,
-                "VERIFY_HASHES": args.verify_hashes}
+    f = offline_run.folders(args.model_dir, args.acts_dir, args.weights_dir, args.out_dir,
+                            layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN,
+                            args.quant and args.quant.name)
+    settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out)
     print("4_offline_forward.py: recompute every node and the logits from CSV (float32, no model) and verify")
     print_settings(settings)
 
     t0 = time.perf_counter()
-    if not acts_dir.is_dir():
-        raise InputError(f"activations folder {acts_dir} does not exist: {layout.rerun_step2(args.model_dir)}")
+    rerun2 = layout.rerun_step2(layout.capture_source(f.acts, args.model_dir))
+    if not f.acts.is_dir():
+        raise InputError(f"activations folder {f.acts} does not exist: {rerun2}")
     hashes = manifest.HashCheck(args.verify_hashes)  # before a file is read: an edit below RTOL shows here only
-    rerun2 = layout.rerun_step2(args.model_dir)
-    hashes.folder(acts_dir, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
-    meta = forward_io.read_model_meta(acts_dir, args.model_dir)
-    layers = choose_layers(args, acts_dir, meta)
+    hashes.folder(f.acts, [layout.META_MODEL], "step 2", rerun2)  # it says which layers there are
+    meta = offline.read_model_meta(f.acts, args.model_dir)
+    layers = forward_check.choose_layers(args.mode, args.layers, f.acts, meta, args.model_dir)
     # Decode steps (step 2's --generate): in chain mode each step reads the captured layers' meta, and the
     # embedding to look its token up.
-    chain_decode = args.mode == "chain" and bool(layout.decode_steps(acts_dir))
-    step_metas = [layout.meta_file(n) for n in layout.step2_layers(acts_dir)] if chain_decode else []
-    hashes.folder(acts_dir, decode.with_steps(acts_dir, forward_io.step2_inputs(args.mode, layers) + step_metas),
+    chain_decode = args.mode == "chain" and bool(layout.decode_steps(f.acts))
+    step_metas = [layout.meta_file(n) for n in layout.step2_layers(f.acts)] if chain_decode else []
+    hashes.folder(f.acts, decode.with_steps(f.acts, offline.forward_inputs(args.mode, layers) + step_metas),
                   "step 2", rerun2)
-    with_head = check_inputs(args, acts_dir, meta, layers)
-    scheme, quant_head = quant_weights.scheme_of(meta, acts_dir / layout.META_MODEL, args.quant)
-    weight_paths = quant_weights.head_as_read(forward_io.weight_files(weights_dir, meta, layers, with_head), meta,
-                                              quant_head)
-    quant_weights.check(weights_dir, weight_paths, scheme, quant_head, meta["model_dir"], acts_dir)
+    with_head = forward_check.check_inputs(args.mode, args.top_k, f.acts, meta, layers, args.model_dir)
+    scheme, quant_head = quant_weights.scheme_of(meta, f.acts / layout.META_MODEL, args.quant)
+    paths1 = quant_weights.head_as_read(offline.weight_files(f.weights, meta, layers, with_head), meta, quant_head)
+    quant_weights.check(f.weights, paths1, scheme, quant_head, meta["model_dir"], f.acts)
     if scheme is None:
-        forward_io.check_weights(weights_dir, meta, layers, with_head, args.model_dir)
+        offline.check_weights(f.weights, meta, layers, with_head, args.model_dir)
+    quant = quant_check.QuantRun(scheme, quant_head,
+                                 quant_weights.head_reader(f.weights, meta, scheme) if quant_head else None)
     args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
     args.chain_rtol = settings["CHAIN_RTOL"] = (args.chain_rtol if args.chain_rtol is not None
                                                 else QUANT_CHAIN_RTOL if scheme else CHAIN_RTOL)
-    embedding = weights_dir / layout.weight_file(layout.EMBEDDING)
+    embedding = f.weights / layout.weight_file(layout.EMBEDDING)
     if chain_decode and not embedding.is_file():
         raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
-                         f"python 1_model_weights.py --model-dir {meta['model_dir']} --out-dir {weights_dir} "
+                         f"python 1_model_weights.py --model-dir {meta['model_dir']} --out-dir {f.weights} "
                          r"--filter '^model\.embed_tokens\.'")
-    pow_lanes, rope_note = qkv.rope_check(meta)  # the same RoPE in every layer
-    print(rope_note if rope_note.startswith("warning") else f"note: {rope_note}")
-    hashes.folder(weights_dir, [p.name for p in quant_weights.files(weight_paths, scheme, quant_head)]
-                  + ([embedding.name] if chain_decode else []), "step 1",
-                  layout.rerun_step1(meta["model_dir"], weights_dir))
-    print(f"input files: {hashes.line()}")
-    output_folder(out_dir, inputs=[acts_dir, weights_dir], create=False)  # never into (or around) what is read
-    B, T = meta["batch_size"], meta["seq_len"]
-    if note := low_precision_note(meta["dtype"], args.rtol):
-        print(note)
-    mask, position_ids, tokens = qkv.read_batch(acts_dir, B, T)
-    real_rows = mask.reshape(B * T) > 0  # (B, T) -> (B*T,) batch-major, like the CSV rows
+    step1 = [p.name for p in quant_weights.files(paths1, scheme, quant_head)]
     # Step 2's --generate N: every decode step of the checked layers (chain mode: of those captured).
-    steps = decode.read_steps(acts_dir, layers if args.mode == "layer" else layout.step2_layers(acts_dir), B, T, mask)
-    settings.update({"batch": f"{B} prompts x {T} positions, {int(real_rows.sum())} real tokens",
-                     "reference dtype": meta["dtype"], "logits captured": meta["logits"], "decode steps": len(steps),
-                     "input hashes": hashes.line()})
-    r = forward_io.Inputs(args, acts_dir, weights_dir, out_dir, meta, mask, position_ids, real_rows,
-               qkv.real_prob_rows(mask, meta["num_heads"]), forward.last_real_rows(mask), tokens.get("prompts", []),
-               forward_io.read_vocab(acts_dir, meta["vocab_size"]), settings, t0, pow_lanes, steps,
-               lambda path, shape: quant_weights.read_weight(path, shape, scheme, quant_head),
-               quant_check.quantities(forward_io.CHECKED, scheme),
-               quant_weights.head_reader(weights_dir, meta, scheme) if quant_head else None)
-    return layer_mode(r, layers, with_head) if args.mode == "layer" else chain_mode(r)
+    batch = offline_run.open_batch(f, hashes, meta, step1 + ([embedding.name] if chain_decode else []),
+                                   layers if args.mode == "layer" else layout.step2_layers(f.acts), args.rtol)
+    settings.update({"batch": batch.describe(), "reference dtype": meta["dtype"], "logits captured": meta["logits"],
+                     "decode steps": len(batch.steps), "input hashes": hashes.line()})
+    checks = forward_check.Checks(args.atol, args.rtol, args.chain_rtol, args.top_k, args.plots)
+    r = forward_check.Inputs(f, meta, batch, checks, batch.tokens.get("prompts", []),
+                             offline.read_vocab(f.acts, meta["vocab_size"]), settings, t0, quant)
+    return forward_check.layer_mode(r, layers, with_head) if args.mode == "layer" else forward_check.chain_mode(r)
 
 
 if __name__ == "__main__":

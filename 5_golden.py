@@ -8,13 +8,19 @@ layout (row order, head-major columns h*Dh + d), encoding, scale, rounding, how 
 and saturation changed, and the file's own sha256. Nothing is written unless everything succeeds.
 Exit code: 0 done, 2 bad input (or, with --on-overflow error, a value that does not fit).
 
+--integer: the quantized path's integer CSVs (xq_/xzero_ int8, acc_ int32, step 1's .q.csv int8 or int4
+packed two per byte, low nibble first) as words, the float32 scales beside them, the scheme in the
+manifest; a value outside its word is exit 2 (common/check/golden_int.py). --rtl: examples/rtl's
+$readmemh vectors of one linear of a w8a8 step 3/4 folder (common/check/golden_rtl.py).
+
     python 5_golden.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1          # float32 .bin of step 2
     python 5_golden.py --select '_layer0\\.csv$' --format hex --encoding fixed --bits 32 --frac-bits 16
     python 5_golden.py --in-dir outputs/M/qkv --format npz --encoding bfloat16 --out-dir golden_bf16
+    python 5_golden.py --integer --in-dir outputs/M/qkv-w8a8 --select '_layer0\\.csv$' --format hex
+    python 5_golden.py --rtl --in-dir outputs/M/qkv-w8a8 --weights-dir outputs/M/weights-w8a8
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -22,8 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import paths
-from common.check import golden
+from common import cli, paths
+from common.check import golden, golden_int, golden_rtl
 from common.cli import InputError, path_arg, print_settings, run
 from common.files import layout
 from common.files.atomic import output_folder, read_json
@@ -32,27 +38,38 @@ from common.files.atomic import output_folder, read_json
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None
 IN_DIR = None  # any step 1/2/3/4 output folder; None -> outputs/<model folder>/x_all_layers (step 2)
 SELECT = None  # a regex searched in the CSV file names (as step 1's --filter); None = every CSV
-OUT_DIR = None  # None -> outputs/<model folder>/golden
+OUT_DIR = None  # None -> outputs/<model folder>/golden (--integer: golden-<scheme>; --rtl: golden_rtl-w8a8)
 FORMAT = "bin"  # bin (raw little-endian) | hex | mem ($readmemh; mem with a comment header) | npy | npz
 ENCODING = "float32"  # float32 | bfloat16 | float16 (bit patterns, round to nearest even) | fixed
 BITS = 32  # fixed point: word size, 8 | 16 | 32
 FRAC_BITS = 16  # fixed point: value = word / 2^FRAC_BITS (Q16.16: --bits 32 --frac-bits 16)
 ON_OVERFLOW = "saturate"  # saturate (counted and reported) | error (exit 2, nothing written)
+INTEGER = False  # the quantized path's integer CSVs (xq_, acc_, xzero_, *.q.csv) as int8/int4/int32 words
+RTL = False  # examples/rtl's $readmemh vectors of one linear from a quantized (w8a8) step 3/4 folder
+RTL_LAYER = 0  # --rtl: the layer of the linear
+RTL_LINEAR = "q_proj"  # --rtl: which linear of that layer
+RTL_ROWS = 8  # --rtl: the linear's first RTL_ROWS rows (tokens)
+WEIGHTS_DIR = None  # --rtl: step 1 --quant's folder; None -> outputs/<model folder>/weights-<scheme>
 # -------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--in-dir", default=IN_DIR, type=path_arg, help="a step 1/2/3/4 output folder")
-    p.add_argument("--select", default=SELECT, help="regex searched in the CSV file names (default: all)")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--format", default=FORMAT, choices=golden.FORMATS)
-    p.add_argument("--encoding", default=ENCODING, choices=golden.ENCODINGS)
-    p.add_argument("--bits", default=BITS, type=int, help="fixed point word size: 8, 16 or 32")
-    p.add_argument("--frac-bits", default=FRAC_BITS, type=int, help="fixed point fraction bits")
-    p.add_argument("--on-overflow", default=ON_OVERFLOW, choices=golden.ON_OVERFLOW)
+def parse_args(argv=None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--in-dir", type=path_arg)
+    p.flag("--select")
+    p.shared("--out-dir")
+    p.flag("--format", choices=golden.FORMATS)
+    p.flag("--encoding", choices=golden.ENCODINGS)
+    p.flag("--bits", type=int)
+    p.flag("--frac-bits", type=int)
+    p.flag("--on-overflow", choices=golden.ON_OVERFLOW)
+    p.flag("--integer", action="store_true")
+    p.flag("--rtl", action="store_true")
+    p.flag("--rtl-layer", type=int)
+    p.flag("--rtl-linear", choices=golden_rtl.LINEARS)
+    p.flag("--rtl-rows", type=int)
+    p.shared("--weights-dir")
     return p.parse_args(argv)
 
 
@@ -80,13 +97,34 @@ def layer_metas(in_dir: Path) -> dict[int | None, dict]:
     return metas
 
 
+def write_integer(sources: list[Path], in_dir: Path, out_dir: Path, fmt: str, settings: dict, t0: float) -> int:
+    sources = [p for p in sources if golden_int.is_integer_source(p.stem)]
+    if not sources:
+        raise InputError(f"no integer CSV (xq_/acc_/xzero_/xscale_ files of a quantized step 3/4 run, step 1 "
+                         f"--quant's .q.csv/.scale.csv) in {in_dir} matches --select: check the folder")
+    manifest, nbytes = golden_int.write_integer_golden(sources, in_dir, out_dir, fmt, settings)
+    words = {}
+    for e in manifest["files"]:
+        words[e["word"]] = words.get(e["word"], 0) + 1
+    scheme = (manifest["quant"] or {}).get("scheme", "none recorded")
+    print(f"wrote {len(sources)} tensors ({', '.join(f'{n} {w}' for w, n in words.items())}; {nbytes / 1e6:.1f} MB "
+          f"of {fmt}) and {golden.MANIFEST} to {out_dir} in {time.perf_counter() - t0:.2f} s; scheme {scheme}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rtl:
+        return golden_rtl.main(args)
     in_dir = args.in_dir or layout.default_dir(args.model_dir, layout.ACTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GOLDEN)
+    if args.integer and args.out_dir is None:  # golden-<scheme>, beside the float golden folder
+        rec = golden_int.scheme_record(in_dir, golden_int.file_records(in_dir)) if in_dir.is_dir() else None
+        out_dir = layout.default_dir(args.model_dir, layout.quant_folder(layout.GOLDEN, (rec or {}).get("scheme", "int")))
     enc = golden.make_encoding(args.encoding, args.bits, args.frac_bits)
     settings = {"MODEL_DIR": str(args.model_dir), "IN_DIR": str(in_dir), "SELECT": args.select or "(all)",
-                "OUT_DIR": str(out_dir), "FORMAT": args.format, "ENCODING": enc.describe(),
+                "OUT_DIR": str(out_dir), "FORMAT": args.format,
+                "ENCODING": "integer words (int8/int4/int32, float32 scales)" if args.integer else enc.describe(),
                 "ON_OVERFLOW": args.on_overflow}
     print("5_golden.py: golden vectors in hardware formats")
     print_settings(settings)
@@ -94,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     sources = select_sources(in_dir, args.select)
+    if args.integer:
+        return write_integer(sources, in_dir, out_dir, args.format, settings, t0)
     bar = tqdm(total=len(sources), desc="files", unit="file", disable=len(sources) < 8, file=sys.stdout)
     manifest, stats = golden.write_golden(sources, out_dir, args.format, enc, args.on_overflow, layer_metas(in_dir),
                                           settings, on_file=bar.update)

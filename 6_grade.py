@@ -10,21 +10,27 @@ NMSE in dB, PASS/FAIL against ATOL/RTOL; names the first failing node in forward
 Writes to OUT_DIR: report.json, report.md, errors.png. Prints the table, the first failing node last.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (unknown name, wrong shape, manifest that does not match).
 
+The quantized path: integer tensors on both sides (xq_/acc_/xzero_, .q.csv; CSV or 5_golden.py --integer)
+are graded exactly (common/check/int_grade.py: exit 1 on any mismatch); a quantized capture against the
+float capture of the same prompts (automatic when only the candidate's meta names a scheme, or
+--quant-error) gives SQNR/NMSE/cosine/max_abs per node, KL/top-1/top-5 at the logits and
+quant_errors.png (common/check/quant_error.py).
+
     python 6_grade.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1     # grades step 3's own outputs
     python 6_grade.py --candidate-dir my_accelerator_out --reference-dir outputs/M/x_all_layers --out-dir R
+    python 6_grade.py --candidate-dir outputs/M/x_all_layers-w8a8 --reference-dir outputs/M/x_all_layers --out-dir R
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common import paths
-from common.check import grade
-from common.cli import InputError, path_arg, print_settings, run, tolerance
+from common import cli, paths
+from common.check import grade, int_grade, quant_error
+from common.cli import InputError, path_arg, print_settings, run
 from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.files.csv_io import read_csv
@@ -37,20 +43,19 @@ OUT_DIR = None  # None -> outputs/<model folder>/grade
 ATOL = 1e-7  # as step 3: PASS when max_abs <= ATOL + RTOL * max|ref| (common/check/verify.py)
 RTOL = 1e-5  # fixed-point candidates get one quantisation step added to ATOL (common/check/grade.py)
 VERIFY_HASHES = True  # check every reference file's sha256 against step 2's manifest.json first
+# Force the quantization-error report (automatic when the candidate's meta names a scheme and the
+# reference's does not: common/check/quant_error.py).
+QUANT_ERROR = False
 # -------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=MODEL_DIR, type=path_arg, help="derives the default folders")
-    p.add_argument("--candidate-dir", default=CANDIDATE_DIR, type=path_arg, help="the outputs to grade")
-    p.add_argument("--reference-dir", default=REFERENCE_DIR, type=path_arg, help="step 2's output folder")
-    p.add_argument("--out-dir", default=OUT_DIR, type=path_arg)
-    p.add_argument("--atol", default=ATOL, type=tolerance)
-    p.add_argument("--rtol", default=RTOL, type=tolerance)
-    p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
-                   help="check the reference files against step 2's manifest.json (default: on)")
+def parse_args(argv=None):
+    p = cli.Parser(globals())
+    p.shared("--model-dir")
+    p.flag("--candidate-dir", type=path_arg)
+    p.flag("--reference-dir", type=path_arg)
+    p.shared("--out-dir", "--atol", "--rtol", "--verify-hashes")
+    p.flag("--quant-error", action="store_true")
     return p.parse_args(argv)
 
 
@@ -59,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     cand_dir = args.candidate_dir or layout.default_dir(args.model_dir, layout.QKV)
     ref_dir = args.reference_dir or layout.default_dir(args.model_dir, layout.ACTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.GRADE)
-    settings = {"MODEL_DIR": args.model_dir, "CANDIDATE_DIR": cand_dir, "REFERENCE_DIR": ref_dir,
-                "OUT_DIR": out_dir, "ATOL": args.atol, "RTOL": args.rtol, "VERIFY_HASHES": args.verify_hashes}
+    settings = cli.settings(args, CANDIDATE_DIR=cand_dir, REFERENCE_DIR=ref_dir, OUT_DIR=out_dir)
     print("6_grade.py: grade a candidate implementation's outputs against the model")
     print_settings(settings)
     output_folder(out_dir, inputs=[cand_dir, ref_dir], create=False)  # never into (or around) what is read
     if not ref_dir.is_dir():
         raise InputError(f"reference folder {ref_dir} does not exist: run 2_get_x.py, or pass --reference-dir")
+    if int_grade.applies(cand_dir, ref_dir):  # integer tensors on both sides: exact, no tolerance
+        return int_grade.run(cand_dir, ref_dir, out_dir, settings)
+    if args.quant_error or quant_error.applies(cand_dir, ref_dir):
+        return quant_error.run(cand_dir, ref_dir, out_dir, settings, manifest.HashCheck(args.verify_hashes))
 
     t0 = time.perf_counter()
     candidates, skipped = grade.find_candidates(cand_dir)

@@ -1,7 +1,7 @@
 """Convert a PyTorch checkpoint (.pt/.pth/.bin/.ckpt) into a Hugging Face safetensors model folder.
 
-    python convert_to_safetensors.py out-shakespeare/ckpt.pt --output-dir model_paths/nanogpt-shakespeare
-    python convert_to_safetensors.py CHECKPOINT --output-dir DIR --dtype float32 --max-shard-size 2GB
+    python convert_to_safetensors.py out-shakespeare/ckpt.pt --out-dir model_paths/nanogpt-shakespeare
+    python convert_to_safetensors.py CHECKPOINT --out-dir DIR --dtype float32 --max-shard-size 2GB
 
 - A nanoGPT checkpoint (a dict with "model" and "model_args", as nanoGPT's train.py saves it;
   "_orig_mod." prefixes from torch.compile and attn.bias mask buffers are handled) becomes a
@@ -16,7 +16,7 @@ zip-format files) plus one converted tensor. The folder is built under a tempora
 OUTPUT_DIR and renamed when complete; an OUTPUT_DIR that already holds files is left alone
 unless --force, which replaces it.
 """
-import argparse
+import functools
 import shlex
 import sys
 import time
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import paths
+from common import cli, paths
 from common.cli import InputError, path_arg, print_settings, run
 from common.model.checkpoint import load_checkpoint
 from common.model.convert import (DTYPES, build_folder, check_output_dir, copy_side_files, gpt2_config,
@@ -44,27 +44,41 @@ def default_output_dir(checkpoint: Path) -> Path:
     return paths.MODEL_PATHS / f"{checkpoint.resolve().parent.name}_{checkpoint.stem}"
 
 
+def parse_args(argv: list[str]):
+    p = cli.Parser(globals())
+    p.flag("checkpoint", nargs="?", type=path_arg)
+    p.flag("--out-dir", constant="OUTPUT_DIR")  # --output-dir, the old spelling, is kept (cli.SHARED)
+    p.flag("--dtype", choices=list(DTYPES))
+    p.flag("--vocab-size", type=int)
+    p.flag("--max-shard-size")
+    p.flag("--force", action="store_true")
+    return p.parse_args(argv)
+
+
+def fill(folder: Path, plan: list, max_shard: int, facts: dict | None, checkpoint: Path, card: str,
+         written: list[Path]) -> None:
+    """Write the model folder's files into `folder` (build_folder's fresh folder): weights, config, card."""
+    total = sum(t.nbytes for t in plan)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
+        written.extend(write_weights(folder, plan, max_shard, on_tensor=bar.update))
+    if facts is not None:
+        write_json(folder / "config.json", gpt2_config(facts))
+        write_json(folder / "tokenizer_config.json", gpt2_tokenizer_config(facts))
+    else:
+        copied = copy_side_files(checkpoint, folder)
+        if copied:
+            print(f"copied from {checkpoint.parent}: {', '.join(copied)}")
+    write_text(folder / "README.md", card)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", type=path_arg, default=CHECKPOINT, help="the checkpoint file")
-    p.add_argument("--output-dir", type=path_arg, default=OUTPUT_DIR,
-                   help="the model folder to write (default: model_paths/<folder>_<stem>)")
-    p.add_argument("--dtype", default=DTYPE, choices=list(DTYPES),
-                   help="dtype of the floating-point tensors written (default %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
-                   help="nanoGPT: crop wte/lm_head to this many tokens (e.g. 50257)")
-    p.add_argument("--max-shard-size", default=MAX_SHARD_SIZE,
-                   help="shard above this size: bytes or 500MB, 2GB, 1GiB (default %(default)s)")
-    p.add_argument("--force", action="store_true", default=FORCE,
-                   help="replace --output-dir if it already holds files")
     argv = sys.argv[1:] if argv is None else list(map(str, argv))
-    args = p.parse_args(argv)
+    args = parse_args(argv)
 
     if args.checkpoint is None:
         raise InputError("no checkpoint given: python convert_to_safetensors.py CHECKPOINT --output-dir DIR")
     checkpoint: Path = args.checkpoint
-    output_dir: Path = args.output_dir or default_output_dir(checkpoint)
+    output_dir: Path = args.out_dir or default_output_dir(checkpoint)
     dtype = target_dtype(args.dtype)
     max_shard = parse_size(args.max_shard_size)
     check_output_dir(output_dir, checkpoint, args.force)
@@ -93,21 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(t.nbytes for t in plan)
     command = "python convert_to_safetensors.py " + " ".join(shlex.quote(a) for a in argv)
     written: list[Path] = []
-
-    def fill(folder: Path) -> None:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
-            written.extend(write_weights(folder, plan, max_shard, on_tensor=bar.update))
-        if facts is not None:
-            write_json(folder / "config.json", gpt2_config(facts))
-            write_json(folder / "tokenizer_config.json", gpt2_tokenizer_config(facts))
-        else:
-            copied = copy_side_files(checkpoint, folder)
-            if copied:
-                print(f"copied from {checkpoint.parent}: {', '.join(copied)}")
-        write_text(folder / "README.md", model_card(checkpoint, output_dir, ckpt.kind, command, settings,
-                                                    facts, ckpt.extras))
-
-    build_folder(output_dir, fill, args.force)
+    card = model_card(checkpoint, output_dir, ckpt.kind, command, settings, facts, ckpt.extras)
+    build_folder(output_dir, functools.partial(fill, plan=plan, max_shard=max_shard, facts=facts,
+                                               checkpoint=checkpoint, card=card, written=written), args.force)
     dt = time.perf_counter() - t0
     for f in written:
         print(f"wrote {output_dir / f.name} ({(output_dir / f.name).stat().st_size / 1e6:,.1f} MB)")

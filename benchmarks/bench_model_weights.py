@@ -8,8 +8,12 @@
 Speed: an 8192x2048 tensor (float32 and bf16 sources) exported to CSV end to end by step 1's own
 code (read from safetensors, widen, format, write, sha256, manifest), best and median of REPEATS,
 side by side with the original scripts' approach (np.savetxt row by row, %.16e) and with
-np.savetxt(fmt='%.9g'), both given the same tensor read the same way. Goals (issue 3): >= 40 M
-values/s, >= 20x the first, >= 5x the second; reading the CSV back >= 15 M values/s.
+np.savetxt(fmt='%.9g'), both given the same tensor read the same way. Every goal is a ratio to a
+baseline timed in the same run, so the verdict means the same on a slow machine and a fast one
+(issue 17; issue 3 had absolute rates): >= 20x the first, >= 5x the second, and within EXPORT_GOAL x
+of the machine's own formatting rate (csv_io.format_block on every core, the text dropped: what
+reading, writing, hashing and the manifest add must stay small); reading the CSV back within
+READ_GOAL x of polars' own read of the same file (what read_csv adds: the checks, to numpy).
 Every timed run, ours and the baselines', writes a new file into the same directory: the previous
 output is deleted first, untimed, and nothing written earlier is still waiting for writeback.
 Replacing the previous run's 211 MB file inside the timing would add ext4's cost of dropping it and
@@ -48,17 +52,17 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from common import paths  # noqa: E402
-from common.files import csv_io, export  # noqa: E402
+from common.files import csv_format, csv_io, export  # noqa: E402
 from common.files.csv_io import read_csv, write_numbers  # noqa: E402
 from common.files.safetensors_io import list_tensors, read_tensor  # noqa: E402
 from memory import peak_rss_mb, sampled_peak, tree_pss_mb  # noqa: E402
 
 SHAPE = (8192, 2048)
 REPEATS = 5  # best of: the machine is shared, the best run is what the code can do
-GOAL_MVALUES = 40.0  # M values/s, CSV export end to end
+EXPORT_GOAL = 1.75  # step 1's export time / formatting the same values alone on every core
 GOAL_VS_ROWS_16E = 20.0  # x np.savetxt row by row with %.16e (the original scripts)
 GOAL_VS_9G = 5.0  # x np.savetxt(fmt='%.9g')
-GOAL_READ_MVALUES = 15.0
+READ_GOAL = 1.3  # read_csv's time / polars' read of the same file
 FULL_MODEL_DIR = paths.OUTPUTS / "bench_models" / "llama-3.2-1b-random"  # shared with bench_streaming.py
 FULL_MIN_FREE_GB = 25  # ~17 GB of CSV, plus headroom
 FULL_GOAL = 1.25  # full export time / max(disk time for its bytes, its values at the one-tensor rate)
@@ -96,6 +100,29 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def _format_chunk(args) -> int:
+    return sum(map(len, csv_io.format_block(*args)))
+
+
+def format_only(t: torch.Tensor) -> float:
+    """Best seconds of REPEATS to format t's values on every core (a process per core, the export's
+    row chunks), the text dropped: the machine's own formatting rate, the export's baseline."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    a, workers = csv_io._source_array(t), csv_io.cpu_workers()
+    chunk_values = min(csv_io.CHUNK_VALUES, max(csv_io.MIN_CHUNK_VALUES, a.size // (4 * workers)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        list(ex.map(abs, range(workers)))  # started before timing
+        return min(timed(lambda: sum(ex.map(_format_chunk, csv_io.chunks(a, b",", chunk_values))))
+                   for _ in range(REPEATS))
+
+
+def polars_read(path: Path, ncols: int) -> None:
+    """polars alone on the file, as read_csv calls it: read_csv's baseline."""
+    import polars as pl
+    pl.read_csv(path, has_header=False, schema={f"c{i}": pl.Float32 for i in range(ncols)})
+
+
 def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
     """The one-tensor export; returns (goals met, best M values/s by source dtype)."""
     n = SHAPE[0] * SHAPE[1]
@@ -125,11 +152,15 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
         back = read_csv(csv, SHAPE)
         exact = np.array_equal(back.view(np.uint32), base.to(dtype).float().numpy().view(np.uint32))
         t_read = min(timed(read_csv, csv, SHAPE) for _ in range(REPEATS))
+        t_polars = min(timed(polars_read, csv, SHAPE[1]) for _ in range(REPEATS))
+        t_format = format_only(base.to(dtype))
         rate, rate_med, read_rate = n / best / 1e6, n / med / 1e6, n / t_read / 1e6
         name = str(dtype).replace("torch.", "")
         rates[name] = rate
         print(f"  {name:<9} step 1: {best:.3f} s best, {med:.3f} s median -> {rate:.1f} M values/s best, "
-              f"{rate_med:.1f} median (goal >= {GOAL_MVALUES:.0f}); {gb * 1e3:.0f} MB, {gb * 1e9 / n:.2f} bytes/value")
+              f"{rate_med:.1f} median; {gb * 1e3:.0f} MB, {gb * 1e9 / n:.2f} bytes/value")
+        print(f"  {'':<9} formatting alone on {csv_io.cpu_workers()} cores: {t_format:.3f} s ({n / t_format / 1e6:.1f} M/s) "
+              f"-> step 1 takes {best / t_format:.2f}x that (goal <= {EXPORT_GOAL:g}x; {med / t_format:.2f}x on the median)")
         print(f"  {'':<9} over the previous file (--force re-export): {t_over:.3f} s best of 3 -> "
               f"{n / t_over / 1e6:.1f} M values/s (information)")
         print(f"  {'':<9} savetxt rows %.16e: {t_rows:.2f} s ({n / t_rows / 1e6:.2f} M/s) -> step 1 is "
@@ -138,10 +169,10 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
         print(f"  {'':<9} savetxt %.9g:        {t_9g:.2f} s ({n / t_9g / 1e6:.2f} M/s) -> step 1 is "
               f"{t_9g / best:.1f}x faster (goal >= {GOAL_VS_9G:.0f}x; {t_9g / med:.1f}x on the median), "
               f"{os.path.getsize(tmp / 'g9.csv') / 1e6:.0f} MB")
-        print(f"  {'':<9} read back: {t_read:.3f} s -> {read_rate:.1f} M values/s (goal >= {GOAL_READ_MVALUES:.0f}); "
-              f"bit-exact: {exact}")
-        ok &= (rate >= GOAL_MVALUES and t_rows / best >= GOAL_VS_ROWS_16E and t_9g / best >= GOAL_VS_9G
-               and read_rate >= GOAL_READ_MVALUES and exact)
+        print(f"  {'':<9} read back: {t_read:.3f} s ({read_rate:.1f} M values/s), polars alone {t_polars:.3f} s -> "
+              f"{t_read / t_polars:.2f}x (goal <= {READ_GOAL:g}x); bit-exact: {exact}")
+        ok &= (best <= EXPORT_GOAL * t_format and t_rows / best >= GOAL_VS_ROWS_16E and t_9g / best >= GOAL_VS_9G
+               and t_read <= READ_GOAL * t_polars and exact)
         shutil.rmtree(out)
     print(f"  ({load()})")
     return ok, rates
@@ -151,7 +182,7 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
 
 
 def _executor_chunk(args) -> bytes:
-    return b"".join(csv_io.format_block(*args))
+    return b"".join(csv_format.format_block(*args))
 
 
 def executor_write(ex, path: Path, t: torch.Tensor, workers: int) -> str:
@@ -161,7 +192,7 @@ def executor_write(ex, path: Path, t: torch.Tensor, workers: int) -> str:
     chunk_values = min(csv_io.CHUNK_VALUES, max(csv_io.MIN_CHUNK_VALUES, a.size // (4 * workers)))
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for text in ex.map(_executor_chunk, csv_io.chunks(a, b",", chunk_values)):
+        for text in ex.map(_executor_chunk, csv_format.chunks(a, b",", chunk_values)):
             digest.update(text)
             f.write(text)
     return digest.hexdigest()

@@ -60,39 +60,39 @@ PHASES = r"""
 import json, sys, time, tempfile
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from common.check import qkv
+from common.check import meta_check, offline
 from common.files import layout
 from common.llama import attention, norm
+from common.llama.spec import LayerSpec
 acts, weights = Path(sys.argv[2]), Path(sys.argv[3])
 t = {"read_csv": 0.0, "compute": 0.0, "write_csv": 0.0}
 t_start = time.perf_counter()
 layers = layout.step2_layers(acts)
-metas = layout.read_metas(acts, layers)
+metas = meta_check.read_metas(acts, layers)
 B, T = metas[layers[0]]["batch_size"], metas[layers[0]]["seq_len"]
 with tempfile.TemporaryDirectory() as out:
     t0 = time.perf_counter()
-    mask, position_ids, _ = qkv.read_batch(acts, B, T)
+    mask, position_ids, _ = offline.read_batch(acts, B, T)
     t["read_csv"] += time.perf_counter() - t0
     real_rows = mask.reshape(B * T) > 0
-    real_probs = qkv.real_prob_rows(mask, metas[layers[0]]["num_heads"])
+    real_probs = offline.real_prob_rows(mask, metas[layers[0]]["num_heads"])
     for n in layers:
         m = metas[n]
         t0 = time.perf_counter()
-        x, w = qkv.read_layer_input(acts, n, m), qkv.read_attention_weights(weights, n, m)
-        w_norm = qkv.read_input_norm(weights, n, m)
+        x, w = offline.read_layer_input(acts, n, m), offline.read_attention_weights(weights, n, m)
+        w_norm = offline.read_input_norm(weights, n, m)
         t["read_csv"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         xnorm = norm.rms_norm(x, w_norm, m["rms_norm_eps"])
-        keep = qkv.probs_to_keep(T, None)
-        res = attention.attention_block(xnorm, w, position_ids, mask, m["num_heads"], m["num_kv_heads"],
-                                        m["head_dim"], m["rope_theta"], m["rope_scaling"], keep_probs=keep)
-        rows = qkv.as_rows({"xnorm": xnorm, **res}, B * T, with_probs=keep == "all")
+        keep = offline.probs_to_keep(T, None)
+        res = attention.attention_block(xnorm, w, LayerSpec.from_meta(m), position_ids, mask, keep_probs=keep)
+        rows = offline.as_rows({"xnorm": xnorm, **res}, B * T, with_probs=keep == "all")
         t["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        qkv.write_outputs(Path(out), n, rows)
+        offline.write_outputs(Path(out), n, rows)
         t["write_csv"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        qkv.verify(acts, n, rows, real_rows, real_probs, 1e-7, 1e-5)  # reads the references
+        offline.verify(acts, n, rows, real_rows, real_probs, 1e-7, 1e-5)  # reads the references
         t["read_csv"] += time.perf_counter() - t0
 t["total"] = time.perf_counter() - t_start
 print(json.dumps(t))

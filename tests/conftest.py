@@ -21,6 +21,12 @@ import model_factory  # noqa: E402
 DEMO_DIR = paths.DEMO_MODEL_DIR
 
 
+def pytest_report_header(config) -> str:
+    """The kernels numpy, BLAS and torch compute with: float results differ between them (docs/reproducibility.md)."""
+    import machine
+    return machine.describe()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Every variant of model_factory.VARIANTS, keyed by name."""

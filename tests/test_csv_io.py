@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.cli import InputError
-from common.files import csv_io, csv_pool
+from common.files import csv_format, csv_io, csv_pool
 from common.files.csv_io import read_csv, write_csv, write_numbers
 
 
@@ -161,7 +161,7 @@ def test_workers_keep_no_output_file_open(tmp_path, monkeypatch):
 def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(csv_io, "CHUNK_VALUES", 500)
     monkeypatch.setattr(csv_io, "PARALLEL_MIN_VALUES", 0)
-    real = csv_io.format_block
+    real = csv_format.format_block
     calls = []
 
     def failing(block, *seps):
@@ -170,7 +170,7 @@ def test_a_failing_writer_leaves_no_file(tmp_path, monkeypatch):
             raise MemoryError("planted")
         return real(block, *seps)
     csv_pool.close_pool()  # workers forked from now on run the planted failure
-    monkeypatch.setattr(csv_io, "format_block", failing)
+    monkeypatch.setattr(csv_format, "format_block", failing)
     a = np.ones((100, 50), np.float32)
     for workers in (1, 2):
         calls.clear()

@@ -20,7 +20,7 @@ from common.check import decode
 from common.cli import InputError
 from common.files import layout
 from common.files.csv_io import read_csv
-from common.llama import attention
+from common.llama import attention, kv_cache
 
 LONG = "The capital of France is Paris. The capital of Italy is"
 SHORT = "Hello world"
@@ -194,7 +194,7 @@ def test_cache_that_never_grows_is_caught(tiny, tmp_path, monkeypatch):
     """A cache that keeps the prefill's K/V but never grows no longer fits the step's mask: an error, never a PASS."""
     _, weights, acts = tiny("llama32")
     monkeypatch.setattr(decode, "grow", lambda cache, k, v, B, Dh: cache if cache is not None
-                        else (decode.heads(k, B, Dh), decode.heads(v, B, Dh)))
+                        else (kv_cache.heads(k, B, Dh), kv_cache.heads(v, B, Dh)))
     with pytest.raises(ValueError, match="the mask covers"):  # T + S keys; the cache and the new row are T + 1
         step3(acts, weights, tmp_path / "q")
 

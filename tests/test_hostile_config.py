@@ -6,8 +6,11 @@ import json
 import shutil
 
 import pytest
+from transformers.activations import ACT2FN
 
 from hostile import fingerprint, one_line, run_main
+
+from common.llama.mlp import ACTIVATIONS
 
 
 
@@ -72,6 +75,8 @@ BAD_FIELDS = {
     "odd head_dim": (setter(head_dim=15), "head_dim"),
     "attention_bias a string": (setter(attention_bias="yes"), "attention_bias"),
     "num_hidden_layers 0": (setter(num_hidden_layers=0), "num_hidden_layers"),
+    "hidden_act foo": (setter(hidden_act="foo"), "hidden_act 'foo' is not supported (supported: silu)"),
+    "hidden_act a list": (setter(hidden_act=["silu"]), "hidden_act"),
 }
 # Well-formed configs that disagree with the weights: transformers would fill in random values.
 DISAGREE = {
@@ -107,3 +112,16 @@ def test_streaming_path_is_checked_the_same_way(base, tmp_path):
     r = run_main("2_get_x.py", "--model-dir", model, "--out-dir", tmp_path / "out", "--prompt", "Hi", "--streaming")
     one_line(r, "model.layers.3.")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_unknown_hidden_act_is_refused_at_the_door_for_both_captures(base, tmp_path, streaming):
+    model = with_config(base, tmp_path, setter(hidden_act="foo"))
+    r = run_main("2_get_x.py", "--model-dir", model, "--out-dir", tmp_path / "out", "--prompt", "Hi",
+                 "--streaming" if streaming else "--no-streaming")
+    one_line(r, str(model / "config.json"), "hidden_act 'foo'", "silu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_activation_steps_3_and_4_recompute_is_one_the_model_code_has():
+    assert set(ACTIVATIONS) <= set(ACT2FN)  # so the door's list (common/llama/mlp.py) is what both can run

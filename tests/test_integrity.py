@@ -15,6 +15,7 @@ import pytest
 from conftest import load_script
 
 import test_offline_qkv as qkv_tests
+from common import paths
 from common.cli import InputError
 from common.files import layout
 from common.files.atomic import sha256_file
@@ -201,3 +202,20 @@ def test_step_2_never_removes_step_1s_manifest(pipeline, tmp_path):
                                                    "folder of its own")):
         qkv_tests.capture(model, shared, "--layers", "0")
     assert fingerprint(shared) == before
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_the_rerun_hint_names_the_model_the_capture_came_from(pipeline, tmp_path, name):
+    """Not the default --model-dir: the meta files say which model step 2 ran."""
+    weights, acts = copies(pipeline, tmp_path)
+    change_one_digit(acts / layout.layer_file("x", 0))
+    extra = ("--no-plots",) if name == STEPS[1] else ()
+    r = run_main(name, "--weights-dir", weights, "--acts-dir", acts, "--out-dir", tmp_path / "out", *extra)
+    line = one_line(r, layout.layer_file("x", 0), f"python 2_get_x.py --model-dir {pipeline[0]}")
+    assert str(paths.MODEL_DIR) not in line
+
+
+def test_layers_past_the_capture_say_which_layers_it_has(pipeline, tmp_path):
+    weights, acts = copies(pipeline, tmp_path)
+    r = step(STEPS[0], pipeline, weights, acts, tmp_path / "out", "--layers", "0-999999999")
+    one_line(r, "the capture in", "has layers 0..2")

@@ -29,11 +29,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import model_factory
-from common.check import qkv, report
+from common.check import offline, report
 from common.cli import InputError
 from common.files import layout
 from common.files.csv_io import read_csv
 from common.llama import attention, rope, torch_pow
+from common.llama.spec import LayerSpec
 from common.model.prompts import encode_prompts, load_tokenizer
 
 RTOL = 1e-5
@@ -116,12 +117,11 @@ def offline_qk_max_rel(weights, acts) -> dict[str, float]:
     """Step 3's recomputation of layer 0 without its files and plots: max_rel of q and k (common/check/verify)."""
     meta = json.loads((acts / layout.meta_file(0)).read_text())
     B, T = meta["batch_size"], meta["seq_len"]
-    mask, position_ids, _ = qkv.read_batch(acts, B, T)
-    out = attention.attention_block(qkv.read_xnorm(acts, 0, meta), qkv.read_attention_weights(weights, 0, meta),
-                                    position_ids, mask, meta["num_heads"], meta["num_kv_heads"], meta["head_dim"],
-                                    meta["rope_theta"], meta["rope_scaling"])
-    rows = qkv.as_rows(out, B * T, with_probs=False)
-    checked, _ = qkv.verify(acts, 0, rows, mask.reshape(-1) > 0, qkv.real_prob_rows(mask, meta["num_heads"]), 0, RTOL,
+    mask, position_ids, _ = offline.read_batch(acts, B, T)
+    out = attention.attention_block(offline.read_xnorm(acts, 0, meta), offline.read_attention_weights(weights, 0, meta),
+                                    LayerSpec.from_meta(meta), position_ids, mask)
+    rows = offline.as_rows(out, B * T, with_probs=False)
+    checked, _ = offline.verify(acts, 0, rows, mask.reshape(-1) > 0, offline.real_prob_rows(mask, meta["num_heads"]), 0, RTOL,
                             ("q", "k"))
     return {qn: checked[qn]["max_rel"] for qn in ("q", "k")}
 

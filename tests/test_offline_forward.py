@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, load_script, prepared_once, run_script, step2
 from model_factory import VARIANTS
 
-from common.check import forward_io
+from common.check import offline as offline_files
 from common.cli import InputError
 from common.files import layout
 from common.files.csv_io import read_csv
@@ -144,7 +144,7 @@ def test_chain_plots_and_logits_last(pipeline, tmp_path):
 
 # --- the check has teeth ----------------------------------------------------------------------------
 
-ORIG_SWIGLU, ORIG_RMS_NORM, ORIG_HEAD_WEIGHTS = mlp.swiglu_mlp, norm.rms_norm, forward_io.read_head_weights
+ORIG_SWIGLU, ORIG_RMS_NORM, ORIG_HEAD_WEIGHTS = mlp.swiglu_mlp, norm.rms_norm, offline_files.read_head_weights
 
 
 def swiglu_gate_up_swapped(hnorm, w, hidden_act="silu"):
@@ -161,12 +161,11 @@ def rms_norm_one_plus_w(x, weight, eps):
     return ORIG_RMS_NORM(x, 1 + weight, eps)
 
 
-def decoder_layer_without_residual(x, w, position_ids, attention_mask, spec, keep_probs=None):
+def decoder_layer_without_residual(x, w, spec, position_ids, attention_mask, keep_probs=None):
     """forward.decoder_layer with h = attn instead of x + attn."""
     eps = spec.rms_norm_eps
     xnorm = norm.rms_norm(x, w.input_layernorm, eps)
-    a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads, spec.num_kv_heads,
-                                  spec.head_dim, spec.rope_theta, spec.rope_scaling, keep_probs=keep_probs)
+    a = attention.attention_block(xnorm, w.attn, spec, position_ids, attention_mask, keep_probs=keep_probs)
     h = a["attn"]
     hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
     m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)
@@ -186,7 +185,7 @@ BUGS = {
     "norm_one_plus_w": ("llama32", norm, "rms_norm", rms_norm_one_plus_w, ALL_NODES, {"norm", "logits"}),
     "residual_skipped": ("llama32", forward, "decoder_layer", decoder_layer_without_residual,
                          {"h", "hnorm", "act", "mlp", "out"}, set()),
-    "embedding_as_untied_head": ("untied", forward_io, "read_head_weights", head_weights_tied_anyway, set(),
+    "embedding_as_untied_head": ("untied", offline_files, "read_head_weights", head_weights_tied_anyway, set(),
                                  {"logits"}),
 }
 
@@ -288,7 +287,7 @@ def test_the_head_is_read_in_blocks(pipeline, tmp_path, monkeypatch):
     """Blocks of 7 vocabulary rows give the logits of one read; a short head file is an error."""
     model, weights, acts = pipeline("untied")
     step4(model, weights, acts, tmp_path / "whole", "--layers", "2")
-    monkeypatch.setattr(forward_io, "HEAD_BLOCK_VALUES", 7 * 64)
+    monkeypatch.setattr(offline_files, "HEAD_BLOCK_VALUES", 7 * 64)
     code, report = step4(model, weights, acts, tmp_path / "blocks", "--layers", "2")
     assert code == 0 and report["head"]["logits"]["pass"]
     whole, blocks = (read_csv(tmp_path / d / layout.LOGITS) for d in ("whole", "blocks"))

@@ -139,7 +139,9 @@ def test_blocked_attention_equals_one_block_and_keeps_only_the_asked_probs():
     ctx_full, probs_full = attention.attention(q, k, v, mask, keep_probs="all", block=T)
     ctx, probs = attention.attention(q, k, v, mask, keep_probs="all", block=5)
     np.testing.assert_allclose(ctx, ctx_full, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(probs, probs_full, rtol=0, atol=1e-7)
+    # BLAS rounds a 5-row block and a 37-row one its own way: a few ulps (1.2e-7 seen with OpenBLAS's Haswell
+    # kernels), where a wrong mask or row offset in a block moves probabilities by 1e-2 and more.
+    np.testing.assert_allclose(probs, probs_full, rtol=0, atol=1e-6)
     assert (probs[0, :, :, :6] == 0).all() and (np.triu(probs[1, 2], 1) == 0).all()
     _, one = attention.attention(q, k, v, mask, keep_probs=(1, 3), block=5)
     np.testing.assert_array_equal(one, probs[1, 3])  # (T, T) of prompt 1, head 3 only

@@ -17,14 +17,15 @@ from typing import Callable
 
 import numpy as np
 
-from common.check import forward_io, qkv
-from common.check.step_files import RERUN, check_batch, check_tokens
+from common.check import meta_check, offline
+from common.check.meta_check import RERUN, check_batch, check_tokens
 from common.check.verify import compare
 from common.cli import InputError
 from common.files import layout
 from common.files.atomic import read_json
 from common.files.csv_io import read_csv, read_csv_blocks, write_csv
 from common.llama import forward
+from common.llama.kv_cache import Cache, grow, step_positions
 
 
 @dataclass
@@ -48,12 +49,6 @@ class Step:
         return np.array(self.tokens["next_ids"], np.int64)
 
 
-def step_positions(mask: np.ndarray, offset: int) -> np.ndarray:
-    """The new token's position, as generate() computes it: cumsum(mask) - 1 + offset at the last column.
-    (B, P + 1) -> (B, 1)"""
-    return mask.cumsum(axis=1)[:, -1:] - 1 + offset
-
-
 def read_steps(acts_dir: Path, layers: list[int], B: int, T: int, prefill_mask: np.ndarray) -> list[Step]:
     """Every decode step of a step-2 folder (decode/step_1 .. step_N), checked; [] when there are none."""
     numbers = layout.decode_steps(acts_dir)
@@ -62,7 +57,7 @@ def read_steps(acts_dir: Path, layers: list[int], B: int, T: int, prefill_mask: 
     steps = []
     for s in numbers:
         folder = layout.decode_dir(acts_dir, s)
-        metas = layout.read_metas(folder, layers)
+        metas = meta_check.read_metas(folder, layers)
         for n, meta in metas.items():
             if (meta["batch_size"], meta["seq_len"], meta.get("cache_len")) != (B, 1, T + s - 1):
                 raise InputError(f"{folder / layout.meta_file(n)}: not decode step {s} of this batch (batch "
@@ -95,26 +90,11 @@ def with_steps(acts_dir: Path, names: list[str]) -> list[str]:
     return names + [layout.decode_path(s, name) for s in range(1, last + 1) for name in names]
 
 
-def heads(rows: np.ndarray, B: int, Dh: int) -> np.ndarray:
-    """(B*T, Hkv*Dh) -> (B, T, Hkv, Dh): K or V rows as the cache holds them."""
-    return rows.reshape(B, -1, rows.shape[1] // Dh, Dh)
-
-
-def grow(cache: tuple[np.ndarray, np.ndarray] | None, k_rows: np.ndarray, v_rows: np.ndarray, B: int, Dh: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """The cache with new K and V rows (B*T, Hkv*Dh) appended after the old ones: (B, P + T, Hkv, Dh) each."""
-    k, v = heads(k_rows, B, Dh), heads(v_rows, B, Dh)
-    if cache is None:
-        return k, v
-    return np.concatenate([cache[0], k], axis=1), np.concatenate([cache[1], v], axis=1)
-
-
 def step_dir(out_dir: Path, step: int) -> Path:
     """Where a verifying step writes decode step `step`'s files: OUT_DIR/decode/step_S/."""
     return layout.decode_dir(out_dir, step)
 
 
-Cache = tuple[np.ndarray, np.ndarray]  # (B, P, Hkv, Dh) K after RoPE, V: every earlier token's
 Compute = Callable[[np.ndarray, Step, "Cache | None"], dict]  # (x (B, d), step, cache) -> nodes, k and v among them
 Write = Callable[[Path, int, dict], list]  # (folder, layer, rows) -> names written
 
@@ -123,20 +103,20 @@ def verify_steps(steps: list[Step], n: int, cache: Cache, compute: Compute, writ
                  quantities: tuple[str, ...], atol: float, rtol: float) -> tuple[dict, list[Path]]:
     """Layer n through every decode step, each from its captured x and the cache grown by the step before.
 
-    cache: the prefill's recomputed K and V of layer n. compute gives a step's nodes (as common/check/qkv.as_rows
-    takes them), which write puts in OUT_DIR/decode/step_S/ and qkv.verify compares with step 2's
+    cache: the prefill's recomputed K and V of layer n. compute gives a step's nodes (as common/check/offline.as_rows
+    takes them), which write puts in OUT_DIR/decode/step_S/ and offline.verify compares with step 2's
     decode/step_S/ references. Returns ({(step, n): metrics}, references missing).
     """
     results, missing = {}, []
     for st in steps:
         meta = st.metas[n]
         B = meta["batch_size"]
-        nodes = compute(qkv.read_layer_input(st.folder, n, meta), st, cache)
+        nodes = compute(offline.read_layer_input(st.folder, n, meta), st, cache)
         cache = grow(cache, nodes["k"], nodes["v"], B, meta["head_dim"])
-        rows = qkv.as_rows(nodes, B)  # probs (B, H, 1, P + 1) -> (B*H, P + 1)
+        rows = offline.as_rows(nodes, B)  # probs (B, H, 1, P + 1) -> (B*H, P + 1)
         write(step_dir(out_dir, st.step), n, rows)
         every = np.ones(B, bool), np.ones(B * meta["num_heads"], bool)  # one real row per prompt (and head)
-        checked, miss = qkv.verify(st.folder, n, rows, *every, atol, rtol, quantities)
+        checked, miss = offline.verify(st.folder, n, rows, *every, atol, rtol, quantities)
         if checked:
             results[(st.step, n)] = checked
         missing += miss
@@ -173,7 +153,7 @@ def embedding_rows(weights_dir: Path, meta: dict, ids: set[int]) -> dict[int, np
     whole in memory."""
     path = weights_dir / layout.weight_file(layout.EMBEDDING)
     V, d = meta["vocab_size"], meta["d_model"]
-    block = max(1, forward_io.HEAD_BLOCK_VALUES // d)
+    block = max(1, offline.HEAD_BLOCK_VALUES // d)
     rows = {}
     for i, rows_block in enumerate(read_csv_blocks(path, (V, d), block)):
         for t in ids:
@@ -205,7 +185,7 @@ def chain_steps(steps: list[Step], first: np.ndarray, caches: dict[int, Cache], 
         x0 = st.folder / layout.layer_file("x", 0)
         out[st.step]["x0"] = (compare(x, read_csv(x0, x.shape), every, 0.0, 0.0) if x0.is_file() else None)
         for n in range(meta["num_layers"]):
-            nodes = forward.decoder_layer(x, weights(n), st.positions, st.mask, spec, past_kv=caches[n])
+            nodes = forward.decoder_layer(x, weights(n), spec, st.positions, st.mask, past_kv=caches[n])
             caches[n] = grow(caches[n], nodes["k"], nodes["v"], B, spec.head_dim)
             x = nodes["out"]
         h = forward.head(x, norm_w, head_w, meta["rms_norm_eps"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.check import golden
+from common.check import golden, golden_int
 from common.check.report import _json_safe, _pyplot, _save
 from common.check.verify import DEFINITION as VERIFY_DEFINITION
 from common.check.verify import compare
@@ -73,6 +73,9 @@ def find_candidates(folder: Path) -> tuple[list[Candidate], list[str]]:
     if not folder.is_dir():
         raise InputError(f"candidate folder {folder} does not exist: pass --candidate-dir")
     found, skipped = [], []
+    if golden_int.is_integer_manifest(folder):
+        raise InputError(f"{folder} holds integer words (5_golden.py --integer): grade it against a folder with the "
+                         "same integer tensors (the quantized run's step 3/4 folder) as --reference-dir")
     if (folder / golden.MANIFEST).is_file():
         manifest, enc = golden.load_manifest(folder)
         for e in manifest["files"]:

@@ -10,7 +10,9 @@ LSB off after an ulp upstream moves a node by up to ~5e-3 of its range).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from common.files import layout, quant_weights
 from common.files.csv_io import read_csv
 from common.quant import quantize
 from common.quant.linear import QuantWeight
+from common.quant.schemes import Scheme
 
 XSCALE = "xscale"  # the report's quantity: our per-token scales vs the running model's
 
@@ -128,3 +131,21 @@ def within_margin(ours: np.ndarray, ref: np.ndarray, err: float) -> np.ndarray:
     max_abs of the logits) of its own top-1's: a near-tie that an LSB upstream may tip either way."""
     rows = np.arange(len(ref))
     return ref[rows, ref.argmax(1)] - ref[rows, ours.argmax(1)] <= 2 * err
+
+
+@dataclass(frozen=True)
+class QuantRun:
+    """A run's scheme (None: a float capture), as steps 3 and 4 thread it: how weights are read, the
+    report's quantities, the quantized head (--quant-head: () -> its QuantWeight)."""
+    scheme: Scheme | None = None
+    quant_head: bool = False
+    head_weight: Callable | None = None
+
+    def read(self, path: Path, shape: tuple[int, ...]):
+        return quant_weights.read_weight(path, shape, self.scheme, self.quant_head)
+
+    def quantities(self, base: tuple[str, ...]) -> tuple[str, ...]:
+        return quantities(base, self.scheme)
+
+
+FLOAT = QuantRun()

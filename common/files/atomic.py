@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from common.cli import FS_FAULTS, InputError
+from common.cli import FS_FAULTS, InputError, interrupts_deferred
 
 TEMP_SUFFIX = ".tmp"  # temp names: .<final name>.<random><TEMP_SUFFIX> (files) or ...<TEMP_SUFFIX>d (folders)
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmpd?")  # what mkstemp/mkdtemp make with our prefix and suffix
@@ -100,15 +100,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a new, exclusively created binary file (read-write) beside `path`; rename it over `path`
     only if the block succeeds. A write fault becomes an InputError naming `path`."""
     path = Path(path)
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _locked_temp(lambda: tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX),
-                               os.O_RDWR)
-    except OSError as e:
-        if e.errno in WRITE_FAULTS:
-            raise write_fault(e, path) from None
-        raise
-    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with interrupts_deferred():  # a Ctrl-C between the temp file's creation and `tmp`: left behind
+                fd, tmp = _locked_temp(lambda: tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                                                suffix=TEMP_SUFFIX), os.O_RDWR)
+        except OSError as e:
+            if e.errno in WRITE_FAULTS:
+                raise write_fault(e, path) from None
+            raise
         with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
@@ -121,21 +123,28 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             raise write_fault(e, path) from None
         raise
     finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+        with interrupts_deferred():
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
 @contextmanager
 def temp_folder(final: Path) -> Iterator[Path]:
     """A new private folder beside `final` (mkdtemp), locked while in use, removed afterwards unless renamed."""
-    fd, name = _locked_temp(lambda: (None, tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.",
-                                                            suffix=TEMP_SUFFIX + "d")), os.O_RDONLY | os.O_DIRECTORY)
-    tmp = Path(name)
+    fd, tmp = None, None
     try:
+        with interrupts_deferred():  # as in atomic_file: a Ctrl-C here would leave it behind
+            fd, name = _locked_temp(lambda: (None, tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.",
+                                                                    suffix=TEMP_SUFFIX + "d")),
+                                    os.O_RDONLY | os.O_DIRECTORY)
+            tmp = Path(name)
         yield tmp
     finally:
-        os.close(fd)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with interrupts_deferred():
+            if fd is not None:
+                os.close(fd)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_stale_temps(folder: Path, final: str | None = None) -> list[Path]:

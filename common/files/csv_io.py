@@ -6,9 +6,9 @@ numpy, pandas or Python's float. bf16/fp16 tensors are widened to float32 first,
 A 1-D tensor is one line. NaN is written `NaN` and infinities `inf` / `-inf` (what polars and
 pandas write, and what numpy, pandas and Python read back); a NaN's sign and payload are not kept.
 
-Speed: formatting is the cost (~13 bytes per value), so a large tensor is cut into row chunks
-(chunks) that the forked workers of common/files/csv_pool.py format at once, each writing its own
-chunks into the file. The file appears under its final name only once complete (common.files.atomic).
+Formatting is the cost (~13 bytes per value), so a large tensor is cut into row chunks
+(common/files/csv_format.py) that the forked workers of common/files/csv_pool.py format at once,
+each writing its own chunks into the file. The file appears under its final name only once complete (common.files.atomic).
 Reading: polars parses straight to float32 (correctly rounded) on every core.
 
 This module does not import torch (step 3 stays a numpy-only process): it accepts a torch tensor
@@ -20,6 +20,7 @@ import hashlib
 import io
 import itertools
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,14 +35,12 @@ os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 import polars as pl  # noqa: E402
 
 from common.cli import InputError
+from common.files import csv_format, csv_pool
 from common.files.atomic import atomic_file
 
 CHUNK_VALUES = 1 << 20  # most values formatted at once: ~14 MB of text held per worker
 MIN_CHUNK_VALUES = 1 << 16
 PARALLEL_MIN_VALUES = 1 << 18  # below this, handing the work out costs more than it saves
-NAN, POS_INF, NEG_INF = b"NaN", b"inf", b"-inf"
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 def _is_tensor(x) -> bool:
@@ -73,99 +72,22 @@ def _source_array(x) -> np.ndarray:
     return to_float32_numpy(x)
 
 
-def widen(block: np.ndarray) -> np.ndarray:
-    """float32 values of a block from _source_array; exact (bf16 is the top half of a float32)."""
-    if block.dtype == np.uint16:  # bfloat16 bits
-        return (block.astype(np.uint32) << 16).view(np.float32)
-    return block.astype(np.float32, copy=False)
-
-
 def cpu_workers() -> int:
     """Cores this process may run on (the affinity mask, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# --- formatting ------------------------------------------------------------------------------
-
-
-def _row_text(row: np.ndarray) -> bytes:
-    """One row's values, comma-separated; orjson writes NaN and inf as null, so respell those."""
-    text = orjson.dumps(row, option=_NUMPY)[1:-1]
-    if np.isfinite(row).all():
-        return text
-    tokens = text.split(b",")
-    for j in np.flatnonzero(~np.isfinite(row)):
-        tokens[j] = NAN if np.isnan(row[j]) else POS_INF if row[j] > 0 else NEG_INF
-    return b",".join(tokens)
-
-
-def format_block(block: np.ndarray, col_sep: bytes, row_sep: bytes, end: bytes) -> list:
-    """A C-contiguous float32 (rows, cols) block as buffers for writev: values joined by `col_sep`,
-    rows by `row_sep`, then `end`. The pieces are views into one orjson output: nothing is copied.
-    A float16 or bfloat16-bits block is widened to float32 first."""
-    block = widen(block)
-    if np.isfinite(block).all():
-        text = orjson.dumps(block, option=_NUMPY)  # b"[[v,v,...],[v,...],...]"
-        view, find = memoryview(text), text.find
-        rows, pos = [], 2
-        for _ in range(block.shape[0]):
-            stop = find(b"]", pos)
-            rows.append(view[pos:stop])
-            pos = stop + 3  # skip "],["
-    else:
-        rows = [_row_text(r) for r in block]
-    if col_sep != b",":
-        table = bytes.maketrans(b",", col_sep)
-        rows = [bytes(r).translate(table) for r in rows]
-    pieces = [p for r in rows for p in (r, row_sep)]
-    pieces[-1] = end
-    return pieces
-
-
-def chunks(a: np.ndarray, col_sep: bytes, chunk_values: int) -> list[tuple[np.ndarray, bytes, bytes, bytes]]:
-    """format_block arguments covering the whole file in order: blocks of about `chunk_values`
-    values, whole rows of a 2-D array, or segments of a 1-D one (one line: joined by `col_sep`)."""
-    if a.ndim == 2:
-        step = max(1, chunk_values // max(1, a.shape[1]))
-        return [(a[i:i + step], col_sep, b"\n", b"\n") for i in range(0, a.shape[0], step)]
-    width = max(1, min(4096, chunk_values))
-    n_full = a.size // width * width
-    body = a[:n_full].reshape(-1, width)  # (n // width, width): pseudo-rows of the one line
-    step = max(1, chunk_values // width)
-    out = [(body[i:i + step], col_sep, col_sep, col_sep) for i in range(0, body.shape[0], step)]
-    if n_full < a.size:
-        out.append((a[n_full:].reshape(1, -1), col_sep, col_sep, col_sep))
-    out[-1] = (*out[-1][:3], b"\n")
-    return out
-
-
 # --- writing ---------------------------------------------------------------------------------
-
-
-def pwrite_all(fd: int, pieces: list, offset: int) -> None:
-    """pwritev every piece at `offset`, resuming after short writes."""
-    views = [memoryview(p) for p in pieces]
-    while views:
-        batch = views[:_IOV_MAX]
-        done = os.pwritev(fd, batch, offset)
-        offset += done
-        k = 0
-        while k < len(batch) and done >= len(batch[k]):
-            done -= len(batch[k])
-            k += 1
-        views = views[k:]
-        if done:
-            views[0] = views[0][done:]
 
 
 def _write_serial(fd: int, chunks: list, digest, on_chunk) -> int:
     offset = 0
     for block, *seps in chunks:
-        pieces = format_block(block, *seps)
+        pieces = csv_format.format_block(block, *seps)
         if digest is not None:
             for p in pieces:
                 digest.update(p)
-        pwrite_all(fd, pieces, offset)
+        csv_format.pwrite_all(fd, pieces, offset)
         offset += sum(map(len, pieces))
         if on_chunk:
             on_chunk(block.size)
@@ -199,20 +121,18 @@ def write_numbers(path: str | os.PathLike, x, sep: str = ",", workers: int | Non
                     digest.update(text)
                 size = len(text)
             elif workers > 1 and a.size >= PARALLEL_MIN_VALUES and _pool_available():
-                from common.files import csv_pool  # imports this module: loaded on first use
                 # several chunks per worker, so that one slow chunk does not hold up the end
                 chunk_values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, a.size // (4 * workers)))
                 size = csv_pool.write(workers, fd, a, sep.encode(), chunk_values, digest, on_chunk,
                                       file_slice if sys.byteorder == "little" else None)
             else:
-                size = _write_serial(fd, chunks(a, sep.encode(), CHUNK_VALUES), digest, on_chunk)
+                size = _write_serial(fd, csv_format.chunks(a, sep.encode(), CHUNK_VALUES), digest, on_chunk)
         finally:
             os.close(fd)
     return size, digest.hexdigest() if digest is not None else None
 
 
 def _pool_available() -> bool:
-    import socket
     return all(hasattr(m, f) for m, f in ((os, "fork"), (os, "memfd_create"), (socket, "send_fds")))
 
 
@@ -279,6 +199,23 @@ def read_csv_blocks(path: str | os.PathLike, shape: tuple[int, int], block_rows:
             yield block
     if seen != rows:
         raise InputError(f"{path} has shape ({seen}, {ncols}), expected {shape}: re-export it")
+
+
+def read_int_csv(path: str | os.PathLike) -> np.ndarray:
+    """A CSV of plain integers (step 1's .q.csv, steps 3/4's xq_/acc_ files) as int64, exact: an int32
+    accumulator past 2^24 is no float32. A field that is not an integer is an InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} is missing")
+    with open(path, "rb") as f:
+        ncols = f.readline().count(b",") + 1
+    try:
+        df = pl.read_csv(path, has_header=False, schema={f"c{i}": pl.Int64 for i in range(ncols)})
+    except pl.exceptions.PolarsError as e:
+        raise InputError(f"{path}: not a CSV of plain integers ({str(e).splitlines()[0]})") from None
+    if df.null_count().sum_horizontal().item():
+        raise InputError(f"{path}: not a CSV of plain integers (a row has fewer than {ncols} values, or an empty one)")
+    return df.to_numpy(order="c")
 
 
 # --- integers (and float32) as exact CSV, without the parallel writer: step 1 --quant, steps 3/4 ---

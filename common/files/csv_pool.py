@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import csv_io
+from common.cli import interrupts_deferred
+from common.files import csv_format
 
 DROP_BEHIND_BYTES = 512 << 20  # written output kept in the page cache; writeback starts at half
 DROP_BEHIND_FILES = 64  # files held open for dropping, at most
@@ -123,7 +124,7 @@ def _worker(fd: int, chunks: list, rank: int, nworkers: int, recv_fd: int, send_
     """Format chunks rank, rank+W, ...; chunk i's file offset comes from the worker of chunk i-1
     (around the ring), and (i, offset, nbytes) goes to the parent once chunk i is on disk."""
     for i in range(rank, len(chunks), nworkers):
-        pieces = csv_io.format_block(*chunks[i])
+        pieces = csv_format.format_block(*chunks[i])
         nbytes = sum(map(len, pieces))
         offset = 0
         if i > 0:
@@ -133,7 +134,7 @@ def _worker(fd: int, chunks: list, rank: int, nworkers: int, recv_fd: int, send_
             (offset,) = struct.unpack("<q", msg)
         if i + 1 < len(chunks):
             os.write(send_fd, struct.pack("<q", offset + nbytes))
-        csv_io.pwrite_all(fd, pieces, offset)
+        csv_format.pwrite_all(fd, pieces, offset)
         os.write(done_fd, _DONE.pack(i, offset, nbytes))  # < PIPE_BUF: atomic among writers
 
 
@@ -197,7 +198,7 @@ def _serve(rank: int, nworkers: int, control: socket.socket, recv_fd: int, send_
             nbytes = math.prod(shape) * np.dtype(dtype).itemsize
             mm = mmap.mmap(src_fd, offset - start + nbytes, prot=mmap.PROT_READ, offset=start)
             a = np.frombuffer(mm, dtype, math.prod(shape), offset - start).reshape(shape)
-            _worker(out_fd, csv_io.chunks(a, col_sep, chunk_values), rank, nworkers, recv_fd, send_fd, done_fd)
+            _worker(out_fd, csv_format.chunks(a, col_sep, chunk_values), rank, nworkers, recv_fd, send_fd, done_fd)
             del a
             mm.close()
         except OSError as e:
@@ -228,7 +229,10 @@ class _Pool:
         gc.freeze()  # the workers' collector leaves the parent's objects alone: no copy-on-write
         try:
             for rank in range(nworkers):
-                pid = os.fork()
+                with interrupts_deferred():  # Ctrl-C reaches the whole process group: only the parent acts on it
+                    pid = os.fork()  # (it stops the workers); a worker that died of it would read as a failure
+                    if pid == 0:
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)
                 if pid == 0:  # worker: keep only its own ends, never return into the caller
                     code = 1
                     try:
@@ -260,7 +264,7 @@ class _Pool:
         The workers map the array's bytes from `file_slice` (file, offset) when given, else from
         a memfd copy.
         """
-        chunks = csv_io.chunks(a, col_sep, chunk_values)  # the same plan the workers compute
+        chunks = csv_format.chunks(a, col_sep, chunk_values)  # the same plan the workers compute
         if file_slice is not None:
             src, offset = os.open(file_slice[0], os.O_RDONLY | os.O_CLOEXEC), file_slice[1]
         else:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import InputError
+from common.cli import InputError, Interrupted, interrupts_deferred
 from common.files import manifest
 from common.files.atomic import atomic_file, clean_stale_temps, sha256_stream
 from common.files.csv_io import write_numbers
@@ -296,40 +296,53 @@ class Summary:
 
 def export(model_dir: Path, out_dir: Path, fmt: str, dtype: str | None, jobs: list[Job], force: bool = False,
            progress: bool | None = None) -> Summary:
-    """Write every job's file into out_dir (skipping unchanged ones unless force), recording each in the manifest."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create {out_dir}: {e.strerror}: choose another --out-dir") from None
-    clean_stale_temps(out_dir)
-    recorded = manifest.read_manifest(out_dir)
+    """Write every job's file into out_dir (skipping unchanged ones unless force), recording each in the manifest.
+    Ctrl-C: Interrupted, saying how many files are in place; the file being written is dropped with its entry."""
     summary = Summary()
-    todo = []
-    for job in jobs:
-        if not force and manifest.still_matches(out_dir, job.file_name, job.entry, recorded.get(job.file_name)):
-            summary.skipped.append(job.file_name)
-        else:
-            todo.append(job)
-    n_tensors = sum(len(j.members) for j in todo)
-    # progress None: a bar only on a terminal (tqdm's own rule); True/False force it on/off.
-    bar = tqdm(total=sum(j.source_bytes for j in todo), unit="B", unit_scale=True, desc="export",
-               disable=None if progress is None else not progress, dynamic_ncols=True)
-    start = time.perf_counter()
+    current = None  # the job being written: after a Ctrl-C its file may be in place without its entry
+    bar = None
     try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create {out_dir}: {e.strerror}: choose another --out-dir") from None
+        clean_stale_temps(out_dir)
+        recorded = manifest.read_manifest(out_dir)
+        todo = []
+        for job in jobs:
+            if not force and manifest.still_matches(out_dir, job.file_name, job.entry, recorded.get(job.file_name)):
+                summary.skipped.append(job.file_name)
+            else:
+                todo.append(job)
+        n_tensors = sum(len(j.members) for j in todo)
+        # progress None: a bar only on a terminal (tqdm's own rule); True/False force it on/off.
+        bar = tqdm(total=sum(j.source_bytes for j in todo), unit="B", unit_scale=True, desc="export",
+                   disable=None if progress is None else not progress, dynamic_ncols=True)
+        start = time.perf_counter()
         for job in todo:
-            path = _inside(out_dir, job.file_name)
+            current, path = job, _inside(out_dir, job.file_name)
             bytes_per_value = job.source_bytes / max(1, job.values)
 
             def on_values(n: int) -> None:
                 bar.update(round(n * bytes_per_value))
             nbytes, sha = write_job(path, job, fmt, dtype, on_values)  # write faults: one line (common.files.atomic)
-            manifest.record(out_dir, {job.file_name: {**job.entry, "bytes": nbytes, "sha256": sha}})
+            with interrupts_deferred():  # the file and its entry, together
+                manifest.record(out_dir, {job.file_name: {**job.entry, "bytes": nbytes, "sha256": sha}})
+            current = None
             summary.tensors += len(job.members)
             summary.values += job.values
             summary.bytes += nbytes
             summary.files.append(job.file_name)
             bar.set_postfix_str(f"{summary.tensors}/{n_tensors} tensors")
+    except KeyboardInterrupt:
+        with interrupts_deferred():
+            if current is not None:  # neither the file nor its entry is vouched for: drop both
+                manifest.forget(out_dir, current.file_name)
+        kept = len(summary.skipped) + len(summary.files)
+        raise Interrupted(f"{kept} of {len(jobs)} file(s) are in {out_dir}, each listed in its manifest; "
+                          "rerun to write the rest") from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     summary.seconds = time.perf_counter() - start
     return summary

@@ -16,16 +16,13 @@ quantity needs only a new stem, a new folder only a new constant below.
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
 
 from common import paths
-from common.check.step_files import check_meta_values
 from common.cli import InputError
-from common.files.atomic import read_json
-from common.llama.attention import check_heads
-from common.llama.rope import check_scaling
 
 # Default folders under outputs/<model folder>/ (paths.output_dir).
 WEIGHTS, ACTS, QKV, FORWARD, GOLDEN = "weights", "x_all_layers", "qkv", "forward", "golden"
@@ -57,7 +54,6 @@ TOP_TOKENS_PLOT = "top_tokens.png"  # the top next tokens, model vs offline, per
 LAYER_REF_STEMS = ("h", "hnorm", "act", "mlp", "out")  # step 2's SAVE_LAYER_REFS
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-QUANT_TAPE = ("xq", "xscale", "xzero", "acc")  # steps 3/4, quantized captures: per linear P, xq_P_layerN.csv, ...
 STEP2_STEMS = ("x", "xnorm", "ref_q", "ref_k", "ref_v", "ref_attn", *(f"ref_{s}" for s in LAYER_REF_STEMS),
                "ref_probs", *(f"ref_{t}_{p}" for t in ("xscale", "xzero") for p in ATTENTION_PROJ + MLP_PROJ))
 # Step 3's per-layer files (probs: (B*H*T, T), row (b*H + h)*T + t_query, column t_key).
@@ -85,7 +81,7 @@ def quant_folder(folder: str, scheme: str | None) -> str:
 
 
 def quant_file(proj: str, n: int, what: str) -> str:
-    """A quantized linear's integer tensor (steps 3/4): what in QUANT_TAPE; q_proj, 3, xq -> xq_q_proj_layer3.csv."""
+    """A quantized linear's integer tensor (steps 3/4): what in QUANT_KINDS; q_proj, 3, xq -> xq_q_proj_layer3.csv."""
     return layer_file(f"{what}_{proj}", n)
 
 
@@ -234,6 +230,19 @@ def rerun_step1(model_dir: str | Path, weights_dir: Path) -> str:
             f"--out-dir {shlex.quote(str(weights_dir))} --force")
 
 
+def capture_source(acts_dir: Path, fallback: str | Path | None) -> str | Path | None:
+    """The model folder a step-2 capture came from (its meta files say), for a rerun hint that names the
+    right model even when the capture's files are damaged; `fallback` where no meta file says it."""
+    for name in (META_MODEL, *sorted(p.name for p in acts_dir.glob(meta_file("*")))):
+        try:
+            said = json.loads((acts_dir / name).read_bytes()).get("model_dir")
+        except (OSError, ValueError, AttributeError, RecursionError):  # a hint only: the hash check names the fault
+            continue
+        if isinstance(said, str) and said:
+            return said
+    return fallback
+
+
 def step2_layers(acts_dir: Path, model_dir: str | Path | None = None) -> list[int]:
     """The layers with a meta file in a step-2 folder; InputError when there are none."""
     if not acts_dir.is_dir():
@@ -243,36 +252,6 @@ def step2_layers(acts_dir: Path, model_dir: str | Path | None = None) -> list[in
     if not have:
         raise InputError(f"no meta_layerN.json in {acts_dir}: {rerun_step2(model_dir)}")
     return have
-
-
-def check_meta(meta: dict, path: Path) -> None:
-    """The keys a later step needs, a supported RoPE and whole GQA groups."""
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
-    check_meta_values(meta, path)  # types and ranges: positive sizes, finite rope_theta, a mapping for rope_scaling
-    try:
-        rope_type = check_scaling(meta["rope_scaling"])
-        check_heads(meta["num_heads"], meta["num_kv_heads"])
-    except ValueError as e:
-        raise InputError(f"{path}: {e}; refusing to guess") from None
-    if meta["rope_type"] != rope_type:
-        raise InputError(f"{path}: rope_type {meta['rope_type']!r} disagrees with rope_scaling "
-                         f"{meta['rope_scaling']}: run 2_get_x.py again")
-
-
-def read_metas(acts_dir: Path, layers: list[int]) -> dict[int, dict]:
-    """layer -> checked meta_layerN.json; all of one batch (the same batch size and sequence length)."""
-    metas = {}
-    for n in layers:
-        path = acts_dir / meta_file(n)
-        metas[n] = read_json(path, "run 2_get_x.py again")
-        check_meta(metas[n], path)
-        first = metas[layers[0]]
-        if (metas[n]["batch_size"], metas[n]["seq_len"]) != (first["batch_size"], first["seq_len"]):
-            raise InputError(f"{path} disagrees with {meta_file(layers[0])} on batch size or sequence "
-                             "length: run 2_get_x.py again")
-    return metas
 
 
 # --- reading a step-1 folder -------------------------------------------------------------------
@@ -309,3 +288,20 @@ def golden_file(tensor: str, fmt: str, layer: int | None) -> str:
     if fmt == "npz":
         return "model.npz" if layer is None else f"layer{layer}.npz"
     return f"{tensor}.{fmt}"
+
+
+# --- the quantized path (issue 19, docs/quantized.md): integer tensors of steps 3/4 ------------
+
+# Per layer N and linear P, steps 3/4 of a quantized capture write (rows as the node's, b*T + t):
+#   xq_P_layerN.csv int8 [rows, in], xscale_P_layerN.csv float32 [rows, 1],
+#   xzero_P_layerN.csv int8 [rows, 1] (asymmetric schemes), acc_P_layerN.csv int32 [rows, out (x G)]
+QUANT_LINEARS = ATTENTION_PROJ + MLP_PROJ
+GOLDEN_RTL = "golden_rtl"  # step 5 --rtl's default folder (+ "-<scheme>"): examples/rtl's vector files
+QUANT_KINDS = ("xq", "xscale", "xzero", "acc")
+_QUANT_FILE = re.compile(r"(?P<kind>xq|xscale|xzero|acc)_(?P<proj>" + "|".join(QUANT_LINEARS) + r")_layer(?P<n>\d+)")
+
+
+def parse_quant_file(stem: str) -> tuple[str, str, int] | None:
+    """xq_q_proj_layer0 -> ("xq", "q_proj", 0); anything else -> None."""
+    m = _QUANT_FILE.fullmatch(stem)
+    return (m["kind"], m["proj"], int(m["n"])) if m else None

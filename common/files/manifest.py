@@ -74,6 +74,16 @@ def record(out_dir: Path, entries: dict[str, dict]) -> None:
         write_json(out_dir / MANIFEST_NAME, {"files": dict(sorted(files.items()))})
 
 
+def forget(out_dir: Path, file_name: str) -> None:
+    """Remove a file and its manifest entry (a write cut short by Ctrl-C: neither is vouched for)."""
+    out_dir = Path(out_dir)
+    with _locked(out_dir):
+        files = read_manifest(out_dir)
+        if files.pop(file_name, None) is not None:
+            write_json(out_dir / MANIFEST_NAME, {"files": dict(sorted(files.items()))})
+        (out_dir / file_name).unlink(missing_ok=True)
+
+
 def still_matches(out_dir: Path, file_name: str, planned: dict, recorded: dict | None) -> bool:
     """True when `file_name` can be kept: its entry describes the planned export and its size is right."""
     if not recorded or any(recorded.get(k) != planned.get(k) for k in IDENTITY_KEYS):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.llama import rope  # called as rope.f(...) so that tests can swap one equation for a buggy one
+from common.llama.spec import LayerSpec
 
 # Query rows per block. Attention is computed QUERY_BLOCK rows at a time, so its memory is a few
 # B x H x QUERY_BLOCK x T arrays, never the B x H x T x T score tensor (2.1 GB for one 4096-token
@@ -141,30 +142,30 @@ def with_cache(past_kv: tuple[np.ndarray, np.ndarray] | None, k: np.ndarray, v: 
     return np.concatenate([past_kv[0], k], axis=1), np.concatenate([past_kv[1], v], axis=1), attention_mask
 
 
-def attention_block(xnorm: np.ndarray, w: AttentionWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
-                    num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
-                    rope_scaling: dict | None, keep_probs: str | tuple[int, int] | None = None,
-                    pow_lanes: int | None = None, past_kv: tuple[np.ndarray, np.ndarray] | None = None
-                    ) -> dict[str, np.ndarray]:
+def attention_block(xnorm: np.ndarray, w: AttentionWeights, layer: LayerSpec, positions: np.ndarray,
+                    mask: np.ndarray, keep_probs: str | tuple[int, int] | None = None,
+                    past_kv: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Recompute one layer's attention from its normalised input.
 
-    xnorm (B*T, d) batch-major; position_ids (B, T); attention_mask (B, T), or (B, P + T) with a
+    xnorm (B*T, d) batch-major; positions (B, T); mask (B, T), or (B, P + T) with a
     KV cache past_kv = (k, v), each (B, P, Hkv, Dh) after RoPE: the keys of earlier tokens, which
     the new queries attend to before their own (a decode step: T = 1). Returns q (B*T, H*Dh) and
     k, v (B*T, Hkv*Dh) after RoPE (v has none) of the new rows only, head-major columns (h*Dh + j)
     like the model's projections; attn (B*T, d) after o_proj; probs as `attention` keeps them.
-    pow_lanes: the capture machine's SIMD width for RoPE's pow (common/llama/rope.py, point 4; None: here's).
+    layer: its heads and RoPE; layer.pow_lanes the capture machine's SIMD width for RoPE's pow
+    (common/llama/rope.py, point 4; None: here's).
     """
-    B, T = position_ids.shape
-    H, Hkv, Dh = num_heads, num_kv_heads, head_dim
+    B, T = positions.shape
+    H, Hkv, Dh = layer.num_heads, layer.num_kv_heads, layer.head_dim
     check_heads(H, Hkv)
     q = linear(xnorm, w.wq, w.bq).reshape(B, T, H, Dh)  # (B*T, H*Dh) -> (B, T, H, Dh)
     k = linear(xnorm, w.wk, w.bk).reshape(B, T, Hkv, Dh)  # (B*T, Hkv*Dh) -> (B, T, Hkv, Dh)
     v = linear(xnorm, w.wv, w.bv).reshape(B, T, Hkv, Dh)
-    cos, sin = rope.rope_cos_sin(position_ids, rope.rope_inv_freq(Dh, rope_theta, rope_scaling, pow_lanes))
+    inv_freq = rope.rope_inv_freq(Dh, layer.rope_theta, layer.rope_scaling, layer.pow_lanes)
+    cos, sin = rope.rope_cos_sin(positions, inv_freq)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    k_all, v_all, attention_mask = with_cache(past_kv, k, v, attention_mask)
-    context, probs = attention(q, k_all, v_all, attention_mask, keep_probs)  # over (B, P + T) keys
+    k_all, v_all, mask = with_cache(past_kv, k, v, mask)
+    context, probs = attention(q, k_all, v_all, mask, keep_probs)  # over (B, P + T) keys
     attn = linear(context.reshape(B * T, H * Dh), w.wo, w.bo)  # (B, T, H, Dh) -> (B*T, H*Dh) -> (B*T, d)
     return {"q": q.reshape(B * T, H * Dh), "k": k.reshape(B * T, Hkv * Dh), "v": v.reshape(B * T, Hkv * Dh),
             "attn": attn, "probs": probs}

@@ -25,23 +25,11 @@ import numpy as np
 from common.llama import attention, mlp, norm
 from common.llama.attention import AttentionWeights
 from common.llama.mlp import MLPWeights
+from common.llama.spec import LayerSpec
 
 # Every node of a layer, in forward order (probs is (B, H, T, T) when kept; the others (B*T, C)).
 LAYER_NODES = ("xnorm", "q", "k", "v", "probs", "attn", "h", "hnorm", "act", "mlp", "out")
 HEAD_NODES = ("norm", "logits")
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What a layer's equations need besides weights: sizes, RoPE, eps, activation (meta_layerN.json)."""
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rope_scaling: dict | None
-    rms_norm_eps: float
-    hidden_act: str = "silu"
-    pow_lanes: int | None = None  # the capture machine's SIMD width for RoPE's pow (common/llama/rope.py)
 
 
 @dataclass(frozen=True)
@@ -52,23 +40,21 @@ class LayerWeights:
     mlp: MLPWeights
 
 
-def decoder_layer(x: np.ndarray, w: LayerWeights, position_ids: np.ndarray, attention_mask: np.ndarray,
-                  spec: LayerSpec, keep_probs: str | None = None,
+def decoder_layer(x: np.ndarray, w: LayerWeights, layer: LayerSpec, positions: np.ndarray, mask: np.ndarray,
+                  keep_probs: str | None = None,
                   past_kv: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """x (B*T, d) -> every node of LAYER_NODES; position_ids (B, T), attention_mask (B, T).
+    """x (B*T, d) -> every node of LAYER_NODES; positions (B, T), mask (B, T).
 
     probs is every head's (B, H, T, T) with keep_probs="all", else None (common.llama.attention.attention).
-    A decode step: past_kv the layer's KV cache (B, P, Hkv, Dh) each, attention_mask (B, P + T);
+    A decode step: past_kv the layer's KV cache (B, P, Hkv, Dh) each, mask (B, P + T);
     k and v are then the new rows only, probs (B, H, T, P + T).
     """
-    eps = spec.rms_norm_eps
+    eps = layer.rms_norm_eps
     xnorm = norm.rms_norm(x, w.input_layernorm, eps)
-    a = attention.attention_block(xnorm, w.attn, position_ids, attention_mask, spec.num_heads,
-                                  spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.rope_scaling,
-                                  keep_probs=keep_probs, pow_lanes=spec.pow_lanes, past_kv=past_kv)
+    a = attention.attention_block(xnorm, w.attn, layer, positions, mask, keep_probs, past_kv)
     h = x + a["attn"]
     hnorm = norm.rms_norm(h, w.post_attention_layernorm, eps)
-    m = mlp.swiglu_mlp(hnorm, w.mlp, spec.hidden_act)
+    m = mlp.swiglu_mlp(hnorm, w.mlp, layer.hidden_act)
     return {"xnorm": xnorm, **a, "h": h, "hnorm": hnorm, "act": m["act"], "mlp": m["mlp"], "out": h + m["mlp"]}
 
 
@@ -103,7 +89,7 @@ def chain(x0: np.ndarray, layers: Iterable[int], load: Callable[[int], LayerWeig
     x = x0
     for n in layers:
         w = load(n)
-        nodes = decoder_layer(x, w, position_ids, attention_mask, spec_of(n))
+        nodes = decoder_layer(x, w, spec_of(n), position_ids, attention_mask)
         del w
         yield n, nodes
         x = nodes["out"]

@@ -34,7 +34,7 @@ takes four things, each mirrored below:
      1 / pow), and at long positions that alone FAILs the check. So the last bit depends on the
      capture machine's CPU: step 2 records torch_cpu_capability and the model's own inv_freq
      (rope_inv_freq) in meta_layerN.json; step 3 computes with the recorded capability's lanes and
-     reports every frequency that still differs (common/check/qkv.py, rope_check).
+     reports every frequency that still differs (common/check/offline.py, rope_check).
      Where it is computed: transformers calls ROPE_INIT_FUNCTIONS / compute_default_rope_parameters
      with no device (LlamaRotaryEmbedding.__init__, and again in PreTrainedModel._init_weights after
      from_pretrained), so on the CPU even for a model that then runs on CUDA; this pipeline also

@@ -17,7 +17,7 @@ library's own powf through ctypes (the standard library's, so step 3 stays free 
 Checked against torch 2.13 on this machine (glibc 2.36) under AVX512, and under AVX2 and DEFAULT
 (ATEN_CPU_CAPABILITY), for every head_dim 16..256 and dozens of thetas: equal bit for bit
 (tests/test_long_positions.py). A step 3 on another C library may differ on the tail's powf; its
-comparison with the model's recorded frequencies says so (common/check/qkv.py, rope_check).
+comparison with the model's recorded frequencies says so (common/check/offline.py, rope_check).
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import weakref
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Container, Iterator
 
@@ -43,9 +44,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.cli import InputError
 from common.files import layout
 from common.files.atomic import sha256_file
 from common.files.manifest import save_csv, save_json
+from common.llama.attention import PROBS_MAX_SEQ_LEN
+from common.model import prompts  # called as prompts.f(...): a test plants a capture that restarts positions
 from common.model.layer_loader import LayerCollector
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
@@ -60,17 +64,64 @@ LOGITS_CHOICES = ("all", "last", "none")  # ref_logits rows: every position, eac
 CSV_BYTES_PER_VALUE = 13  # what common.files.csv_io writes on average (shortest round-trip float32 + comma)
 
 
-def csv_bytes_estimate(cfg, tokens: int, layers: int, save_x_norm: bool, save_reference: bool,
-                       save_layer_refs: bool = False, save_attn_probs: bool = False, seq_len: int = 0,
-                       logit_rows: int = 0) -> int:
+@dataclass(frozen=True)
+class Settings:
+    """What a capture records and how the model runs (step 2's flags), taken whole by every capture function."""
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    save_x_norm: bool = True  # xnorm_layerN.csv
+    save_reference: bool = True  # ref_q/k/v/attn_layerN.csv
+    save_layer_refs: bool = True  # ref_h/hnorm/act/mlp/out_layerN.csv
+    save_attn_probs: bool = True  # ref_probs_layerN.csv
+    logits: str = "all"  # LOGITS_CHOICES
+    generate: int = 0  # greedy decode steps after the prefill (full_model_capture only)
+    quant: tuple | None = None  # (Scheme, quant_head): the model quantized by torchao (common/model/quant_capture.py)
+
+
+def check_generate(generate: int, streaming: bool) -> None:
+    if generate < 0:
+        raise InputError(f"--generate {generate}: give 0 (no decode steps) or more")
+    if generate and streaming:
+        raise InputError("--generate with --streaming: decode steps need the whole model and its KV cache in "
+                         "memory; drop --streaming (or --generate)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def settings(dtype: str, device: str, save_x_norm: bool, save_reference: bool, save_layer_refs: bool,
+             save_attn_probs: bool, seq_len: int, logits: str, generate: int, quant: tuple | None = None) -> Settings:
+    """Step 2's flags as a capture's Settings: the device resolved, and attention probabilities saved up to
+    PROBS_MAX_SEQ_LEN tokens only (steps 3 and 4 hold and check every head's up to there)."""
+    return Settings(getattr(torch, dtype), resolve_device(device), save_x_norm, save_reference, save_layer_refs,
+                    save_attn_probs and seq_len <= PROBS_MAX_SEQ_LEN, logits, generate, quant)
+
+
+def plan(cfg, B: int, T: int, layers: int, s: Settings, probs_asked: bool) -> tuple[int, str]:
+    """(bytes of CSV the capture writes, about; a line on the attention probabilities) for B prompts of T tokens."""
+    logit_rows = {"all": B * T, "last": B, "none": 0}[s.logits]
+    size = csv_bytes_estimate(cfg, B * T, layers, s, T, logit_rows)
+    size += s.generate * csv_bytes_estimate(cfg, B, layers, s, T + s.generate, B if logit_rows else 0)
+    probs_mb = CSV_BYTES_PER_VALUE * layers * B * cfg.num_heads * T * T / 1e6
+    probs = (f"{layers} x [{B * cfg.num_heads * T}, {T}], about {probs_mb:.1f} MB" if s.save_attn_probs
+             else f"off: {T} tokens > PROBS_MAX_SEQ_LEN {PROBS_MAX_SEQ_LEN}" if probs_asked else "off")
+    return size, probs
+
+
+def csv_bytes_estimate(cfg, tokens: int, layers: int, s: Settings, seq_len: int = 0, logit_rows: int = 0) -> int:
     """About how many bytes of CSV a capture of `tokens` rows (B*T) over `layers` layers writes
     (attention probabilities: seq_len values per row and head; logits: logit_rows rows of vocab_size)."""
-    per_row = cfg.d_model * (1 + save_x_norm + save_reference)  # x, xnorm, ref_attn
-    if save_reference:
+    per_row = cfg.d_model * (1 + s.save_x_norm + s.save_reference)  # x, xnorm, ref_attn
+    if s.save_reference:
         per_row += (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim  # ref_q, ref_k, ref_v
-    if save_layer_refs:
+    if s.save_layer_refs:
         per_row += 4 * cfg.d_model + cfg.intermediate_size  # ref_h, ref_hnorm, ref_mlp, ref_out; ref_act
-    if save_attn_probs:
+    if s.save_attn_probs:
         per_row += cfg.num_heads * seq_len  # ref_probs
     head = (cfg.d_model * tokens + cfg.vocab_size * logit_rows) if logit_rows else 0  # ref_norm, ref_logits
     return CSV_BYTES_PER_VALUE * (per_row * tokens * layers + head)
@@ -120,20 +171,20 @@ def output_tensor(out) -> torch.Tensor:
 
 @contextmanager
 def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, dict[str, torch.Tensor]], None],
-                   save_x_norm: bool = True, save_reference: bool = True, save_layer_refs: bool = True,
-                   save_attn_probs: bool = True, extra_hooks: Callable | None = None) -> Iterator[None]:
+                   s: Settings) -> Iterator[None]:
     """Hook decoder layers {N: module}; when layer N finishes, call sink(N, {file stem: (rows, C) tensor}).
 
     `config` is the (transformers) config the layers were built with; its attention
     implementation must be "eager" and is switched to CAPTURE_ATTENTION only inside the block.
     A new node is one more hook below that calls add(n, stem, tensor), and its stem in
     common/files/layout.py (STEP2_STEMS), which write_layer and stale_files follow.
-    extra_hooks(n, layer, add) -> handles adds more (a quantized capture's scales: common/model/quant_capture.py).
     """
     if config._attn_implementation not in ("eager", CAPTURE_ATTENTION):
         raise ValueError(f"capture needs eager attention, the model uses {config._attn_implementation!r}")
     found: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
+    save_x_norm, save_reference, save_layer_refs, save_attn_probs = (
+        s.save_x_norm, s.save_reference, s.save_layer_refs, s.save_attn_probs)
 
     def add(n: int, name: str, t: torch.Tensor) -> None:
         found.setdefault(n, {})[name] = t
@@ -173,8 +224,9 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
                     add(n, "ref_probs", prob_rows(probs))  # (B, H, T, T_cache)
 
             _RECORDERS[layer.self_attn] = qkv
-        if extra_hooks is not None:
-            handles += extra_hooks(n, layer, add)
+        if s.quant is not None:  # the scales torchao's quantized linears give their inputs
+            from common.model import quant_capture
+            handles += quant_capture.scale_hooks(s.quant[0])(n, layer, add)
         handles.append(layer.register_forward_hook(done))  # registered last: runs after the others
 
     previous = config._attn_implementation
@@ -234,116 +286,100 @@ def model_facts(config, layer: nn.Module) -> dict:
             "post_norm_class": type(layer.post_attention_layernorm).__name__}
 
 
-def full_model_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
-                       device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
-                       meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
-                       logits: str = "all", head_sink: Callable | None = None, generate: int = 0,
-                       decode_sinks: Callable | None = None, quant: tuple | None = None) -> dict:
-    """Load the whole model (eager attention, `dtype`), run the batch once with hooks; return model_facts.
+def full_model_capture(model_dir: Path, batch, layers: list[int], s: Settings, out: Sink,
+                       decoder: Decoder | None = None) -> dict:
+    """Load the whole model (eager attention, s.dtype), run the batch once with hooks; return model_facts.
 
-    meta, if given, gets rope_meta of the model before sink sees the first layer. With logits "all"
-    or "last" the model runs to its logits and head_sink receives ref_norm and ref_logits; with
-    "none" only the decoder runs. With generate = N > 0 the prefill fills a KV cache and N greedy
-    decode steps follow (decode_capture; decode_sinks as there). quant = (Scheme, quant_head): the
-    model quantized by torchao first (common/model/quant.py), its linears' scales captured too.
+    out.meta gets rope_meta of the model before out sees the first layer. With logits "all" or
+    "last" the model runs to its logits and out.head receives ref_norm and ref_logits; with "none"
+    only the decoder runs. With s.generate = N > 0 the prefill fills a KV cache and N greedy decode
+    steps follow (decode_capture, into decoder).
     """
     from transformers import DynamicCache, LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                             attn_implementation=ATTN_IMPLEMENTATION).to(device).eval()
-    extra = None
-    if quant is not None:
-        from common.model import quant_capture
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=s.dtype,
+                                             attn_implementation=ATTN_IMPLEMENTATION).to(s.device).eval()
+    if s.quant is not None:
         from common.model.quant import apply_scheme
-        apply_scheme(model, *quant)
-        extra = quant_capture.scale_hooks(quant[0])
-    if meta is not None:
-        meta.update(rope_meta(model.model.rotary_emb))
+        apply_scheme(model, *s.quant)
+    out.meta.update(rope_meta(model.model.rotary_emb))
     hooked = {n: model.model.layers[n] for n in layers}
-    cache = DynamicCache(config=model.config) if generate else None
-    inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
-              "position_ids": batch.position_ids.to(device), "use_cache": bool(generate),
+    cache = DynamicCache(config=model.config) if s.generate else None
+    inputs = {"input_ids": batch.input_ids.to(s.device), "attention_mask": batch.attention_mask.to(s.device),
+              "position_ids": batch.position_ids.to(s.device), "use_cache": bool(s.generate),
               "past_key_values": cache}
-    head = (capture_head(model.model.norm, model.lm_head, head_sink, logit_rows(batch.attention_mask, logits))
-            if logits != "none" else nullcontext())
-    with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs, save_attn_probs,
-                        extra):
-        if logits == "none" and not generate:
+    head = (capture_head(model.model.norm, model.lm_head, out.head, logit_rows(batch.attention_mask, s.logits))
+            if s.logits != "none" else nullcontext())
+    with capture_layers(model.config, hooked, out.layer, s):
+        if s.logits == "none" and not s.generate:
             model.model(**inputs)
         else:
             with head:
-                out = model(**inputs, logits_to_keep=0)  # 0: the logits of every position
-    if generate:
+                result = model(**inputs, logits_to_keep=0)  # 0: the logits of every position
+    if s.generate:
         rows_last = logit_rows(batch.attention_mask, "last")
-        first = rows(out.logits)[rows_last].float().argmax(-1)  # (B,): each prompt's greedy next token
-        decode_capture(model, batch, first, cache, generate, hooked, decode_sinks, save_x_norm, save_reference,
-                       save_layer_refs, save_attn_probs, logits != "none", extra)
+        first = rows(result.logits)[rows_last].float().argmax(-1)  # (B,): each prompt's greedy next token
+        decode_capture(model, batch, first, cache, hooked, s, decoder)
     return model_facts(model.config, model.model.layers[0])
 
 
-def decode_capture(model, batch, next_ids: torch.Tensor, cache, steps: int, hooked: dict[int, nn.Module],
-                   decode_sinks: Callable, save_x_norm: bool, save_reference: bool, save_layer_refs: bool,
-                   save_attn_probs: bool, save_head: bool, extra_hooks: Callable | None = None) -> None:
-    """Greedy decode steps 1..steps after a prefill that filled `cache` (a DynamicCache), captured as it runs.
+def decode_capture(model, batch, next_ids: torch.Tensor, cache, hooked: dict[int, nn.Module], s: Settings,
+                   decoder: Decoder) -> None:
+    """Greedy decode steps 1..s.generate after a prefill that filled `cache` (a DynamicCache), captured as it runs.
 
     Each step feeds every prompt its last greedy token (next_ids, (B,)) as one new row, as
     generate() does: the attention mask grows by a 1 per step (cache + new token), and the position
     is generate()'s, cumsum(mask) - 1 (+ the batch's position offset) at the new token: each prompt's
-    last position + 1, whatever its padding. decode_sinks(S, fed) -> (sink, head_sink, done) for
-    step S (S = 1..steps), where fed = {"input_ids" (B, 1), "attention_mask" (B, T + S),
-    "position_ids" (B, 1)}: sink and head_sink receive the step's layers and head as in
-    capture_layers/capture_head, and done(next_ids) the step's greedy tokens (B,).
+    last position + 1, whatever its padding. decoder.step(S, fed) is the Sink of step S, where
+    fed = {"input_ids" (B, 1), "attention_mask" (B, T + S), "position_ids" (B, 1)}: it receives the
+    step's layers and head as in capture_layers/capture_head, and decoder.done the step's greedy
+    tokens (B,).
     """
-    from common.model.prompts import position_ids_from_mask
 
     device = next(model.parameters()).device
     mask = batch.attention_mask
-    for step in tqdm(range(1, steps + 1), desc="decode", unit="step", disable=not os.isatty(2)):
+    for step in tqdm(range(1, s.generate + 1), desc="decode", unit="step", disable=not os.isatty(2)):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + step)
         fed = {"input_ids": next_ids[:, None].clone(), "attention_mask": mask,
-               "position_ids": position_ids_from_mask(mask, batch.position_offset)[:, -1:]}
-        sink, head_sink, done = decode_sinks(step, fed)
-        head = capture_head(model.model.norm, model.lm_head, head_sink, None) if save_head else nullcontext()
-        with capture_layers(model.config, hooked, sink, save_x_norm, save_reference, save_layer_refs,
-                            save_attn_probs, extra_hooks), head:
+               "position_ids": prompts.position_ids_from_mask(mask, batch.position_offset)[:, -1:]}
+        sink = decoder.step(step, fed)
+        head = (capture_head(model.model.norm, model.lm_head, sink.head, None) if s.logits != "none"
+                else nullcontext())
+        with capture_layers(model.config, hooked, sink.layer, s), head:
             out = model(input_ids=fed["input_ids"].to(device), attention_mask=mask.to(device),
                         position_ids=fed["position_ids"].to(device), past_key_values=cache, use_cache=True)
         next_ids = out.logits[:, -1].float().argmax(-1).cpu()  # (B,): generate()'s greedy choice
-        done(next_ids)
+        decoder.done(sink, fed, next_ids)
 
 
-def stream_capture(model_dir: Path, batch, layers: list[int], sink: Callable, dtype: torch.dtype,
-                   device: torch.device, save_x_norm: bool = True, save_reference: bool = True,
-                   meta: dict | None = None, save_layer_refs: bool = True, save_attn_probs: bool = True,
-                   logits: str = "all", head_sink: Callable | None = None, quant: tuple | None = None) -> dict:
+def stream_capture(model_dir: Path, batch, layers: list[int], s: Settings, out: Sink,
+                   decoder: Decoder | None = None) -> dict:
     """Step 2 one layer at a time: load layer n, run it with the capture hooks, free it; return model_facts.
 
-    meta: as above. With logits "all" or "last" every layer runs, then the final norm and the head
-    (head_sink as in full_model_capture); with "none" it stops after the last chosen layer. quant as
-    there: each layer (and with quant_head the head) quantized by torchao as it is loaded.
+    out: as above (no decode steps: decoder is never used). With logits "all" or "last" every layer
+    runs, then the final norm and the head (out.head as in full_model_capture); with "none" it stops
+    after the last chosen layer.
     """
-    from common.model import quant_capture
-    col = LayerCollector(model_dir, dtype=dtype, device=device)
-    if meta is not None:
-        meta.update(rope_meta(col.rotary))
+    col = LayerCollector(model_dir, dtype=s.dtype, device=s.device)
+    out.meta.update(rope_meta(col.rotary))
     state = col.embed(batch.input_ids, batch.attention_mask, batch.position_ids)
     wanted = set(layers)
-    stop = col.config.num_layers if logits != "none" else max(layers) + 1
+    stop = col.config.num_layers if s.logits != "none" else max(layers) + 1
     for n in tqdm(range(stop), desc="layers", unit="layer", disable=not os.isatty(2)):
         layer = col.load_layer(n)
         facts = model_facts(col.hf_config, layer)
-        if quant is not None:
-            quant_capture.quantize_layer(layer, n, quant[0])
-        extra = quant_capture.scale_hooks(quant[0]) if quant is not None else None
-        with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, sink, save_x_norm, save_reference,
-                            save_layer_refs, save_attn_probs, extra):
+        if s.quant is not None:
+            from common.model import quant_capture
+            quant_capture.quantize_layer(layer, n, s.quant[0])
+        with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, out.layer, s):
             col.run_layer(layer, state)
         del layer
-    if logits != "none":
+    if s.logits != "none":
         norm, head = col.load_norm(), col.load_head()
-        if quant is not None and quant[1]:
-            head = quant_capture.quantize_head(head, quant[0])
-        with capture_head(norm, head, head_sink, logit_rows(batch.attention_mask, logits)):
+        if s.quant is not None and s.quant[1]:
+            from common.model import quant_capture
+            head = quant_capture.quantize_head(head, s.quant[0])
+        with capture_head(norm, head, out.head, logit_rows(batch.attention_mask, s.logits)):
             head(norm(state.hidden))  # the same modules on the same input as LlamaForCausalLM's forward
     return facts
 
@@ -429,6 +465,69 @@ def write_decode_batch(folder: Path, batch, step: int, fed: dict[str, torch.Tens
         entries.update(save_csv(folder, layout.ATTENTION_MASK, fed["attention_mask"]))
         entries.update(save_csv(folder, layout.POSITION_IDS, fed["position_ids"]))
     return entries
+
+
+@dataclass
+class Written:
+    """What a capture wrote: manifest entries by name (a path inside the output folder), the bytes of
+    attention probabilities among them, and the greedy tokens (B,) of the prefill, then of each step."""
+    entries: dict[str, dict] = field(default_factory=dict)
+    probs_bytes: int = 0
+    generated: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Sink:
+    """Where one forward pass's layers and head go: `folder`, each layer's meta file from `meta`; the
+    files of decode step `step` are listed as decode/step_S/<name>."""
+    written: Written
+    folder: Path
+    meta: dict
+    step: int | None = None
+
+    def name(self, name: str) -> str:
+        return name if self.step is None else layout.decode_path(self.step, name)
+
+    def layer(self, n: int, tensors: dict) -> None:
+        entries = write_layer(self.folder, n, tensors, self.meta)
+        self.written.probs_bytes += entries.get(layout.ref_file("probs", n), {}).get("bytes", 0)
+        self.written.entries.update({self.name(k): e for k, e in entries.items()})
+
+    def head(self, tensors: dict) -> None:
+        self.written.entries.update({self.name(k): e for k, e in write_head(self.folder, tensors).items()})
+
+
+@dataclass
+class Decoder:
+    """Where decode steps go: step S's layers and head in decode/step_S/ (meta: the prefill's, one new
+    row over a cache of T + S - 1), then its tokens.json once its greedy token is known."""
+    written: Written
+    out_dir: Path
+    meta: dict  # the prefill's layer meta, RoPE facts included by the time the first step runs
+    batch: object
+    tokenizer: object
+    save_masks: bool
+
+    def step(self, step: int, fed: dict[str, torch.Tensor]) -> Sink:
+        T = self.batch.input_ids.shape[1]
+        if not self.written.generated:  # step 1 feeds the prefill's greedy token
+            self.written.generated.append(fed["input_ids"][:, 0])
+        meta = {**self.meta, "seq_len": 1, "decode_step": step, "cache_len": T + step - 1}
+        return Sink(self.written, layout.decode_dir(self.out_dir, step), meta, step)
+
+    def done(self, sink: Sink, fed: dict[str, torch.Tensor], next_ids: torch.Tensor) -> None:
+        self.written.generated.append(next_ids)
+        entries = write_decode_batch(sink.folder, self.batch, sink.step, fed, torch.stack(self.written.generated, 1),
+                                     self.tokenizer, self.save_masks)
+        self.written.entries.update({sink.name(k): e for k, e in entries.items()})
+
+
+def remove_stale(out_dir: Path, written: Container[str]) -> None:
+    """Remove the files an earlier run left in out_dir (stale_files, stale_decode_files), each named."""
+    for path in stale_files(out_dir, written) + stale_decode_files(out_dir, written):
+        path.unlink()
+        print(f"removed {path.relative_to(out_dir)} (left by an earlier run)")
+    remove_empty_decode_dirs(out_dir)
 
 
 def stale_decode_files(out_dir: Path, written: Container[str]) -> list[Path]:

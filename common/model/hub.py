@@ -107,12 +107,38 @@ def download(repo_id: str, dest: Path, token: str | None = None, include_origina
     if is_complete(dest) and not force:
         return False
     (dest / COMPLETE_MARKER).unlink(missing_ok=True)
+    _snapshot(repo_id, dest, token, include_original, timeout_s, disk=dest.parent)
+    _check_weights_arrived(repo_id, dest)
+    (dest / COMPLETE_MARKER).write_text(json.dumps({"repo_id": repo_id, "include_original": include_original},
+                                                   indent=2) + "\n")
+    return True
+
+
+def download_to_cache(repo_id: str, token: str | None = None, include_original: bool = False,
+                      timeout_s: float = READ_TIMEOUT_S) -> Path:
+    """Download repo_id into the Hugging Face cache (HF_HUB_CACHE), in its snapshot layout; return the
+    snapshot folder. The cache keeps its own books: files already there are not fetched again."""
+    check_repo_id(repo_id)
+    snapshot = _snapshot(repo_id, None, token, include_original, timeout_s, disk=Path(constants.HF_HUB_CACHE))
+    _check_weights_arrived(repo_id, snapshot)
+    return snapshot
+
+
+def _check_weights_arrived(repo_id: str, folder: Path) -> None:
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"{repo_id} has no .safetensors weights: this pipeline reads safetensors only "
+                         "(convert_to_safetensors.py converts PyTorch checkpoints)")
+
+
+def _snapshot(repo_id: str, dest: Path | None, token: str | None, include_original: bool, timeout_s: float,
+              disk: Path) -> Path:
+    """snapshot_download into dest (None: the HF cache); every failure becomes one InputError line."""
     patterns = ALLOW_PATTERNS + (ORIGINAL_PATTERNS if include_original else [])
     bound_timeouts(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s)
     try:
         with warnings.catch_warnings():  # its low-disk warning is said once, below, as an error
             warnings.filterwarnings("ignore", message="Not enough free disk space")
-            snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns, token=token or None)
+            return Path(snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns, token=token or None))
     except GatedRepoError:
         raise InputError(
             f"{repo_id} is gated and this account has no access yet: request it on "
@@ -141,13 +167,7 @@ def download(repo_id: str, dest: Path, token: str | None = None, include_origina
                          f"for {repo_id} ({type(e).__name__}): check HF_ENDPOINT and any proxy, then retry") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            free = shutil.disk_usage(dest.parent).free / 1e9
-            raise InputError(f"disk full while downloading {repo_id} into {dest} ({free:.1f} GB free): "
+            free = shutil.disk_usage(disk).free / 1e9
+            raise InputError(f"disk full while downloading {repo_id} into {dest or disk} ({free:.1f} GB free): "
                              "free space or use --model-path on a larger disk, then rerun to resume") from None
         raise
-    if not any(dest.glob("*.safetensors")):
-        raise InputError(f"{repo_id} has no .safetensors weights: this pipeline reads safetensors only "
-                         "(convert_to_safetensors.py converts PyTorch checkpoints)")
-    (dest / COMPLETE_MARKER).write_text(json.dumps({"repo_id": repo_id, "include_original": include_original},
-                                                   indent=2) + "\n")
-    return True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.cli import InputError
 from common.files.atomic import read_json
+from common.llama.mlp import ACTIVATIONS
 from common.llama.rope import ROPE_PARAMS, check_scaling
 
 # Architectures whose attention block is Llama's (RMSNorm, q/k/v/o_proj, rotate-half RoPE, GQA).
@@ -140,6 +141,11 @@ def check_config(cfg: dict) -> ModelConfig:
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     if dtype is not None and not isinstance(dtype, str):
         raise InputError(f"torch_dtype is {dtype!r}, not a name like \"bfloat16\"")
+    # Checked here, at the door: transformers would fail deep in the capture (KeyError from ACT2FN), and
+    # steps 3 and 4 recompute only the activations common/mlp.py knows (each of which transformers has).
+    hidden_act = cfg.get("hidden_act", "silu")  # LlamaConfig's default
+    if not isinstance(hidden_act, str) or hidden_act not in ACTIVATIONS:
+        raise InputError(f"hidden_act {hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     theta, scaling = normalize_rope(cfg)
     return ModelConfig(
         model_type=model_type,

@@ -8,6 +8,7 @@ int32 accumulator and int8 output bit for bit. Exit code: 0 all PASS, 1 a FAIL, 
 
     python examples/rtl/run_rtl.py                   # what `make rtl` runs
     python examples/rtl/run_rtl.py --no-demo --rtl my_unit.v
+    python examples/rtl/run_rtl.py --vectors outputs/M/golden_rtl-w8a8   # also 5_golden.py --rtl's real vectors
 """
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=path_arg, default=MODEL_DIR, help="the model of the demo case")
     p.add_argument("--demo-tokens", type=token_ids, default=DEMO_TOKENS,
                    help="comma-separated token ids: the demo case's T rows")
+    p.add_argument("--vectors", type=path_arg, action="append", default=[],
+                   help="also simulate this folder of vector files (5_golden.py --rtl writes one); repeatable")
     args = p.parse_args(argv)
     print_settings(vars(args))
     if shutil.which("iverilog") is None or shutil.which("vvp") is None:
@@ -136,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         cases["demo_q_proj"] = demo_case(args.model_dir, args.demo_tokens)
     elif args.demo:
         print(f"  (no model in {args.model_dir}: the demo case is skipped)")
-    output_folder(args.out_dir, inputs=[args.model_dir, HERE])  # never where the model or the RTL is read
+    for folder in args.vectors:
+        if not (folder / "dims.hex").is_file():
+            raise InputError(f"--vectors {folder}: no dims.hex there: write it with 5_golden.py --rtl")
+    output_folder(args.out_dir, inputs=[args.model_dir, HERE, *args.vectors])  # never where the model or the RTL is read
     build = args.out_dir / "build"
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
@@ -145,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         write_vectors(args.out_dir / name, x, w, M, shift)
         passed, out = simulate(args.rtl, args.out_dir / name, build)
         print(f"== {name}: T={x.shape[0]} K={x.shape[1]} N={w.shape[0]}\n{out}")
+        ok &= passed
+    for folder in args.vectors:  # written elsewhere (5_golden.py --rtl): simulated where they are
+        passed, out = simulate(args.rtl, folder, build)
+        print(f"== {folder}\n{out}")
         ok &= passed
     return 0 if ok else 1
 

@@ -1,4 +1,5 @@
-"""Step 2's files as step 3 reads them: the checks at step 3's door, one function per file kind.
+"""Step 2's files as steps 3 and 4 read them: the checks at their door, one function per file kind
+(meta files, the batch, tokens.json).
 
 A value that parses but cannot be right (a mask of 0.5 or NaN, a position of -1 or 2.5, zero
 heads, rope_theta NaN) would otherwise flow into the recomputation and give NaN or a wrong PASS/FAIL;
@@ -13,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import InputError
+from common.files import layout
+from common.files.atomic import read_json
+from common.llama.attention import check_heads
+from common.llama.rope import check_scaling
 
 RERUN = "run 2_get_x.py again"
 META_COUNTS = ("batch_size", "seq_len", "d_model", "num_heads", "num_kv_heads", "head_dim")
@@ -76,3 +81,33 @@ def check_tokens(tokens, path: Path, B: int, T: int) -> None:
         if rows is not None and not (isinstance(rows, list) and len(rows) == B
                                      and all(isinstance(r, list) and len(r) == T for r in rows)):
             raise InputError(f"{path}: {key} is not {B} rows of {T} entries (meta_layerN.json's batch): {RERUN}")
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """The keys a later step needs, a supported RoPE and whole GQA groups."""
+    missing = [k for k in layout.META_KEYS if k not in meta]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: run 2_get_x.py again")
+    check_meta_values(meta, path)  # types and ranges: positive sizes, finite rope_theta, a mapping for rope_scaling
+    try:
+        rope_type = check_scaling(meta["rope_scaling"])
+        check_heads(meta["num_heads"], meta["num_kv_heads"])
+    except ValueError as e:
+        raise InputError(f"{path}: {e}; refusing to guess") from None
+    if meta["rope_type"] != rope_type:
+        raise InputError(f"{path}: rope_type {meta['rope_type']!r} disagrees with rope_scaling "
+                         f"{meta['rope_scaling']}: run 2_get_x.py again")
+
+
+def read_metas(acts_dir: Path, layers: list[int]) -> dict[int, dict]:
+    """layer -> checked meta_layerN.json; all of one batch (the same batch size and sequence length)."""
+    metas = {}
+    for n in layers:
+        path = acts_dir / layout.meta_file(n)
+        metas[n] = read_json(path, "run 2_get_x.py again")
+        check_meta(metas[n], path)
+        first = metas[layers[0]]
+        if (metas[n]["batch_size"], metas[n]["seq_len"]) != (first["batch_size"], first["seq_len"]):
+            raise InputError(f"{path} disagrees with {layout.meta_file(layers[0])} on batch size or sequence "
+                             "length: run 2_get_x.py again")
+    return metas
