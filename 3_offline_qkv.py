@@ -67,9 +67,8 @@ QUANT_RTOL = 1e-1
 
 def parse_args(argv: list[str] | None):
     p = cli.Parser(globals())
-    p.shared("--model-dir", "--acts-dir", "--weights-dir", "--out-dir", "--layers", "--atol")
-    p.flag("--rtol", default=None, help="default: RTOL, or QUANT_RTOL for a quantized capture")
-    p.shared("--verify-hashes")
+    p.shared("--model-dir", "--acts-dir", "--weights-dir", "--out-dir", "--layers", "--atol", "--rtol",
+             "--verify-hashes")
     p.flag("--quant", type=quant_scheme, metavar="SCHEME")
     p.flag("--plot-layer", type=int)
     p.flag("--plot-head", type=int)
@@ -113,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         layout.check_attention_weights(f.weights, metas)
     step1 = [p.name for p in quant_weights.files(paths1, scheme, quant_head)]
     quant = quant_check.QuantRun(scheme, quant_head)
-    args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
+    if scheme and args.rtol == RTOL:  # the float default: a quantized capture's is QUANT_RTOL
+        args.rtol = settings["RTOL"] = QUANT_RTOL
     batch = offline_run.open_batch(f, hashes, metas[layers[0]], step1, layers, args.rtol)
     if batch.steps:
         print(f"decode steps: {len(batch.steps)}, each verified over a KV cache of its own recomputed K and V")

@@ -73,10 +73,8 @@ def parse_args(argv: list[str] | None):
     p = cli.Parser(globals())
     p.shared("--model-dir", "--acts-dir", "--weights-dir", "--out-dir")
     p.flag("--mode", choices=MODES)
-    p.shared("--layers", "--atol")
-    p.flag("--rtol", default=None, help="default: RTOL, or QUANT_RTOL for a quantized capture")
-    p.flag("--chain-rtol", type=cli.tolerance, default=None,
-           help="default: CHAIN_RTOL, or QUANT_CHAIN_RTOL for a quantized capture")
+    p.shared("--layers", "--atol", "--rtol")
+    p.flag("--chain-rtol", type=cli.tolerance)
     p.flag("--quant", type=quant_scheme, metavar="SCHEME")
     p.flag("--top-k", type=int)
     p.flag("--plots", action=argparse.BooleanOptionalAction)
@@ -115,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         offline.check_weights(f.weights, meta, layers, with_head, args.model_dir)
     quant = quant_check.QuantRun(scheme, quant_head,
                                  quant_weights.head_reader(f.weights, meta, scheme) if quant_head else None)
-    args.rtol = settings["RTOL"] = args.rtol if args.rtol is not None else QUANT_RTOL if scheme else RTOL
-    args.chain_rtol = settings["CHAIN_RTOL"] = (args.chain_rtol if args.chain_rtol is not None
-                                                else QUANT_CHAIN_RTOL if scheme else CHAIN_RTOL)
+    if scheme and args.rtol == RTOL:  # the float defaults: a quantized capture's are QUANT_RTOL, QUANT_CHAIN_RTOL
+        args.rtol = settings["RTOL"] = QUANT_RTOL
+    if scheme and args.chain_rtol == CHAIN_RTOL:
+        args.chain_rtol = settings["CHAIN_RTOL"] = QUANT_CHAIN_RTOL
     embedding = f.weights / layout.weight_file(layout.EMBEDDING)
     if chain_decode and not embedding.is_file():
         raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "

@@ -50,6 +50,7 @@ from common.files.atomic import sha256_file
 from common.files.manifest import save_csv, save_json
 from common.llama.attention import PROBS_MAX_SEQ_LEN
 from common.model import prompts  # called as prompts.f(...): a test plants a capture that restarts positions
+from common.model import quant, quant_capture
 from common.model.layer_loader import LayerCollector
 
 # Eager attention that also records (q, k, v); selected by swapping config._attn_implementation
@@ -225,7 +226,6 @@ def capture_layers(config, layers: dict[int, nn.Module], sink: Callable[[int, di
 
             _RECORDERS[layer.self_attn] = qkv
         if s.quant is not None:  # the scales torchao's quantized linears give their inputs
-            from common.model import quant_capture
             handles += quant_capture.scale_hooks(s.quant[0])(n, layer, add)
         handles.append(layer.register_forward_hook(done))  # registered last: runs after the others
 
@@ -300,8 +300,7 @@ def full_model_capture(model_dir: Path, batch, layers: list[int], s: Settings, o
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=s.dtype,
                                              attn_implementation=ATTN_IMPLEMENTATION).to(s.device).eval()
     if s.quant is not None:
-        from common.model.quant import apply_scheme
-        apply_scheme(model, *s.quant)
+        quant.apply_scheme(model, *s.quant)
     out.meta.update(rope_meta(model.model.rotary_emb))
     hooked = {n: model.model.layers[n] for n in layers}
     cache = DynamicCache(config=model.config) if s.generate else None
@@ -369,7 +368,6 @@ def stream_capture(model_dir: Path, batch, layers: list[int], s: Settings, out: 
         layer = col.load_layer(n)
         facts = model_facts(col.hf_config, layer)
         if s.quant is not None:
-            from common.model import quant_capture
             quant_capture.quantize_layer(layer, n, s.quant[0])
         with capture_layers(col.hf_config, {n: layer} if n in wanted else {}, out.layer, s):
             col.run_layer(layer, state)
@@ -377,7 +375,6 @@ def stream_capture(model_dir: Path, batch, layers: list[int], s: Settings, out: 
     if s.logits != "none":
         norm, head = col.load_norm(), col.load_head()
         if s.quant is not None and s.quant[1]:
-            from common.model import quant_capture
             head = quant_capture.quantize_head(head, s.quant[0])
         with capture_head(norm, head, out.head, logit_rows(batch.attention_mask, s.logits)):
             head(norm(state.hidden))  # the same modules on the same input as LlamaForCausalLM's forward
