@@ -62,6 +62,9 @@ CHAIN_RTOL = 1e-4  # chain mode: the logits' max_rel after every layer (README: 
 TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per prompt
 PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
+INTEGER_ONLY = False  # the integer-only forward (docs/integer.md): WEIGHTS_DIR from step 1 --quant w8a8
+REQUANT = "single"  # --integer-only: single | double (common/quant/requant.py)
+CALIBRATION = None  # --integer-only: a previous run's folder whose calibration.json and tables to reuse
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -84,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plots", default=PLOTS, action=argparse.BooleanOptionalAction)
     p.add_argument("--verify-hashes", default=VERIFY_HASHES, action=argparse.BooleanOptionalAction,
                    help="check input files against the manifests of steps 1 and 2 (default: on)")
+    p.add_argument("--integer-only", default=INTEGER_ONLY, action="store_true",
+                   help="integer-only forward: int8 linears, requantization, fixed-point nonlinear ops (docs/integer.md)")
+    p.add_argument("--requant", default=REQUANT, choices=("single", "double"), help="--integer-only's rounding rule")
+    p.add_argument("--calibration", default=CALIBRATION, type=path_arg,
+                   help="--integer-only: reuse this folder's calibration.json and tables")
     return p.parse_args(argv)
 
 
@@ -282,6 +290,13 @@ def chain_mode(r: forward_io.Inputs) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.integer_only:  # common/check/integer_run.py: its own calibration, files and report
+        from common.check import integer_run
+        from common.files import int_layout
+        return integer_run.run(args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS),
+                               args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS),
+                               args.out_dir or int_layout.default_out(args.model_dir, args.mode), args.model_dir,
+                               args.mode, args.requant, args.calibration)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir,

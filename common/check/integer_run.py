@@ -1,0 +1,398 @@
+"""Step 4 --integer-only: calibrate, run the integer-only forward (common/quant/integer_forward.py) in layer
+or chain mode, write every intermediate as an integer CSV, the tables, a manifest and a report against
+the float32 references of step 2.
+
+Reads step 1's --quant w8a8 folder (<linear>.q.csv, .scale.csv: int8 per output channel; the norms;
+the head as lm_head.weight.q.csv with --quant-head, else quantized here from the float head, as torchao
+would) and step 2's float capture. Writes to OUT_DIR (names: common/files/int_layout.py):
+  calibration.json           formats, multipliers, gammas, i-exp constants, the rule (what ran: read back)
+  int_silu_table_layerN.csv  int_rope_cos.csv  int_rope_sin.csv      the tables, read back before the run
+  int_<node>_layerN.csv      every node of every layer (integers; probs (B*H*T, T) rows)
+  int_norm.csv, int_logits.csv, int_manifest.json (formats, rounding rules, sha256 of every file),
+  int_report.json, int_report.md: per node SQNR / NMSE / cosine / max_abs; at the logits KL, top-1, top-5.
+With a previous run's folder as CALIBRATION its calibration.json and tables are read (and checked) instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from common.check import forward_io, qkv
+from common.cli import InputError
+from common.files import int_layout as il
+from common.files import layout
+from common.files.atomic import output_folder, read_json, write_bytes, write_json
+from common.files.csv_io import read_csv
+from common.files.quant_export import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
+from common.llama import attention, forward, mlp
+from common.llama.rope import rope_inv_freq
+from common.quant import calibrate as cal
+from common.quant import fixedpoint as fp
+from common.quant import integer_forward as ifw
+from common.quant.quantize import quantize_weight
+from common.quant.requant import RULES
+from common.quant.schemes import get_scheme
+
+REQUANT = "single"  # single | double (common/quant/requant.py)
+ROUNDING_RULES = {
+    "float -> int (calibration, inputs, tables)": "round half to even, then saturate (fixedpoint.to_fixed)",
+    "requantization single": "(acc M + 2^(s-1)) >> s, s = 31 + shift, saturate (ties toward +inf)",
+    "requantization double": "gemmlowp SRDHM (ties toward +inf) then RoundingDivideByPOT (ties away from zero)",
+    "rmsnorm": "int64 sum of squares, mean half up, isqrt digit by digit (floor), reciprocal 2^62 / r half up",
+    "softmax": "max subtraction, I-BERT i-exp (constants floored, >> z floor), int32 sum, division half up",
+    "silu": "table over the 256 int8 inputs, entries half even",
+    "rope": "Q1.14 cos/sin per position (half even), product >>r 14 (half up), saturate",
+    "residual add": "align (<< up, >>r half up down), saturate",
+}
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def read_int_csv(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A CSV of plain integers as int64 of `shape`; InputError naming the file otherwise."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing")
+    a = parse_ints(path)
+    if a.size != math.prod(shape):
+        raise InputError(f"{path} holds {a.size} values, expected {math.prod(shape)} {shape}: rebuild it")
+    return a.reshape(shape)
+
+
+def read_linear(weights_dir: Path, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """<name>.q.csv int8 (N, K) and <name>.scale.csv float32 (N, 1): step 1 --quant w8a8's per-channel int8."""
+    q_path, s_path = weights_dir / (name + Q_SUFFIX), weights_dir / (name + SCALE_SUFFIX)
+    if not q_path.is_file():
+        raise InputError(f"{q_path} is missing: --integer-only needs step 1 --quant w8a8 "
+                         f"(python 1_model_weights.py --quant w8a8 --out-dir {weights_dir})")
+    q = read_int_csv(q_path, shape)
+    scale = read_csv(s_path)
+    if scale.shape != (shape[0], 1) or q.min() < -128 or q.max() > 127:
+        raise InputError(f"{s_path}: --integer-only takes int8 weights with one scale per output channel "
+                         "(step 1 --quant w8a8)")
+    return q.astype(np.int8), scale
+
+
+def read_head(weights_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The head as int8 per channel: lm_head.weight.q.csv (step 1 --quant-head), else the float head
+    quantized here (calibration) as torchao's w8a8 would."""
+    V, d = meta["vocab_size"], meta["d_model"]
+    if (weights_dir / (layout.LM_HEAD + Q_SUFFIX)).is_file():
+        return read_linear(weights_dir, layout.LM_HEAD, (V, d))
+    name = layout.EMBEDDING if meta["tie_word_embeddings"] else layout.LM_HEAD
+    q, s = quantize_weight(read_csv(weights_dir / layout.weight_file(name), (V, d)), get_scheme("w8a8"))
+    return q, s
+
+
+def read_layer_weights(weights_dir: Path, n: int, meta: dict) -> dict:
+    shapes = forward_io._proj_shapes(meta)
+    w = {p: read_linear(weights_dir, layout.weight_name(n, "self_attn" if p in layout.ATTENTION_PROJ else "mlp", p,
+                                                         "weight"), shapes[p]) for p in ifw.LINEARS}
+    for key, norm in (("gamma_in", "input_layernorm"), ("gamma_post", "post_attention_layernorm")):
+        w[key] = read_csv(weights_dir / layout.weight_file(layout.norm_weight_name(n, norm)), (meta["d_model"],))
+    return w
+
+
+def read_captures(acts_dir: Path, n: int, meta: dict) -> dict:
+    """Layer n's float captures (x, xnorm and the ref_ files) as (B*T, C) float32."""
+    rows = meta["batch_size"] * meta["seq_len"]
+    c = {"x": read_csv(acts_dir / layout.layer_file("x", n)), "xnorm": read_csv(acts_dir / layout.layer_file("xnorm", n))}
+    for stem in ("q", "k", "v", "attn", "h", "hnorm", "act", "mlp", "out", "probs"):
+        c[stem] = read_csv(acts_dir / layout.ref_file(stem, n))
+    for k, a in c.items():
+        if k != "probs" and a.shape[0] != rows:
+            raise InputError(f"{acts_dir}: {k} of layer {n} has {a.shape[0]} rows, expected {rows}: capture again")
+    return c
+
+
+def derived_nodes(c: dict, w: dict, mask: np.ndarray, meta: dict) -> dict:
+    """The float nodes step 2 does not write, from its captures (calibration and the report):
+    scores = q k^T / sqrt(Dh) (B, H, T, T), ctx = probs v (B*T, H*Dh), gate, up = hnorm W^T."""
+    B, T, H, Hkv, Dh = (meta[k] for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"))
+    q = c["q"].reshape(B, T, H, Dh).transpose(0, 2, 1, 3)  # (B*T, H*Dh) -> (B, H, T, Dh)
+    k = attention.repeat_kv(c["k"].reshape(B, T, Hkv, Dh), H // Hkv).transpose(0, 2, 1, 3)
+    v = attention.repeat_kv(c["v"].reshape(B, T, Hkv, Dh), H // Hkv).transpose(0, 2, 1, 3)
+    scores = (q @ k.transpose(0, 1, 3, 2)) / np.float32(math.sqrt(Dh))  # (B, H, T, T)
+    probs = c["probs"].reshape(B, H, T, T)
+    ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B * T, H * Dh)
+    deq = {p: w[p][0].astype(np.float32) * w[p][1] for p in ("gate_proj", "up_proj")}
+    return {"scores": scores, "ctx": ctx, "gate": c["hnorm"] @ deq["gate_proj"].T, "up": c["hnorm"] @ deq["up_proj"].T}
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+def calibration_view(c: dict, real_rows: np.ndarray, allowed: np.ndarray) -> dict:
+    """The captured values calibration looks at: real tokens' rows, allowed scores only."""
+    view = {k: a[real_rows] for k, a in c.items() if k not in ("scores", "probs")}
+    view["scores"] = c["scores"][np.broadcast_to(allowed, c["scores"].shape)]
+    return view
+
+
+def calibrate_model(acts_dir: Path, weights_dir: Path, meta: dict, mask: np.ndarray, position_ids: np.ndarray,
+                    rule: str) -> tuple[dict, dict, dict]:
+    """(record, int8 weights per layer and head, float captures per layer and head)."""
+    real_rows = mask.reshape(-1) > 0
+    allowed = attention.attention_allowed(mask)[:, None]  # (B, 1, T, T)
+    layers, weights, captures = [], {}, {}
+    for n in range(meta["num_layers"]):
+        w = read_layer_weights(weights_dir, n, meta)
+        c = read_captures(acts_dir, n, meta)
+        c.update(derived_nodes(c, w, mask, meta))
+        layers.append(cal.calibrate_layer(n, calibration_view(c, real_rows, allowed), w, meta["rms_norm_eps"],
+                                          meta["head_dim"], meta["seq_len"]))
+        weights[n], captures[n] = w, c
+    V, d = meta["vocab_size"], meta["d_model"]
+    head_q, head_s = read_head(weights_dir, meta)
+    norm_ref = read_csv(acts_dir / layout.REF_NORM, (mask.size, d))
+    logits_ref = forward_io.read_ref_logits(acts_dir, meta, mask.size if meta["logits"] == "all" else mask.shape[0])
+    gamma = read_csv(weights_dir / layout.weight_file(layout.FINAL_NORM), (d,))
+    last_out = captures[meta["num_layers"] - 1]["out"]
+    head = cal.calibrate_head(last_out[real_rows], norm_ref[real_rows], logits_ref, gamma,
+                              head_s.reshape(-1).astype(np.float64), meta["rms_norm_eps"])
+    P = int(position_ids.max()) + 1
+    cos, sin = fp.rope_tables(np.arange(P), rope_inv_freq(meta["head_dim"], meta["rope_theta"], meta.get("rope_scaling")))
+    record = {"rule": rule, "layers": layers, "head": head, "rope": {"positions": P, "cos": cos.tolist(),
+                                                                     "sin": sin.tolist()},
+              "rsqrt": {"method": "digit-by-digit isqrt of the mean square in [2^60, 2^62), reciprocal 2^62 / r",
+                        "RSQRT_BITS": fp.RSQRT_BITS, "NORM_FRAC": fp.NORM_FRAC}}
+    captures["head"] = {"norm": norm_ref, "logits": logits_ref}
+    weights["head"] = head_q
+    return record, weights, captures
+
+
+# --- tables as files, read back -------------------------------------------------------------------
+
+def write_tables(out_dir: Path, record: dict) -> None:
+    write_json(out_dir / il.CALIBRATION, {k: v for k, v in record.items() if k != "rope"}
+               | {"rope": {"positions": record["rope"]["positions"]}})
+    for L in record["layers"]:
+        write_csv_exact(out_dir / il.silu_table(L["layer"]), np.array(L["silu_table"], np.int64)[None, :])
+    write_csv_exact(out_dir / il.ROPE_COS, np.array(record["rope"]["cos"], np.int64))
+    write_csv_exact(out_dir / il.ROPE_SIN, np.array(record["rope"]["sin"], np.int64))
+
+
+def read_tables(folder: Path, meta: dict) -> dict:
+    """calibration.json and the table files of a folder, checked: what the run uses."""
+    record = read_json(folder / il.CALIBRATION, "run step 4 --integer-only again without --calibration")
+    if record.get("rule") not in RULES or len(record.get("layers", [])) != meta["num_layers"]:
+        raise InputError(f"{folder / il.CALIBRATION}: not a calibration of this model's {meta['num_layers']} layers")
+    for L in record["layers"]:
+        cal.check_record(L, f"{folder / il.CALIBRATION} layer {L['layer']}")
+        path = folder / il.silu_table(L["layer"])
+        table = read_int_csv_row(path)
+        L["silu_table"] = fp.check_table(str(path), table, (256,), cal.fmt_of(L["fmt_silu"])).tolist()
+    cal.check_record(record["head"], f"{folder / il.CALIBRATION} head")
+    half = meta["head_dim"] // 2
+    P = record["rope"]["positions"]
+    for key, name in (("cos", il.ROPE_COS), ("sin", il.ROPE_SIN)):
+        table = read_int_csv_row(folder / name)
+        record["rope"][key] = fp.check_table(str(folder / name), table.reshape(-1, half) if table.size % half == 0
+                                             else table, (P, half), fp.FixedFormat(16, fp.ROPE_FRAC)).tolist()
+    return record
+
+
+def read_int_csv_row(path: Path) -> np.ndarray:
+    """A table file of integers, any shape, flattened to int64 (its length is checked by the caller)."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing: rebuild the tables (run without --calibration)")
+    return parse_ints(path).reshape(-1)
+
+
+def parse_ints(path: Path) -> np.ndarray:
+    """A CSV of plain integers (no header) as int64 (rows, columns); InputError naming the file otherwise."""
+    with open(path, "rb") as f:
+        ncols = f.readline().count(b",") + 1
+    try:
+        df = pl.read_csv(path, has_header=False, schema={f"c{i}": pl.Int64 for i in range(ncols)})
+    except pl.exceptions.PolarsError as e:
+        raise InputError(f"{path}: not a CSV of integers ({str(e).splitlines()[0]})") from None
+    if df.null_count().sum_horizontal().item():
+        raise InputError(f"{path}: not a CSV of integers (a row has fewer than {ncols} values)")
+    return df.to_numpy(order="c")
+
+
+# --- building the integer model from the record ---------------------------------------------------
+
+def rq_of(ms: dict) -> ifw.Requant:
+    return ifw.Requant(np.array(ms["M"], np.int64), np.array(ms["shift"], np.int64))
+
+
+def int_layer(L: dict, w: dict) -> ifw.IntLayer:
+    fmt = {k: cal.fmt_of(L[f"fmt_{k}"]) for k in ("x", "h", "out", "attn", "mlp", "scores", "silu")}
+    fmt["gamma_in"], fmt["gamma_post"] = cal.fmt_of(L["input_norm"]["fmt_gamma"]), cal.fmt_of(L["post_norm"]["fmt_gamma"])
+    return ifw.IntLayer(w={p: w[p][0] for p in ifw.LINEARS}, rq={k: rq_of(v) for k, v in L["requant"].items()},
+                        fmt=fmt, gamma_in=np.array(L["input_norm"]["gamma"], np.int64),
+                        gamma_post=np.array(L["post_norm"]["gamma"], np.int64), eps_x=L["eps_x"], eps_h=L["eps_h"],
+                        iexp=L["iexp"], silu_table=np.array(L["silu_table"], np.int64), act_bits=L["act_bits"])
+
+
+def int_head(Hrec: dict, wq: np.ndarray) -> ifw.IntHead:
+    return ifw.IntHead(w=wq, rq=rq_of(Hrec["requant"]["head"]), fmt_x=cal.fmt_of(Hrec["fmt_x"]),
+                       gamma=np.array(Hrec["norm"]["gamma"], np.int64), fmt_gamma=cal.fmt_of(Hrec["norm"]["fmt_gamma"]),
+                       eps_x=Hrec["eps_x"], fmt_logits=cal.fmt_of(Hrec["fmt_logits"]), act_bits=Hrec["act_bits"])
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def dequantize(node: str, q: np.ndarray, L: dict) -> np.ndarray:
+    """An integer node as the real numbers it stands for (float64, for the report only)."""
+    s = L["scales"]
+    if node in ("xnorm", "q", "k", "v", "ctx", "hnorm", "gate", "up", "act"):
+        return q * s[node]
+    if node == "probs":
+        return q * 2.0**-ifw.PROBS_FRAC
+    return fp.from_fixed(q, cal.fmt_of(L[f"fmt_{node}"]))
+
+
+def metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """SQNR (dB), NMSE, cosine and max_abs of ours against the float reference."""
+    o, r = np.asarray(ours, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
+    err, power = float(np.sum((o - r) ** 2)), float(np.sum(r ** 2))
+    norm = math.sqrt(float(np.sum(o ** 2)) * power)
+    return {"sqnr_db": 10 * math.log10(power / err) if err > 0 else math.inf, "nmse": err / power if power else 0.0,
+            "cosine": float(np.dot(o, r)) / norm if norm else 1.0, "max_abs": float(np.max(np.abs(o - r), initial=0.0))}
+
+
+def node_metrics(nodes: dict, L: dict, c: dict, real_rows: np.ndarray, real_probs: np.ndarray) -> dict:
+    out = {}
+    for node in ifw.INT_NODES:
+        if node not in c:
+            continue
+        ours, ref = dequantize(node, nodes[node], L), c[node]
+        if node in ("scores", "probs"):
+            rows = real_probs
+            ours, ref = ours.reshape(len(rows), -1)[rows], ref.reshape(len(rows), -1)[rows]
+        else:
+            ours, ref = ours[real_rows], ref[real_rows]
+        out[node] = metrics(ours, ref)
+    return out
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def logit_metrics(ours: np.ndarray, ref: np.ndarray, last: np.ndarray) -> dict:
+    """KL(ref || ours), top-1 agreement, top-5 overlap at each prompt's last position (rows `last` of both)."""
+    o, r = ours[last].astype(np.float64), ref[last].astype(np.float64)
+    lp, lq = log_softmax(r), log_softmax(o)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    top1 = forward.top_k(o, 1)[:, 0] == forward.top_k(r, 1)[:, 0]
+    top5 = [len(set(a) & set(b)) / 5 for a, b in zip(forward.top_k(o, 5).tolist(), forward.top_k(r, 5).tolist())]
+    return {**metrics(o, r), "kl": kl, "top1_agree": int(top1.sum()), "prompts": len(last),
+            "top1": top1.tolist(), "top5_overlap": float(np.mean(top5)),
+            "ref_top1": forward.top_k(r, 1)[:, 0].tolist(), "int_top1": forward.top_k(o, 1)[:, 0].tolist()}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def write_nodes(out_dir: Path, n: int, nodes: dict, B: int, H: int, T: int) -> list[str]:
+    names = []
+    for node in ifw.INT_NODES:
+        a = nodes[node]
+        a = a.reshape(B * H * T, -1) if node in ("scores", "probs") else a  # (B, H, T, T) -> (B*H*T, T)
+        names.append(il.int_node(node, n))
+        write_csv_exact(out_dir / names[-1], a.astype(np.int64))
+    return names
+
+
+def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str = "layer", rule: str = REQUANT,
+        calibration: Path | None = None) -> int:
+    """The whole --integer-only run; returns the exit code (0 when the top-1 token holds at every prompt's last position)."""
+    t0 = time.perf_counter()
+    if rule not in RULES:
+        raise InputError(f"--requant {rule}: give one of {', '.join(RULES)}")
+    output_folder(out_dir, inputs=[acts_dir, weights_dir] + ([calibration] if calibration else []))
+    meta = forward_io.read_model_meta(acts_dir, model_dir)
+    B, T, H, Hkv, Dh = (meta[k] for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"))
+    if meta["hidden_act"] != "silu" or meta["attention_bias"] or meta["mlp_bias"]:
+        raise InputError(f"{acts_dir / layout.META_MODEL}: --integer-only implements Llama's SiLU MLP without biases")
+    mask, position_ids, _ = qkv.read_batch(acts_dir, B, T)
+    real_rows, last = mask.reshape(-1) > 0, forward.last_real_rows(mask)
+    real_probs = qkv.real_prob_rows(mask, H)
+    record, weights, captures = calibrate_model(acts_dir, weights_dir, meta, mask, position_ids, rule)
+    if calibration is not None:  # a previous run's formats and tables, checked, instead of this one's
+        record = read_tables(calibration, meta) | {"rule": rule}
+    write_tables(out_dir, record)
+    record = read_tables(out_dir, meta) | {"rule": rule}  # what runs is what the files say
+    cos_t, sin_t = np.array(record["rope"]["cos"], np.int64), np.array(record["rope"]["sin"], np.int64)
+    pos = position_ids.astype(np.int64)
+    if pos.max() >= len(cos_t):
+        raise InputError(f"{calibration}: RoPE tables hold {len(cos_t)} positions, the prompts reach {pos.max()}")
+    cos, sin = ifw.rope_positions(cos_t, sin_t, pos)
+    shape, ranges, files, report = ifw.Shape(B, T, H, Hkv, Dh), {}, [], {}
+    x = None
+    for L in record["layers"]:
+        n = L["layer"]
+        layer = int_layer(L, weights[n])
+        if mode == "layer" or x is None:  # the door: the captured float x to Q(24, f_x), half even
+            x = fp.to_fixed(captures[n]["x"], layer.fmt["x"])
+        lr: dict = {}
+        nodes = ifw.layer_int(x, layer, cos, sin, mask, shape, rule, lr)
+        ranges[n] = lr
+        files += write_nodes(out_dir, n, nodes, B, H, T)
+        report[n] = node_metrics(nodes, L, captures[n], real_rows, real_probs)
+        nxt = record["layers"][n + 1]["fmt_x"] if n + 1 < len(record["layers"]) else record["head"]["fmt_x"]
+        x = ifw.next_input(nodes["out"], layer.fmt["out"], cal.fmt_of(nxt))
+    if mode == "layer":
+        x = fp.to_fixed(captures[meta["num_layers"] - 1]["out"], cal.fmt_of(record["head"]["fmt_x"]))
+    rows = None if meta["logits"] == "all" else last
+    hr: dict = {}
+    head = ifw.head_int(x, int_head(record["head"], weights["head"]), rows, rule, hr)
+    ranges["head"] = hr
+    for node in ifw.HEAD_NODES:
+        files.append(il.int_head_node(node))
+        write_csv_exact(out_dir / files[-1], head[node].astype(np.int64))
+    s_norm = record["head"]["norm"]["scale_out"]
+    logits = fp.from_fixed(head["logits"], cal.fmt_of(record["head"]["fmt_logits"]))
+    at = last if meta["logits"] == "all" else np.arange(B)
+    head_report = {"norm": metrics(head["norm"][real_rows] * s_norm, captures["head"]["norm"][real_rows]),
+                   "logits": logit_metrics(logits, captures["head"]["logits"], at)}
+    passed = head_report["logits"]["top1_agree"] == head_report["logits"]["prompts"]
+    write_json(out_dir / il.RANGES, {"what": "the integer input range each nonlinear op saw, per layer "
+                                             "(EZKL lookup range, zkLLM tlookup)", "ranges": ranges})
+    settings = {"mode": mode, "requant": rule, "acts_dir": str(acts_dir), "weights_dir": str(weights_dir),
+                "calibration": str(calibration) if calibration else "from the captures"}
+    write_json(out_dir / il.REPORT_JSON, {"settings": settings, "layers": report, "head": head_report,
+                                          "pass": passed})
+    write_bytes(out_dir / il.REPORT_MD, report_markdown(settings, report, head_report, passed).encode())
+    write_manifest(out_dir, record, files, settings)
+    lm = head_report["logits"]
+    print(f"wrote {len(files)} integer CSV files, tables, {il.CALIBRATION}, {il.MANIFEST}, {il.REPORT_MD} to {out_dir} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"integer-only ({mode}, {rule}): logits SQNR {lm['sqnr_db']:.1f} dB, KL {lm['kl']:.3g}, top-1 "
+          f"{lm['top1_agree']}/{lm['prompts']} at the last position, top-5 overlap {lm['top5_overlap']:.2f}: "
+          + ("PASS" if passed else "FAIL"))
+    return 0 if passed else 1
+
+
+def write_manifest(out_dir: Path, record: dict, files: list[str], settings: dict) -> None:
+    tables = [il.CALIBRATION, il.ROPE_COS, il.ROPE_SIN] + [il.silu_table(L["layer"]) for L in record["layers"]]
+    sha = {name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest() for name in files + tables}
+    formats = {f"layer {L['layer']}": {k: v for k, v in L.items() if k.startswith("fmt_") or k == "scales"}
+               for L in record["layers"]}
+    write_json(out_dir / il.MANIFEST, {"what": "step 4 --integer-only", "settings": settings, "rule": record["rule"],
+                                       "rounding": ROUNDING_RULES, "formats": formats,
+                                       "head": {k: v for k, v in record["head"].items() if k.startswith("fmt_")},
+                                       "rsqrt": record["rsqrt"], "files": sha})
+
+
+def report_markdown(settings: dict, report: dict, head: dict, passed: bool) -> str:
+    lines = ["# Step 4 --integer-only: every node vs the float32 references", "",
+             *(f"- {k}: {v}" for k, v in settings.items()), "",
+             "SQNR in dB (higher is better) of each node per layer; the head's logits below.", "",
+             "| layer | " + " | ".join(n for n in ifw.INT_NODES if n in report[0]) + " |",
+             "|---" * (1 + len(report[0])) + "|"]
+    for n, nodes in report.items():
+        lines.append(f"| {n} | " + " | ".join(f"{m['sqnr_db']:.1f}" for m in nodes.values()) + " |")
+    lm = head["logits"]
+    lines += ["", f"norm: SQNR {head['norm']['sqnr_db']:.1f} dB, cosine {head['norm']['cosine']:.4f}",
+              f"logits: SQNR {lm['sqnr_db']:.1f} dB, NMSE {lm['nmse']:.3g}, cosine {lm['cosine']:.4f}, "
+              f"max_abs {lm['max_abs']:.3g}, KL {lm['kl']:.3g}, top-1 {lm['top1_agree']}/{lm['prompts']}, "
+              f"top-5 overlap {lm['top5_overlap']:.2f}", "", f"**{'PASS' if passed else 'FAIL'}**", ""]
+    return "\n".join(lines)
