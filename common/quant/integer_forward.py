@@ -126,9 +126,9 @@ def attention_int(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
     return {"scores": scores, "probs": probs, "ctx": requant(ctx, L.rq["ctx"], rule, L.act_bits)}
 
 
-def layer_int(x: np.ndarray, L: IntLayer, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray, s: Shape, rule: str,
+def layer_int(x: np.ndarray, L: IntLayer, cos_q: np.ndarray, sin_q: np.ndarray, mask: np.ndarray, s: Shape, rule: str,
               ranges: dict) -> dict[str, np.ndarray]:
-    """x (B*T, d) in fmt x -> every node of INT_NODES (int64); cos/sin (B, T, Dh/2) Q1.14 at each token's position."""
+    """x (B*T, d) in fmt x -> every node of INT_NODES (int64); cos_q/sin_q (B, T, Dh/2) Q1.14 at each token's position."""
     B, T, H, Hkv, Dh = s.B, s.T, s.H, s.Hkv, s.Dh
     seen(ranges, "rmsnorm x", x)
     A = fp.FixedFormat(L.act_bits, 0)  # a linear's input: the integer itself, its scale kept by calibration
@@ -137,7 +137,7 @@ def layer_int(x: np.ndarray, L: IntLayer, cos: np.ndarray, sin: np.ndarray, mask
     k = requant(linear_int8(xnorm, L.w["k_proj"]), L.rq["k_proj"], rule).reshape(B, T, Hkv, Dh)
     v = requant(linear_int8(xnorm, L.w["v_proj"]), L.rq["v_proj"], rule).reshape(B, T, Hkv, Dh)
     seen(ranges, "rope q, k", np.concatenate([q.ravel(), k.ravel()]))
-    q, k = fp.apply_rope_int(q, INT8, cos, sin), fp.apply_rope_int(k, INT8, cos, sin)  # int8, saturated
+    q, k = fp.apply_rope_int(q, INT8, cos_q, sin_q), fp.apply_rope_int(k, INT8, cos_q, sin_q)  # int8, saturated
     a = attention_int(q, k, v, mask, L, s, rule, ranges)
     attn = requant(linear_int8(a["ctx"], L.w["o_proj"]), L.rq["o_proj"], rule, L.fmt["attn"].bits)
     h = fp.add_int(x, L.fmt["x"], attn, L.fmt["attn"], L.fmt["h"])
