@@ -353,6 +353,10 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     at = last if meta["logits"] == "all" else np.arange(B)
     head_report = {"norm": metrics(head["norm"][real_rows] * s_norm, captures["head"]["norm"][real_rows]),
                    "logits": logit_metrics(logits, captures["head"]["logits"], at)}
+    if meta["logits"] == "all":  # elsewhere: every real position, not only each prompt's last
+        every = np.flatnonzero(real_rows)
+        agree = forward.top_k(logits[every], 1) == forward.top_k(captures["head"]["logits"][every], 1)
+        head_report["logits"]["top1_every_position"] = [int(agree.sum()), len(every)]
     passed = head_report["logits"]["top1_agree"] == head_report["logits"]["prompts"]
     write_json(out_dir / il.RANGES, {"what": "the integer input range each nonlinear op saw, per layer "
                                              "(EZKL lookup range, zkLLM tlookup)", "ranges": ranges})
@@ -394,5 +398,7 @@ def report_markdown(settings: dict, report: dict, head: dict, passed: bool) -> s
     lines += ["", f"norm: SQNR {head['norm']['sqnr_db']:.1f} dB, cosine {head['norm']['cosine']:.4f}",
               f"logits: SQNR {lm['sqnr_db']:.1f} dB, NMSE {lm['nmse']:.3g}, cosine {lm['cosine']:.4f}, "
               f"max_abs {lm['max_abs']:.3g}, KL {lm['kl']:.3g}, top-1 {lm['top1_agree']}/{lm['prompts']}, "
-              f"top-5 overlap {lm['top5_overlap']:.2f}", "", f"**{'PASS' if passed else 'FAIL'}**", ""]
+              f"top-5 overlap {lm['top5_overlap']:.2f}"
+              + (f"; top-1 at every real position {lm['top1_every_position'][0]}/{lm['top1_every_position'][1]}"
+                 if "top1_every_position" in lm else ""), "", f"**{'PASS' if passed else 'FAIL'}**", ""]
     return "\n".join(lines)
