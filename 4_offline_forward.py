@@ -65,6 +65,7 @@ VERIFY_HASHES = True  # check every input file's sha256 against the manifest.jso
 INTEGER_ONLY = False  # the integer-only forward (docs/integer.md): WEIGHTS_DIR from step 1 --quant w8a8
 REQUANT = "single"  # --integer-only: single | double (common/quant/requant.py)
 CALIBRATION = None  # --integer-only: a previous run's folder whose calibration.json and tables to reuse
+ZK = False  # --integer-only: the ZK preset instead (every tensor int64 at 2^16, zkLLM's convention)
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requant", default=REQUANT, choices=("single", "double"), help="--integer-only's rounding rule")
     p.add_argument("--calibration", default=CALIBRATION, type=path_arg,
                    help="--integer-only: reuse this folder's calibration.json and tables")
+    p.add_argument("--zk", default=ZK, action="store_true", help="--integer-only: the ZK preset (int64 at 2^16)")
     return p.parse_args(argv)
 
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return integer_run.run(args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS),
                                args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS),
                                args.out_dir or int_layout.default_out(args.model_dir, args.mode), args.model_dir,
-                               args.mode, args.requant, args.calibration)
+                               args.mode, args.requant, args.calibration, args.zk)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir,

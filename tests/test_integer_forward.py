@@ -24,6 +24,7 @@ from common.llama.rope import rope_inv_freq
 from common.quant import calibrate as cal
 from common.quant import fixedpoint as fp
 from common.quant import integer_forward as ifw
+from common.quant import zk_forward as zkf
 from common.quant.requant import rounding_right_shift_half_up
 
 PROMPTS = ("The capital of France is Paris. The capital of Italy is", "Attention is all you need: queries")
@@ -134,7 +135,7 @@ def test_planted_mistakes_fail(tiny, monkeypatch):
 
 def test_integer_path_has_no_float():
     ops = [ifw.requant, ifw.linear_int8, ifw.seen, ifw.attention_int, ifw.layer_int, ifw.next_input, ifw.head_int,
-           ifw.rope_positions]
+           ifw.rope_positions, zkf.matmul_zk, zkf.mul_zk, zkf.norm_zk, zkf.silu_zk, zkf.layer_zk, zkf.head_zk]
     for op in ops:
         assert _float_uses(op) == [], op.__name__
 
@@ -148,6 +149,25 @@ def test_same_bytes_under_another_blas_core(tiny):
     assert r.returncode == 0, r.stdout + r.stderr
     ours = hashes(tiny["out"])
     assert len(ours) > 16 * 3 and hashes(out) == ours
+
+
+def test_zk_preset(tiny, monkeypatch):
+    """The ZK preset (int64 at 2^16): layer and chain against float; its files pin every >>r 16."""
+    out = tiny["base"] / "zk"
+    assert integer_run.run(tiny["x"], tiny["w"], out, tiny["model"], "chain", zk=True) == 0
+    rep = json.loads((out / il.REPORT_JSON).read_text())
+    lm = rep["head"]["logits"]
+    assert lm["top1_agree"] == lm["prompts"] and lm["cosine"] > 0.999, lm
+    assert all(m["sqnr_db"] > 30 for nodes in rep["layers"].values() for m in nodes.values())  # measured: 35 and up
+    assert json.loads((out / il.MANIFEST).read_text())["preset"] == "zk"
+    golden = integer_run.parse_ints(out / il.int_node("mlp", 0))
+
+    def floor_shift(x, k):  # planted: truncation where >>r (half up) is stated
+        return np.asarray(x, np.int64) >> k
+    monkeypatch.setattr(zkf, "rounding_right_shift_half_up", floor_shift)
+    twin = tiny["base"] / "zk_twin"
+    integer_run.run(tiny["x"], tiny["w"], twin, tiny["model"], "chain", zk=True)
+    assert np.sum(integer_run.parse_ints(twin / il.int_node("mlp", 0)) != golden) > 0
 
 
 def test_format_that_cannot_hold_the_range():

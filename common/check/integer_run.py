@@ -34,6 +34,7 @@ from common.llama.rope import rope_inv_freq
 from common.quant import calibrate as cal
 from common.quant import fixedpoint as fp
 from common.quant import integer_forward as ifw
+from common.quant import zk_forward as zkf
 from common.quant.quantize import quantize_weight
 from common.quant.requant import RULES
 from common.quant.schemes import get_scheme
@@ -133,8 +134,8 @@ def calibration_view(c: dict, real_rows: np.ndarray, allowed: np.ndarray) -> dic
 
 
 def calibrate_model(acts_dir: Path, weights_dir: Path, meta: dict, mask: np.ndarray, position_ids: np.ndarray,
-                    rule: str) -> tuple[dict, dict, dict]:
-    """(record, int8 weights per layer and head, float captures per layer and head)."""
+                    rule: str, zk: bool = False) -> tuple[dict, dict, dict]:
+    """(record, int8 weights per layer and head, float captures per layer and head); `zk`: the ZK preset's."""
     real_rows = mask.reshape(-1) > 0
     allowed = attention.attention_allowed(mask)[:, None]  # (B, 1, T, T)
     layers, weights, captures = [], {}, {}
@@ -142,8 +143,8 @@ def calibrate_model(acts_dir: Path, weights_dir: Path, meta: dict, mask: np.ndar
         w = read_layer_weights(weights_dir, n, meta)
         c = read_captures(acts_dir, n, meta)
         c.update(derived_nodes(c, w, mask, meta))
-        layers.append(cal.calibrate_layer(n, calibration_view(c, real_rows, allowed), w, meta["rms_norm_eps"],
-                                          meta["head_dim"], meta["seq_len"]))
+        layers.append((cal.calibrate_zk_layer if zk else cal.calibrate_layer)(
+            n, calibration_view(c, real_rows, allowed), w, meta["rms_norm_eps"], meta["head_dim"], meta["seq_len"]))
         weights[n], captures[n] = w, c
     V, d = meta["vocab_size"], meta["d_model"]
     head_q, head_s = read_head(weights_dir, meta)
@@ -151,24 +152,30 @@ def calibrate_model(acts_dir: Path, weights_dir: Path, meta: dict, mask: np.ndar
     logits_ref = forward_io.read_ref_logits(acts_dir, meta, mask.size if meta["logits"] == "all" else mask.shape[0])
     gamma = read_csv(weights_dir / layout.weight_file(layout.FINAL_NORM), (d,))
     last_out = captures[meta["num_layers"] - 1]["out"]
-    head = cal.calibrate_head(last_out[real_rows], norm_ref[real_rows], logits_ref, gamma,
-                              head_s.reshape(-1).astype(np.float64), meta["rms_norm_eps"])
+    head = (cal.calibrate_zk_head(last_out[real_rows], gamma, meta["rms_norm_eps"]) if zk else
+            cal.calibrate_head(last_out[real_rows], norm_ref[real_rows], logits_ref, gamma,
+                               head_s.reshape(-1).astype(np.float64), meta["rms_norm_eps"]))
     P = int(position_ids.max()) + 1
     cos, sin = fp.rope_tables(np.arange(P), rope_inv_freq(meta["head_dim"], meta["rope_theta"], meta.get("rope_scaling")))
-    record = {"rule": rule, "layers": layers, "head": head, "rope": {"positions": P, "cos": cos.tolist(),
+    record = {"rule": rule, "preset": "zk" if zk else "int8", "layers": layers, "head": head, "rope": {"positions": P, "cos": cos.tolist(),
                                                                      "sin": sin.tolist()},
               "rsqrt": {"method": "digit-by-digit isqrt of the mean square in [2^60, 2^62), reciprocal 2^62 / r",
                         "RSQRT_BITS": fp.RSQRT_BITS, "NORM_FRAC": fp.NORM_FRAC}}
     captures["head"] = {"norm": norm_ref, "logits": logits_ref}
-    weights["head"] = head_q
+    weights["head"] = head_q if not zk else cal.zk_weight(head_q, head_s)
+    if zk:  # the weights' real values at 2^16 (half even): the last float step
+        for n in range(meta["num_layers"]):
+            weights[n] = {**weights[n], **{p: cal.zk_weight(*weights[n][p]) for p in ifw.LINEARS}}
     return record, weights, captures
 
 
 # --- tables as files, read back -------------------------------------------------------------------
 
 def write_tables(out_dir: Path, record: dict) -> None:
-    write_json(out_dir / il.CALIBRATION, {k: v for k, v in record.items() if k != "rope"}
-               | {"rope": {"positions": record["rope"]["positions"]}})
+    layers = [{k: v for k, v in L.items() if k != "silu_table"} | {"silu_len": len(L["silu_table"])}
+              for L in record["layers"]]
+    write_json(out_dir / il.CALIBRATION, {k: v for k, v in record.items() if k not in ("rope", "layers")}
+               | {"layers": layers, "rope": {"positions": record["rope"]["positions"]}})
     for L in record["layers"]:
         write_csv_exact(out_dir / il.silu_table(L["layer"]), np.array(L["silu_table"], np.int64)[None, :])
     write_csv_exact(out_dir / il.ROPE_COS, np.array(record["rope"]["cos"], np.int64))
@@ -184,7 +191,9 @@ def read_tables(folder: Path, meta: dict) -> dict:
         cal.check_record(L, f"{folder / il.CALIBRATION} layer {L['layer']}")
         path = folder / il.silu_table(L["layer"])
         table = read_int_csv_row(path)
-        L["silu_table"] = fp.check_table(str(path), table, (256,), cal.fmt_of(L["fmt_silu"])).tolist()
+        fmt = fp.ZK_FORMAT if record.get("preset") == "zk" else cal.fmt_of(L["fmt_silu"])
+        length = int(L.get("silu_len", 0)) if record.get("preset") == "zk" else 256
+        L["silu_table"] = fp.check_table(str(path), table, (length,), fmt).tolist()
     cal.check_record(record["head"], f"{folder / il.CALIBRATION} head")
     half = meta["head_dim"] // 2
     P = record["rope"]["positions"]
@@ -238,8 +247,10 @@ def int_head(Hrec: dict, wq: np.ndarray) -> ifw.IntHead:
 
 # --- the report -----------------------------------------------------------------------------------
 
-def dequantize(node: str, q: np.ndarray, L: dict) -> np.ndarray:
+def dequantize(node: str, q: np.ndarray, L: dict, preset: str = "int8") -> np.ndarray:
     """An integer node as the real numbers it stands for (float64, for the report only)."""
+    if preset == "zk":
+        return fp.from_fixed(q, fp.ZK_FORMAT)
     s = L["scales"]
     if node in ("xnorm", "q", "k", "v", "ctx", "hnorm", "gate", "up", "act"):
         return q * s[node]
@@ -257,15 +268,14 @@ def metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
             "cosine": float(np.dot(o, r)) / norm if norm else 1.0, "max_abs": float(np.max(np.abs(o - r), initial=0.0))}
 
 
-def node_metrics(nodes: dict, L: dict, c: dict, real_rows: np.ndarray, real_probs: np.ndarray) -> dict:
+def node_metrics(nodes: dict, L: dict, c: dict, real_rows: np.ndarray, seen_scores: np.ndarray, preset: str) -> dict:
     out = {}
     for node in ifw.INT_NODES:
         if node not in c:
             continue
-        ours, ref = dequantize(node, nodes[node], L), c[node]
-        if node in ("scores", "probs"):
-            rows = real_probs
-            ours, ref = ours.reshape(len(rows), -1)[rows], ref.reshape(len(rows), -1)[rows]
+        ours, ref = dequantize(node, nodes[node], L, preset), c[node]
+        if node in ("scores", "probs"):  # the entries softmax reads: allowed keys of real queries
+            ours, ref = ours.reshape(seen_scores.shape)[seen_scores], ref.reshape(seen_scores.shape)[seen_scores]
         else:
             ours, ref = ours[real_rows], ref[real_rows]
         out[node] = metrics(ours, ref)
@@ -301,8 +311,44 @@ def write_nodes(out_dir: Path, n: int, nodes: dict, B: int, H: int, T: int) -> l
     return names
 
 
+def zk_layer(L: dict, w: dict) -> zkf.ZkLayer:
+    return zkf.ZkLayer(w={p: w[p] for p in ifw.LINEARS}, gamma_in=np.array(L["input_norm"]["gamma"], np.int64),
+                       gamma_post=np.array(L["post_norm"]["gamma"], np.int64),
+                       fmt_norm_x=cal.fmt_of(L["input_norm"]["fmt_in"]), fmt_norm_h=cal.fmt_of(L["post_norm"]["fmt_in"]),
+                       eps_x=L["input_norm"]["eps"], eps_h=L["post_norm"]["eps"], inv_sqrt_dh=L["inv_sqrt_dh"],
+                       fmt_scores=cal.fmt_of(L["fmt_scores"]), iexp=L["iexp"], silu_lo=L["silu_lo"],
+                       silu_table=np.array(L["silu_table"], np.int64))
+
+
+def run_layers(record: dict, weights: dict, captures: dict, mode: str, cos, sin, mask, shape: ifw.Shape, rule: str,
+               emit) -> tuple[np.ndarray, dict]:
+    """Every layer (layer mode: each from its captured x; chain: from x_layer0), emit(n, nodes, L) after each;
+    returns (the head's input, the ranges each nonlinear op saw)."""
+    zk, x, ranges = record["preset"] == "zk", None, {}
+    for L in record["layers"]:
+        n = L["layer"]
+        ranges[n] = {}
+        if zk:
+            if mode == "layer" or x is None:  # the door: the captured float x at 2^16, half even
+                x = fp.to_fixed(captures[n]["x"], fp.ZK_FORMAT)
+            nodes = zkf.layer_zk(x, zk_layer(L, weights[n]), cos, sin, mask, shape, ranges[n])
+            x = nodes["out"]
+        else:
+            layer = int_layer(L, weights[n])
+            if mode == "layer" or x is None:  # the door: the captured float x to Q(24, f_x), half even
+                x = fp.to_fixed(captures[n]["x"], layer.fmt["x"])
+            nodes = ifw.layer_int(x, layer, cos, sin, mask, shape, rule, ranges[n])
+            nxt = record["layers"][n + 1]["fmt_x"] if n + 1 < len(record["layers"]) else record["head"]["fmt_x"]
+            x = ifw.next_input(nodes["out"], layer.fmt["out"], cal.fmt_of(nxt))
+        emit(n, nodes, L)
+    if mode == "layer":
+        last = captures[len(record["layers"]) - 1]["out"]
+        x = fp.to_fixed(last, fp.ZK_FORMAT if zk else cal.fmt_of(record["head"]["fmt_x"]))
+    return x, ranges
+
+
 def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str = "layer", rule: str = REQUANT,
-        calibration: Path | None = None) -> int:
+        calibration: Path | None = None, zk: bool = False) -> int:
     """The whole --integer-only run; returns the exit code (0 when the top-1 token holds at every prompt's last position)."""
     t0 = time.perf_counter()
     if rule not in RULES:
@@ -314,10 +360,14 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
         raise InputError(f"{acts_dir / layout.META_MODEL}: --integer-only implements Llama's SiLU MLP without biases")
     mask, position_ids, _ = qkv.read_batch(acts_dir, B, T)
     real_rows, last = mask.reshape(-1) > 0, forward.last_real_rows(mask)
-    real_probs = qkv.real_prob_rows(mask, H)
-    record, weights, captures = calibrate_model(acts_dir, weights_dir, meta, mask, position_ids, rule)
+    seen_scores = np.broadcast_to(attention.attention_allowed(mask)[:, None], (B, H, T, T))  # (B, H, T, T)
+    record, weights, captures = calibrate_model(acts_dir, weights_dir, meta, mask, position_ids, rule, zk)
+    preset = record["preset"]
     if calibration is not None:  # a previous run's formats and tables, checked, instead of this one's
         record = read_tables(calibration, meta) | {"rule": rule}
+        if record.get("preset") != preset:
+            raise InputError(f"{calibration / il.CALIBRATION} is of the {record.get('preset')} preset, "
+                             f"this run is {preset}: drop --calibration or match --zk")
     write_tables(out_dir, record)
     record = read_tables(out_dir, meta) | {"rule": rule}  # what runs is what the files say
     cos_t, sin_t = np.array(record["rope"]["cos"], np.int64), np.array(record["rope"]["sin"], np.int64)
@@ -325,33 +375,28 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     if pos.max() >= len(cos_t):
         raise InputError(f"{calibration}: RoPE tables hold {len(cos_t)} positions, the prompts reach {pos.max()}")
     cos, sin = ifw.rope_positions(cos_t, sin_t, pos)
-    shape, ranges, files, report = ifw.Shape(B, T, H, Hkv, Dh), {}, [], {}
-    x = None
-    for L in record["layers"]:
-        n = L["layer"]
-        layer = int_layer(L, weights[n])
-        if mode == "layer" or x is None:  # the door: the captured float x to Q(24, f_x), half even
-            x = fp.to_fixed(captures[n]["x"], layer.fmt["x"])
-        lr: dict = {}
-        nodes = ifw.layer_int(x, layer, cos, sin, mask, shape, rule, lr)
-        ranges[n] = lr
-        files += write_nodes(out_dir, n, nodes, B, H, T)
-        report[n] = node_metrics(nodes, L, captures[n], real_rows, real_probs)
-        nxt = record["layers"][n + 1]["fmt_x"] if n + 1 < len(record["layers"]) else record["head"]["fmt_x"]
-        x = ifw.next_input(nodes["out"], layer.fmt["out"], cal.fmt_of(nxt))
-    if mode == "layer":
-        x = fp.to_fixed(captures[meta["num_layers"] - 1]["out"], cal.fmt_of(record["head"]["fmt_x"]))
+    files, report = [], {}
+
+    def emit(n: int, nodes: dict, L: dict) -> None:
+        files.extend(write_nodes(out_dir, n, nodes, B, H, T))
+        report[n] = node_metrics(nodes, L, captures[n], real_rows, seen_scores, preset)
+    x, ranges = run_layers(record, weights, captures, mode, cos, sin, mask, ifw.Shape(B, T, H, Hkv, Dh), rule, emit)
     rows = None if meta["logits"] == "all" else last
-    hr: dict = {}
-    head = ifw.head_int(x, int_head(record["head"], weights["head"]), rows, rule, hr)
-    ranges["head"] = hr
+    ranges["head"] = {}
+    if preset == "zk":
+        Hn = record["head"]["norm"]
+        head = zkf.head_zk(x, cal.fmt_of(Hn["fmt_in"]), np.array(Hn["gamma"], np.int64), Hn["eps"], weights["head"],
+                           rows, ranges["head"])
+        norm, logits = fp.from_fixed(head["norm"], fp.ZK_FORMAT), fp.from_fixed(head["logits"], fp.ZK_FORMAT)
+    else:
+        head = ifw.head_int(x, int_head(record["head"], weights["head"]), rows, rule, ranges["head"])
+        norm = head["norm"] * record["head"]["norm"]["scale_out"]
+        logits = fp.from_fixed(head["logits"], cal.fmt_of(record["head"]["fmt_logits"]))
     for node in ifw.HEAD_NODES:
         files.append(il.int_head_node(node))
         write_csv_exact(out_dir / files[-1], head[node].astype(np.int64))
-    s_norm = record["head"]["norm"]["scale_out"]
-    logits = fp.from_fixed(head["logits"], cal.fmt_of(record["head"]["fmt_logits"]))
     at = last if meta["logits"] == "all" else np.arange(B)
-    head_report = {"norm": metrics(head["norm"][real_rows] * s_norm, captures["head"]["norm"][real_rows]),
+    head_report = {"norm": metrics(norm[real_rows], captures["head"]["norm"][real_rows]),
                    "logits": logit_metrics(logits, captures["head"]["logits"], at)}
     if meta["logits"] == "all":  # elsewhere: every real position, not only each prompt's last
         every = np.flatnonzero(real_rows)
@@ -359,8 +404,9 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
         head_report["logits"]["top1_every_position"] = [int(agree.sum()), len(every)]
     passed = head_report["logits"]["top1_agree"] == head_report["logits"]["prompts"]
     write_json(out_dir / il.RANGES, {"what": "the integer input range each nonlinear op saw, per layer "
-                                             "(EZKL lookup range, zkLLM tlookup)", "ranges": ranges})
-    settings = {"mode": mode, "requant": rule, "acts_dir": str(acts_dir), "weights_dir": str(weights_dir),
+                                             "(EZKL lookup range, zkLLM tlookup)", "preset": preset, "ranges": ranges})
+    settings = {"mode": mode, "preset": preset, "requant": rule if preset == "int8" else "none (ZK: >>r 16)",
+                "acts_dir": str(acts_dir), "weights_dir": str(weights_dir),
                 "calibration": str(calibration) if calibration else "from the captures"}
     write_json(out_dir / il.REPORT_JSON, {"settings": settings, "layers": report, "head": head_report,
                                           "pass": passed})
@@ -369,21 +415,25 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     lm = head_report["logits"]
     print(f"wrote {len(files)} integer CSV files, tables, {il.CALIBRATION}, {il.MANIFEST}, {il.REPORT_MD} to {out_dir} "
           f"in {time.perf_counter() - t0:.1f} s")
-    print(f"integer-only ({mode}, {rule}): logits SQNR {lm['sqnr_db']:.1f} dB, KL {lm['kl']:.3g}, top-1 "
-          f"{lm['top1_agree']}/{lm['prompts']} at the last position, top-5 overlap {lm['top5_overlap']:.2f}: "
-          + ("PASS" if passed else "FAIL"))
+    print(f"integer-only ({mode}, {settings['requant']}, {preset}): logits SQNR {lm['sqnr_db']:.1f} dB, "
+          f"KL {lm['kl']:.3g}, top-1 {lm['top1_agree']}/{lm['prompts']} at the last position, top-5 overlap "
+          f"{lm['top5_overlap']:.2f}: " + ("PASS" if passed else "FAIL"))
     return 0 if passed else 1
 
 
 def write_manifest(out_dir: Path, record: dict, files: list[str], settings: dict) -> None:
     tables = [il.CALIBRATION, il.ROPE_COS, il.ROPE_SIN] + [il.silu_table(L["layer"]) for L in record["layers"]]
     sha = {name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest() for name in files + tables}
-    formats = {f"layer {L['layer']}": {k: v for k, v in L.items() if k.startswith("fmt_") or k == "scales"}
-               for L in record["layers"]}
-    write_json(out_dir / il.MANIFEST, {"what": "step 4 --integer-only", "settings": settings, "rule": record["rule"],
-                                       "rounding": ROUNDING_RULES, "formats": formats,
-                                       "head": {k: v for k, v in record["head"].items() if k.startswith("fmt_")},
-                                       "rsqrt": record["rsqrt"], "files": sha})
+
+    def formats(L: dict) -> dict:  # everything but the long lists (gammas and tables live in their files)
+        return {k: ({kk: vv for kk, vv in v.items() if kk != "gamma"} if isinstance(v, dict) else v)
+                for k, v in L.items() if k not in ("silu_table", "requant")}
+    zk = record["preset"] == "zk"
+    write_json(out_dir / il.MANIFEST, {"what": "step 4 --integer-only", "settings": settings, "preset": record["preset"],
+                                       "rule": None if zk else record["rule"],
+                                       "rounding": zkf.ZK_ROUNDING if zk else ROUNDING_RULES,
+                                       "formats": {f"layer {L['layer']}": formats(L) for L in record["layers"]},
+                                       "head": formats(record["head"]), "rsqrt": record["rsqrt"], "files": sha})
 
 
 def report_markdown(settings: dict, report: dict, head: dict, passed: bool) -> str:

@@ -176,3 +176,39 @@ def check_record(rec: dict, where: str) -> None:
             check_multiplier(np.array(ms["M"]), np.array(ms["shift"]))
         except InputError as e:
             raise InputError(f"{where} {name}: {e}") from None
+
+
+# --- the ZK preset (common/quant/zk_forward.py): every tensor at 2^16 ----------------------------
+
+ZK_NORM_BITS = 24  # rms_norm_int's input, aligned down from 2^16 as the range needs
+
+
+def zk_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """An int8 weight's real values q * scale (float64, exact) at 2^16, half even: int64 (N, K)."""
+    return fp.to_fixed(q.astype(np.float64) * scale.astype(np.float64), fp.ZK_FORMAT)
+
+
+def zk_norm(name: str, x: np.ndarray, gamma: np.ndarray, eps: float) -> dict:
+    fmt = fmt_for(name, x, ZK_NORM_BITS, fp.ZK_FRAC)
+    return {"fmt_in": fmt_record(fmt), "eps": fp.rmsnorm_eps(eps, fmt),
+            "gamma": fp.to_fixed(gamma, fp.FixedFormat(32, fp.ZK_FRAC)).tolist()}
+
+
+def calibrate_zk_layer(n: int, c: dict, w: dict, eps: float, Dh: int, Tk: int) -> dict:
+    """One layer of the ZK preset: the norms' input formats, softmax's input format, 1/sqrt(Dh) at 2^16 and
+    the SiLU table over the gate range the captures show (at ZK_SILU_IN_FRAC index bits)."""
+    from common.quant.zk_forward import ZK_SILU_IN_FRAC
+    L = f"layer {n}"
+    fs = score_frac(f"scores {L}", c["scores"], 2.0**-fp.ZK_FRAC, Tk)
+    lo = math.floor(float(c["gate"].min()) * 2**ZK_SILU_IN_FRAC)
+    hi = math.ceil(float(c["gate"].max()) * 2**ZK_SILU_IN_FRAC)
+    g = np.arange(lo, hi + 1, dtype=np.float64) * 2.0**-ZK_SILU_IN_FRAC
+    return {"layer": n, "preset": "zk", "input_norm": zk_norm(f"x {L}", c["x"], w["gamma_in"], eps),
+            "post_norm": zk_norm(f"h {L}", c["h"], w["gamma_post"], eps),
+            "inv_sqrt_dh": int(np.rint(2.0**fp.ZK_FRAC / math.sqrt(Dh))), "fmt_scores": [32, fs],
+            "iexp": fp.iexp_constants(fs), "silu_lo": lo,
+            "silu_table": fp.to_fixed(g / (1.0 + np.exp(-g)), fp.ZK_FORMAT).tolist(), "requant": {}}
+
+
+def calibrate_zk_head(x_last: np.ndarray, gamma: np.ndarray, eps: float) -> dict:
+    return {"preset": "zk", "norm": zk_norm("out of the last layer", x_last, gamma, eps), "requant": {}}
