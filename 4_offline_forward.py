@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return integer_run.run(args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS),
                                args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS),
                                args.out_dir or int_layout.default_out(args.model_dir, args.mode), args.model_dir,
-                               args.mode, args.requant, args.calibration, args.zk)
+                               args.mode, args.requant, args.calibration, args.zk, args.verify_hashes)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir,

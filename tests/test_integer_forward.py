@@ -170,9 +170,17 @@ def test_zk_preset(tiny, monkeypatch):
     assert np.sum(integer_run.parse_ints(twin / il.int_node("mlp", 0)) != golden) > 0
 
 
-def test_format_that_cannot_hold_the_range():
+def test_format_that_cannot_hold_the_range(tiny, tmp_path):
     with pytest.raises(InputError, match="x layer 0"):
         cal.fmt_for("x layer 0", np.array([-1e9, 1e9]), cal.RESIDUAL_BITS)
+    acts = tmp_path / "x"
+    shutil.copytree(tiny["x"], acts)
+    x0 = acts / "x_layer0.csv"
+    rows = x0.read_text().splitlines()
+    x0.write_text("\n".join(["1e9," + r.split(",", 1)[1] for r in rows]) + "\n")  # far past Q(24, 0)
+    r = run_script("4_offline_forward.py", "--integer-only", "--model-dir", tiny["model"], "--acts-dir", acts,
+                   "--weights-dir", tiny["w"], "--out-dir", tmp_path / "o", "--no-verify-hashes")
+    one_line_exit_2(r, "x layer 0", "does not fit int24")
 
 
 def bad_run(tiny, tmp_path, edit) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ import polars as pl
 from common.check import forward_io, qkv
 from common.cli import InputError
 from common.files import int_layout as il
-from common.files import layout
+from common.files import layout, manifest
 from common.files.atomic import output_folder, read_json, write_bytes, write_json
 from common.files.csv_io import read_csv
 from common.files.quant_export import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
@@ -98,11 +98,33 @@ def read_layer_weights(weights_dir: Path, n: int, meta: dict) -> dict:
     return w
 
 
+CAPTURED = ("q", "k", "v", "attn", "h", "hnorm", "act", "mlp", "out", "probs")  # the ref_ files read per layer
+
+
+def step2_files(meta: dict) -> list[str]:
+    per_layer = [layout.layer_file(s, n) for n in range(meta["num_layers"]) for s in ("x", "xnorm")]
+    per_layer += [layout.ref_file(s, n) for n in range(meta["num_layers"]) for s in CAPTURED]
+    return [layout.META_MODEL, *layout.BATCH_FILES, layout.REF_NORM, layout.REF_LOGITS, *per_layer]
+
+
+def step1_files(weights_dir: Path, meta: dict) -> list[str]:
+    names = []
+    for n in range(meta["num_layers"]):
+        names += [layout.weight_file(layout.norm_weight_name(n, norm)) for norm in layout.NORMS]
+        for p in ifw.LINEARS:
+            base = layout.weight_name(n, "self_attn" if p in layout.ATTENTION_PROJ else "mlp", p, "weight")
+            names += [base + Q_SUFFIX, base + SCALE_SUFFIX]
+    names.append(layout.weight_file(layout.FINAL_NORM))
+    if (weights_dir / (layout.LM_HEAD + Q_SUFFIX)).is_file():
+        return names + [layout.LM_HEAD + Q_SUFFIX, layout.LM_HEAD + SCALE_SUFFIX]
+    return names + [layout.weight_file(layout.EMBEDDING if meta["tie_word_embeddings"] else layout.LM_HEAD)]
+
+
 def read_captures(acts_dir: Path, n: int, meta: dict) -> dict:
     """Layer n's float captures (x, xnorm and the ref_ files) as (B*T, C) float32."""
     rows = meta["batch_size"] * meta["seq_len"]
     c = {"x": read_csv(acts_dir / layout.layer_file("x", n)), "xnorm": read_csv(acts_dir / layout.layer_file("xnorm", n))}
-    for stem in ("q", "k", "v", "attn", "h", "hnorm", "act", "mlp", "out", "probs"):
+    for stem in CAPTURED:
         c[stem] = read_csv(acts_dir / layout.ref_file(stem, n))
     for k, a in c.items():
         if k != "probs" and a.shape[0] != rows:
@@ -348,7 +370,7 @@ def run_layers(record: dict, weights: dict, captures: dict, mode: str, cos, sin,
 
 
 def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str = "layer", rule: str = REQUANT,
-        calibration: Path | None = None, zk: bool = False) -> int:
+        calibration: Path | None = None, zk: bool = False, verify_hashes: bool = True) -> int:
     """The whole --integer-only run; returns the exit code (0 when the top-1 token holds at every prompt's last position)."""
     t0 = time.perf_counter()
     if rule not in RULES:
@@ -358,6 +380,10 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     B, T, H, Hkv, Dh = (meta[k] for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"))
     if meta["hidden_act"] != "silu" or meta["attention_bias"] or meta["mlp_bias"]:
         raise InputError(f"{acts_dir / layout.META_MODEL}: --integer-only implements Llama's SiLU MLP without biases")
+    hashes = manifest.HashCheck(verify_hashes)  # every input file against its folder's manifest, before it is read
+    hashes.folder(acts_dir, step2_files(meta), "step 2", layout.rerun_step2(model_dir))
+    hashes.folder(weights_dir, step1_files(weights_dir, meta), "step 1", layout.rerun_step1(meta["model_dir"], weights_dir))
+    print(f"input files: {hashes.line()}")
     mask, position_ids, _ = qkv.read_batch(acts_dir, B, T)
     real_rows, last = mask.reshape(-1) > 0, forward.last_real_rows(mask)
     seen_scores = np.broadcast_to(attention.attention_allowed(mask)[:, None], (B, H, T, T))  # (B, H, T, T)
@@ -405,7 +431,7 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     passed = head_report["logits"]["top1_agree"] == head_report["logits"]["prompts"]
     write_json(out_dir / il.RANGES, {"what": "the integer input range each nonlinear op saw, per layer "
                                              "(EZKL lookup range, zkLLM tlookup)", "preset": preset, "ranges": ranges})
-    settings = {"mode": mode, "preset": preset, "requant": rule if preset == "int8" else "none (ZK: >>r 16)",
+    settings = {"mode": mode, "preset": preset, "input hashes": hashes.line(), "requant": rule if preset == "int8" else "none (ZK: >>r 16)",
                 "acts_dir": str(acts_dir), "weights_dir": str(weights_dir),
                 "calibration": str(calibration) if calibration else "from the captures"}
     write_json(out_dir / il.REPORT_JSON, {"settings": settings, "layers": report, "head": head_report,

@@ -157,12 +157,10 @@ def calibrate_layer(n: int, c: dict, w: dict, eps: float, Dh: int, Tk: int) -> d
 
 def calibrate_head(x_last: np.ndarray, norm: np.ndarray, logits: np.ndarray, gamma: np.ndarray, sw: np.ndarray,
                    eps: float) -> dict:
-    """The final norm and the head: the last layer's out format, norm's int8 scale, logits Q(32, f)."""
+    """The final norm and the head: the last layer's out format, norm's scale (ACT_BITS), logits Q(32, f)."""
     fx = fmt_for("out of the last layer", x_last, RESIDUAL_BITS)
     s_norm = act_scale("norm", norm, ACT_BITS)
-    fmt_logits, m = None, None
-    f = fmt_for("logits", logits, LOGIT_BITS)
-    frac = min(f.frac, frac_cap(s_norm * sw))
+    frac = min(fmt_for("logits", logits, LOGIT_BITS).frac, frac_cap(s_norm * sw))
     fmt_logits = fp.FixedFormat(LOGIT_BITS, frac)
     m = multipliers("logits", s_norm * sw * 2.0**frac)
     return {"act_bits": ACT_BITS, "fmt_x": fmt_record(fx), "eps_x": fp.rmsnorm_eps(eps, fx), "norm": norm_gamma("model.norm", gamma, s_norm),
