@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_script, run_script, step2
+from conftest import load_script, run_script, step2
 from test_quant_fixedpoint import _float_uses
 
 from common.check import integer_run
@@ -208,6 +206,13 @@ def test_bad_multiplier_and_table(tiny, tmp_path):
         p = folder / il.silu_table(0)
         p.write_text(",".join(p.read_text().strip().split(",")[:255]) + "\n")
     one_line_exit_2(bad_run(tiny, tmp_path / "b", short_table), il.silu_table(0), "shape")
+
+    def no_format(folder):
+        rec = json.loads((folder / il.CALIBRATION).read_text())
+        del rec["layers"][2]["fmt_h"]
+        rec["layers"][0]["fmt_x"] = [24, 70]
+        (folder / il.CALIBRATION).write_text(json.dumps(rec))
+    one_line_exit_2(bad_run(tiny, tmp_path / "c", no_format), "layer 0", "fmt_x [24, 70]")
 
 
 def test_demo_chain_keeps_top1(demo_model, tmp_path):

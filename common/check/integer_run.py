@@ -29,7 +29,7 @@ from common.files import layout, manifest
 from common.files.atomic import output_folder, read_json, write_bytes, write_json
 from common.files.csv_io import read_csv
 from common.files.quant_export import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
-from common.llama import attention, forward, mlp
+from common.llama import attention, forward
 from common.llama.rope import rope_inv_freq
 from common.quant import calibrate as cal
 from common.quant import fixedpoint as fp
@@ -168,7 +168,7 @@ def calibrate_model(acts_dir: Path, weights_dir: Path, meta: dict, mask: np.ndar
         layers.append((cal.calibrate_zk_layer if zk else cal.calibrate_layer)(
             n, calibration_view(c, real_rows, allowed), w, meta["rms_norm_eps"], meta["head_dim"], meta["seq_len"]))
         weights[n], captures[n] = w, c
-    V, d = meta["vocab_size"], meta["d_model"]
+    d = meta["d_model"]
     head_q, head_s = read_head(weights_dir, meta)
     norm_ref = read_csv(acts_dir / layout.REF_NORM, (mask.size, d))
     logits_ref = forward_io.read_ref_logits(acts_dir, meta, mask.size if meta["logits"] == "all" else mask.shape[0])
@@ -179,8 +179,8 @@ def calibrate_model(acts_dir: Path, weights_dir: Path, meta: dict, mask: np.ndar
                                head_s.reshape(-1).astype(np.float64), meta["rms_norm_eps"]))
     P = int(position_ids.max()) + 1
     cos, sin = fp.rope_tables(np.arange(P), rope_inv_freq(meta["head_dim"], meta["rope_theta"], meta.get("rope_scaling")))
-    record = {"rule": rule, "preset": "zk" if zk else "int8", "layers": layers, "head": head, "rope": {"positions": P, "cos": cos.tolist(),
-                                                                     "sin": sin.tolist()},
+    record = {"rule": rule, "preset": "zk" if zk else "int8", "layers": layers, "head": head,
+              "rope": {"positions": P, "cos": cos.tolist(), "sin": sin.tolist()},
               "rsqrt": {"method": "digit-by-digit isqrt of the mean square in [2^60, 2^62), reciprocal 2^62 / r",
                         "RSQRT_BITS": fp.RSQRT_BITS, "NORM_FRAC": fp.NORM_FRAC}}
     captures["head"] = {"norm": norm_ref, "logits": logits_ref}
@@ -206,17 +206,22 @@ def write_tables(out_dir: Path, record: dict) -> None:
 
 def read_tables(folder: Path, meta: dict) -> dict:
     """calibration.json and the table files of a folder, checked: what the run uses."""
-    record = read_json(folder / il.CALIBRATION, "run step 4 --integer-only again without --calibration")
-    if record.get("rule") not in RULES or len(record.get("layers", [])) != meta["num_layers"]:
-        raise InputError(f"{folder / il.CALIBRATION}: not a calibration of this model's {meta['num_layers']} layers")
-    for L in record["layers"]:
-        cal.check_record(L, f"{folder / il.CALIBRATION} layer {L['layer']}")
-        path = folder / il.silu_table(L["layer"])
-        table = read_int_csv_row(path)
-        fmt = fp.ZK_FORMAT if record.get("preset") == "zk" else cal.fmt_of(L["fmt_silu"])
-        length = int(L.get("silu_len", 0)) if record.get("preset") == "zk" else 256
-        L["silu_table"] = fp.check_table(str(path), table, (length,), fmt).tolist()
-    cal.check_record(record["head"], f"{folder / il.CALIBRATION} head")
+    where = folder / il.CALIBRATION
+    record = read_json(where, "run step 4 --integer-only again without --calibration")
+    preset = record.get("preset")
+    if (preset not in ("int8", "zk") or record.get("rule") not in RULES or not isinstance(record.get("layers"), list)
+            or len(record["layers"]) != meta["num_layers"]):
+        raise InputError(f"{where}: not a calibration of this model's {meta['num_layers']} layers: rebuild it")
+    for n, L in enumerate(record["layers"]):
+        cal.check_layer_record(L, preset, f"{where} layer {n}")
+        path = folder / il.silu_table(n)
+        fmt = fp.ZK_FORMAT if preset == "zk" else cal.fmt_of(L["fmt_silu"])
+        length = L["silu_len"] if preset == "zk" else 256
+        L["silu_table"] = fp.check_table(str(path), read_int_csv_row(path), (length,), fmt).tolist()
+    cal.check_shape(record["head"], cal.HEAD_KEYS[preset], f"{where} head")
+    if preset == "int8":
+        cal.check_record(record["head"], f"{where} head")
+    cal.check_shape(record.get("rope"), ("positions",), f"{where} rope")
     half = meta["head_dim"] // 2
     P = record["rope"]["positions"]
     for key, name in (("cos", il.ROPE_COS), ("sin", il.ROPE_SIN)):
@@ -431,7 +436,8 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     passed = head_report["logits"]["top1_agree"] == head_report["logits"]["prompts"]
     write_json(out_dir / il.RANGES, {"what": "the integer input range each nonlinear op saw, per layer "
                                              "(EZKL lookup range, zkLLM tlookup)", "preset": preset, "ranges": ranges})
-    settings = {"mode": mode, "preset": preset, "input hashes": hashes.line(), "requant": rule if preset == "int8" else "none (ZK: >>r 16)",
+    settings = {"mode": mode, "preset": preset, "input hashes": hashes.line(),
+                "requant": rule if preset == "int8" else "none (ZK: >>r 16)",
                 "acts_dir": str(acts_dir), "weights_dir": str(weights_dir),
                 "calibration": str(calibration) if calibration else "from the captures"}
     write_json(out_dir / il.REPORT_JSON, {"settings": settings, "layers": report, "head": head_report,

@@ -5,17 +5,20 @@ This is the only place floats meet the integer path (besides the final dequantiz
 it reads float32 ranges and scales and returns a plain dict of integers, formats and the float scales
 they came from (for the record), which common/quant/integer_forward.py then runs without a float.
 
-    int8 activation (linear input)   s = amax / 127 over every captured row, q = x / s
+    activation (linear input)        s = amax / (2^(b-1) - 1) over every captured real row, q = x / s;
+                                     b = ACT_BITS for xnorm, hnorm, ctx, act, up; 8 for q, k, v, gate
     residual stream x, h, out        Q(RESIDUAL_BITS, f), f = choose_format over the captured range
     linear output -> next int8       M, shift = quantize_multiplier(s_in s_w[n] / s_out)   per channel n
     linear output -> residual        M, shift = quantize_multiplier(s_in s_w[n] 2^f_out)     f_out capped so it is < 1
-    norm gamma                       gamma / s_out as Q(16, f_g): the norm's output IS the int8 activation
+    norm gamma                       gamma / s_out as Q(16, f_g): the norm's output IS the linear's input
     scores                           Q(32, f_s): f_s the most that holds the range, keeps the int32 sum of
                                      softmax (Tk iexp_max < 2^31) and a right shift of the q.k accumulator
     silu                             a table over the 256 int8 gate values, Q(16, f) out
     rope                             cos/sin Q1.14 per position (fixedpoint.rope_tables, the model's scaling)
 
 A range that no format of its bits can hold is an InputError naming the tensor and layer.
+The ZK preset (calibrate_zk_*) needs far less: the norms' input formats, softmax's, 1/sqrt(Dh) and the
+SiLU table over the gate range seen; its weights are q * scale at 2^16 (zk_weight).
 """
 from __future__ import annotations
 
@@ -163,13 +166,16 @@ def calibrate_head(x_last: np.ndarray, norm: np.ndarray, logits: np.ndarray, gam
     frac = min(fmt_for("logits", logits, LOGIT_BITS).frac, frac_cap(s_norm * sw))
     fmt_logits = fp.FixedFormat(LOGIT_BITS, frac)
     m = multipliers("logits", s_norm * sw * 2.0**frac)
-    return {"act_bits": ACT_BITS, "fmt_x": fmt_record(fx), "eps_x": fp.rmsnorm_eps(eps, fx), "norm": norm_gamma("model.norm", gamma, s_norm),
+    return {"act_bits": ACT_BITS, "fmt_x": fmt_record(fx), "eps_x": fp.rmsnorm_eps(eps, fx),
+            "norm": norm_gamma("model.norm", gamma, s_norm),
             "fmt_logits": fmt_record(fmt_logits), "requant": {"head": m}}
 
 
 def check_record(rec: dict, where: str) -> None:
     """A calibration read back from JSON: every multiplier and shift in range (InputError naming it)."""
     for name, ms in rec["requant"].items():
+        if not isinstance(ms, dict) or "M" not in ms or "shift" not in ms:
+            raise InputError(f"{where} {name}: lacks M or shift: rebuild it (run without --calibration)")
         try:
             check_multiplier(np.array(ms["M"]), np.array(ms["shift"]))
         except InputError as e:
@@ -210,3 +216,37 @@ def calibrate_zk_layer(n: int, c: dict, w: dict, eps: float, Dh: int, Tk: int) -
 
 def calibrate_zk_head(x_last: np.ndarray, gamma: np.ndarray, eps: float) -> dict:
     return {"preset": "zk", "norm": zk_norm("out of the last layer", x_last, gamma, eps), "requant": {}}
+
+
+# --- a record read back from calibration.json: its shape checked at the door ---------------------
+
+LAYER_KEYS = {"int8": ("layer", "act_bits", "fmt_x", "fmt_h", "fmt_out", "fmt_attn", "fmt_mlp", "fmt_scores", "fmt_silu",
+                       "scales", "eps_x", "eps_h", "input_norm", "post_norm", "requant", "iexp"),
+              "zk": ("layer", "input_norm", "post_norm", "inv_sqrt_dh", "fmt_scores", "iexp", "silu_lo", "silu_len")}
+HEAD_KEYS = {"int8": ("act_bits", "fmt_x", "eps_x", "norm", "fmt_logits", "requant"), "zk": ("norm",)}
+REQUANTS = ("q_proj", "k_proj", "v_proj", "scores", "ctx", "o_proj", "gate_proj", "up_proj", "act", "down_proj")
+
+
+def check_shape(rec, keys: tuple[str, ...], where: str) -> None:
+    """Every key present; every fmt_* a [bits, frac] pair of integers a format can have; act_bits 8..16."""
+    if not isinstance(rec, dict) or any(k not in rec for k in keys):
+        missing = [k for k in keys if not isinstance(rec, dict) or k not in rec]
+        raise InputError(f"{where}: lacks {', '.join(missing)}: rebuild it (run without --calibration)")
+    fmts = [(k, v) for k, v in rec.items() if k.startswith("fmt_")]
+    fmts += [(f"{k}.{kk}", vv) for k, v in rec.items() if isinstance(v, dict) for kk, vv in v.items() if kk.startswith("fmt_")]
+    for k, v in fmts:
+        if not (isinstance(v, list) and len(v) == 2 and all(type(i) is int for i in v) and 2 <= v[0] <= 64
+                and 0 <= v[1] <= 62):
+            raise InputError(f"{where}: {k} {v!r} is not a format [bits 2..64, frac 0..62]: rebuild it")
+    if "act_bits" in rec and rec["act_bits"] not in range(8, 17):
+        raise InputError(f"{where}: act_bits {rec['act_bits']!r}: give 8..16")
+
+
+def check_layer_record(L, preset: str, where: str) -> None:
+    check_shape(L, LAYER_KEYS[preset], where)
+    norm_keys = ("gamma", "fmt_gamma", "scale_out") if preset == "int8" else ("gamma", "fmt_in", "eps")
+    for norm in ("input_norm", "post_norm"):
+        check_shape(L[norm], norm_keys, f"{where} {norm}")
+    if preset == "int8":
+        check_shape(L["requant"], REQUANTS, f"{where} requant")
+        check_record(L, where)
