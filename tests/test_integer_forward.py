@@ -61,6 +61,17 @@ def test_tiny_layer_and_chain_against_float(tiny):
     assert set(ranges["0"]) == {"rmsnorm x", "rmsnorm h", "rope q, k", "softmax (scores - max)", "silu"}
 
 
+def test_int8_activations(tiny, monkeypatch):
+    """ACT_BITS = 8: int8 x int8 everywhere, as textbooks do it; recorded, and still close on the tiny model."""
+    monkeypatch.setattr(cal, "ACT_BITS", 8)
+    out = tiny["base"] / "a8"
+    integer_run.run(tiny["x"], tiny["w"], out, tiny["model"], "layer")
+    assert all(L["act_bits"] == 8 for L in json.loads((out / il.CALIBRATION).read_text())["layers"])
+    xnorm = integer_run.parse_ints(out / il.int_node("xnorm", 0))
+    assert xnorm.min() >= -128 and xnorm.max() <= 127 and xnorm.max() == 127
+    assert json.loads((out / il.REPORT_JSON).read_text())["head"]["logits"]["cosine"] > 0.99
+
+
 def read_layer(out, L: dict, n: int, B: int, H: int, T: int) -> dict:
     d = {}
     for node in ifw.INT_NODES:
