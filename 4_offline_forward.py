@@ -24,6 +24,8 @@ its own greedy token, looked up in the embedding, through every layer over its o
 head, PASS only when every token is the model's (common/check/decode.py). Files in OUT_DIR/decode/step_S/.
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/files/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
+--integer-only runs the integer-only forward instead (common/check/integer_run.py, docs/integer.md): from
+step 1's --quant w8a8 folder, calibrated on step 2's capture, every node an integer CSV in forward_int/.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -41,10 +43,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common import paths
-from common.check import decode, forward_io, forward_report, qkv, report
+from common.check import decode, forward_io, forward_report, integer_run, qkv, report
 from common.check.verify import compare, low_precision_note
 from common.cli import InputError, parse_layers, path_arg, print_settings, run, tolerance
-from common.files import layout, manifest
+from common.files import int_layout, layout, manifest
 from common.files.atomic import output_folder
 from common.files.csv_io import read_csv, write_csv
 from common.llama import forward
@@ -292,13 +294,15 @@ def chain_mode(r: forward_io.Inputs) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.integer_only and (args.zk or args.calibration or args.requant != REQUANT):
+        raise InputError("--zk, --calibration and --requant go with --integer-only: add it, or drop them")
     if args.integer_only:  # common/check/integer_run.py: its own calibration, files and report
-        from common.check import integer_run
-        from common.files import int_layout
+        if args.layers is not None:
+            raise InputError("--layers: --integer-only runs every layer; drop --layers")
+        out_dir = args.out_dir or int_layout.default_out(args.model_dir, args.mode, args.zk)
         return integer_run.run(args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS),
-                               args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS),
-                               args.out_dir or int_layout.default_out(args.model_dir, args.mode), args.model_dir,
-                               args.mode, args.requant, args.calibration, args.zk, args.verify_hashes)
+                               args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS), out_dir,
+                               args.model_dir, args.mode, args.requant, args.calibration, args.zk, args.verify_hashes)
     acts_dir = args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS)
     weights_dir = args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS)
     out_dir = args.out_dir or layout.default_dir(args.model_dir,

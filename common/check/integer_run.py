@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from common.check import forward_io, qkv
-from common.cli import InputError
+from common.cli import InputError, print_settings
 from common.files import int_layout as il
 from common.files import layout, manifest
 from common.files.atomic import output_folder, read_json, write_bytes, write_json
@@ -380,6 +380,10 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
     t0 = time.perf_counter()
     if rule not in RULES:
         raise InputError(f"--requant {rule}: give one of {', '.join(RULES)}")
+    print("4_offline_forward.py --integer-only: calibrate on step 2's capture, run every layer in integers, report")
+    print_settings({"ACTS_DIR": acts_dir, "WEIGHTS_DIR": weights_dir, "OUT_DIR": out_dir, "MODE": mode,
+                    "PRESET": "zk" if zk else "int8", "REQUANT": rule, "CALIBRATION": calibration,
+                    "ACT_BITS": cal.ACT_BITS, "VERIFY_HASHES": verify_hashes})
     output_folder(out_dir, inputs=[acts_dir, weights_dir] + ([calibration] if calibration else []))
     meta = forward_io.read_model_meta(acts_dir, model_dir)
     B, T, H, Hkv, Dh = (meta[k] for k in ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from common.files.layout import default_dir, layer_file
 
-INT_FORWARD, INT_FORWARD_CHAIN = "forward_int", "forward_int_chain"  # default folders under outputs/<model>/
+INT_FORWARD, INT_FORWARD_CHAIN = "forward_int", "forward_int_chain"  # default folders under outputs/<model>/ (+ _zk)
 CALIBRATION = "calibration.json"
 ROPE_COS, ROPE_SIN = "int_rope_cos.csv", "int_rope_sin.csv"
 RANGES = "int_ranges.json"
@@ -32,5 +32,6 @@ def silu_table(n: int) -> str:
     return layer_file("int_silu_table", n)
 
 
-def default_out(model_dir, mode: str):
-    return default_dir(model_dir, INT_FORWARD if mode == "layer" else INT_FORWARD_CHAIN)
+def default_out(model_dir, mode: str, zk: bool = False):
+    """outputs/<model>/forward_int, forward_int_chain; the ZK preset's with _zk."""
+    return default_dir(model_dir, (INT_FORWARD if mode == "layer" else INT_FORWARD_CHAIN) + ("_zk" if zk else ""))
