@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from common.check import forward_io, qkv
+from common.check import forward_io, integer_report, qkv
 from common.cli import InputError, print_settings
 from common.files import int_layout as il
 from common.files import layout, manifest
@@ -272,60 +272,6 @@ def int_head(Hrec: dict, wq: np.ndarray) -> ifw.IntHead:
                        eps_x=Hrec["eps_x"], fmt_logits=cal.fmt_of(Hrec["fmt_logits"]), act_bits=Hrec["act_bits"])
 
 
-# --- the report -----------------------------------------------------------------------------------
-
-def dequantize(node: str, q: np.ndarray, L: dict, preset: str = "int8") -> np.ndarray:
-    """An integer node as the real numbers it stands for (float64, for the report only)."""
-    if preset == "zk":
-        return fp.from_fixed(q, fp.ZK_FORMAT)
-    s = L["scales"]
-    if node in ("xnorm", "q", "k", "v", "ctx", "hnorm", "gate", "up", "act"):
-        return q * s[node]
-    if node == "probs":
-        return q * 2.0**-ifw.PROBS_FRAC
-    return fp.from_fixed(q, cal.fmt_of(L[f"fmt_{node}"]))
-
-
-def metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
-    """SQNR (dB), NMSE, cosine and max_abs of ours against the float reference."""
-    o, r = np.asarray(ours, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-    err, power = float(np.sum((o - r) ** 2)), float(np.sum(r ** 2))
-    norm = math.sqrt(float(np.sum(o ** 2)) * power)
-    return {"sqnr_db": 10 * math.log10(power / err) if err > 0 else math.inf, "nmse": err / power if power else 0.0,
-            "cosine": float(np.dot(o, r)) / norm if norm else 1.0, "max_abs": float(np.max(np.abs(o - r), initial=0.0))}
-
-
-def node_metrics(nodes: dict, L: dict, c: dict, real_rows: np.ndarray, seen_scores: np.ndarray, preset: str) -> dict:
-    out = {}
-    for node in ifw.INT_NODES:
-        if node not in c:
-            continue
-        ours, ref = dequantize(node, nodes[node], L, preset), c[node]
-        if node in ("scores", "probs"):  # the entries softmax reads: allowed keys of real queries
-            ours, ref = ours.reshape(seen_scores.shape)[seen_scores], ref.reshape(seen_scores.shape)[seen_scores]
-        else:
-            ours, ref = ours[real_rows], ref[real_rows]
-        out[node] = metrics(ours, ref)
-    return out
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def logit_metrics(ours: np.ndarray, ref: np.ndarray, last: np.ndarray) -> dict:
-    """KL(ref || ours), top-1 agreement, top-5 overlap at each prompt's last position (rows `last` of both)."""
-    o, r = ours[last].astype(np.float64), ref[last].astype(np.float64)
-    lp, lq = log_softmax(r), log_softmax(o)
-    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-    top1 = forward.top_k(o, 1)[:, 0] == forward.top_k(r, 1)[:, 0]
-    top5 = [len(set(a) & set(b)) / 5 for a, b in zip(forward.top_k(o, 5).tolist(), forward.top_k(r, 5).tolist())]
-    return {**metrics(o, r), "kl": kl, "top1_agree": int(top1.sum()), "prompts": len(last),
-            "top1": top1.tolist(), "top5_overlap": float(np.mean(top5)),
-            "ref_top1": forward.top_k(r, 1)[:, 0].tolist(), "int_top1": forward.top_k(o, 1)[:, 0].tolist()}
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 def write_nodes(out_dir: Path, n: int, nodes: dict, B: int, H: int, T: int) -> list[str]:
@@ -414,7 +360,7 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
 
     def emit(n: int, nodes: dict, L: dict) -> None:
         files.extend(write_nodes(out_dir, n, nodes, B, H, T))
-        report[n] = node_metrics(nodes, L, captures[n], real_rows, seen_scores, preset)
+        report[n] = integer_report.node_metrics(nodes, L, captures[n], real_rows, seen_scores, preset)
     x, ranges = run_layers(record, weights, captures, mode, cos, sin, mask, ifw.Shape(B, T, H, Hkv, Dh), rule, emit)
     rows = None if meta["logits"] == "all" else last
     ranges["head"] = {}
@@ -431,8 +377,8 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
         files.append(il.int_head_node(node))
         write_csv_exact(out_dir / files[-1], head[node].astype(np.int64))
     at = last if meta["logits"] == "all" else np.arange(B)
-    head_report = {"norm": metrics(norm[real_rows], captures["head"]["norm"][real_rows]),
-                   "logits": logit_metrics(logits, captures["head"]["logits"], at)}
+    head_report = {"norm": integer_report.metrics(norm[real_rows], captures["head"]["norm"][real_rows]),
+                   "logits": integer_report.logit_metrics(logits, captures["head"]["logits"], at)}
     if meta["logits"] == "all":  # elsewhere: every real position, not only each prompt's last
         every = np.flatnonzero(real_rows)
         agree = forward.top_k(logits[every], 1) == forward.top_k(captures["head"]["logits"][every], 1)
@@ -446,7 +392,7 @@ def run(acts_dir: Path, weights_dir: Path, out_dir: Path, model_dir, mode: str =
                 "calibration": str(calibration) if calibration else "from the captures"}
     write_json(out_dir / il.REPORT_JSON, {"settings": settings, "layers": report, "head": head_report,
                                           "pass": passed})
-    write_bytes(out_dir / il.REPORT_MD, report_markdown(settings, report, head_report, passed).encode())
+    write_bytes(out_dir / il.REPORT_MD, integer_report.report_markdown(settings, report, head_report, passed).encode())
     write_manifest(out_dir, record, files, settings)
     lm = head_report["logits"]
     print(f"wrote {len(files)} integer CSV files, tables, {il.CALIBRATION}, {il.MANIFEST}, {il.REPORT_MD} to {out_dir} "
@@ -470,21 +416,3 @@ def write_manifest(out_dir: Path, record: dict, files: list[str], settings: dict
                                        "rounding": zkf.ZK_ROUNDING if zk else ROUNDING_RULES,
                                        "formats": {f"layer {L['layer']}": formats(L) for L in record["layers"]},
                                        "head": formats(record["head"]), "rsqrt": record["rsqrt"], "files": sha})
-
-
-def report_markdown(settings: dict, report: dict, head: dict, passed: bool) -> str:
-    lines = ["# Step 4 --integer-only: every node vs the float32 references", "",
-             *(f"- {k}: {v}" for k, v in settings.items()), "",
-             "SQNR in dB (higher is better) of each node per layer; the head's logits below.", "",
-             "| layer | " + " | ".join(n for n in ifw.INT_NODES if n in report[0]) + " |",
-             "|---" * (1 + len(report[0])) + "|"]
-    for n, nodes in report.items():
-        lines.append(f"| {n} | " + " | ".join(f"{m['sqnr_db']:.1f}" for m in nodes.values()) + " |")
-    lm = head["logits"]
-    lines += ["", f"norm: SQNR {head['norm']['sqnr_db']:.1f} dB, cosine {head['norm']['cosine']:.4f}",
-              f"logits: SQNR {lm['sqnr_db']:.1f} dB, NMSE {lm['nmse']:.3g}, cosine {lm['cosine']:.4f}, "
-              f"max_abs {lm['max_abs']:.3g}, KL {lm['kl']:.3g}, top-1 {lm['top1_agree']}/{lm['prompts']}, "
-              f"top-5 overlap {lm['top5_overlap']:.2f}"
-              + (f"; top-1 at every real position {lm['top1_every_position'][0]}/{lm['top1_every_position'][1]}"
-                 if "top1_every_position" in lm else ""), "", f"**{'PASS' if passed else 'FAIL'}**", ""]
-    return "\n".join(lines)
