@@ -235,3 +235,17 @@ def test_demo_chain_keeps_top1(demo_model, tmp_path):
     assert integer_run.run(x, w, out, demo_model, "chain") == 0
     lm = json.loads((out / il.REPORT_JSON).read_text())["head"]["logits"]
     assert lm["top1_agree"] == 3 and lm["cosine"] > 0.99, lm
+
+
+def test_an_edited_weight_is_refused_by_its_hash(tiny, tmp_path):
+    """One int8 weight changed by 1 after step 1 wrote it: refused (exit 2, the file named) before any work."""
+    weights = tmp_path / "w"
+    shutil.copytree(tiny["w"], weights)
+    name = "model.layers.0.self_attn.q_proj.weight.q.csv"
+    rows = (weights / name).read_text().splitlines()
+    first = rows[0].split(",")
+    first[0] = str(int(first[0]) + (1 if int(first[0]) < 127 else -1))
+    (weights / name).write_text("\n".join([",".join(first), *rows[1:]]) + "\n")
+    r = run_script("4_offline_forward.py", "--integer-only", "--model-dir", tiny["model"], "--acts-dir", tiny["x"],
+                   "--weights-dir", weights, "--out-dir", tmp_path / "o")
+    one_line_exit_2(r, name)
