@@ -28,7 +28,7 @@ from common.files import int_layout as il
 from common.files import layout, manifest
 from common.files.atomic import output_folder, read_json, write_bytes, write_json
 from common.files.csv_io import read_csv
-from common.files.quant_export import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
+from common.files.int_csv import Q_SUFFIX, SCALE_SUFFIX, parse_ints, write_csv_exact
 from common.llama import attention, forward
 from common.llama.rope import rope_inv_freq
 from common.quant import calibrate as cal
@@ -236,19 +236,6 @@ def read_int_csv_row(path: Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path} is missing: rebuild the tables (run without --calibration)")
     return parse_ints(path).reshape(-1)
-
-
-def parse_ints(path: Path) -> np.ndarray:
-    """A CSV of plain integers (no header) as int64 (rows, columns); InputError naming the file otherwise."""
-    with open(path, "rb") as f:
-        ncols = f.readline().count(b",") + 1
-    try:
-        df = pl.read_csv(path, has_header=False, schema={f"c{i}": pl.Int64 for i in range(ncols)})
-    except pl.exceptions.PolarsError as e:
-        raise InputError(f"{path}: not a CSV of integers ({str(e).splitlines()[0]})") from None
-    if df.null_count().sum_horizontal().item():
-        raise InputError(f"{path}: not a CSV of integers (a row has fewer than {ncols} values)")
-    return df.to_numpy(order="c")
 
 
 # --- building the integer model from the record ---------------------------------------------------

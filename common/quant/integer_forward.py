@@ -1,26 +1,28 @@
 """The integer-only Llama layer and head: every intermediate an integer array, every rounding named.
 
 Formats, multipliers and tables come from calibration (common/quant/calibrate.py); after it nothing
-here touches a float. Linear inputs are int8 (scale s, per tensor), weights int8 per output channel,
-accumulators int32 (intmm.int_matmul: exact), requantized by `rule` ('single' default, or 'double',
-common/quant/requant.py). Attention's q.k and p.v products are int64 numpy matmuls (exact, no BLAS).
+here touches a float. A linear's input is an A-bit integer (A = act_bits: 16 by default, 8 for the
+textbook int8 setting; one scale per tensor), its weight int8 per output channel, its accumulator int32
+(intmm.int_matmul: exact, checked), requantized by `rule` ('single' default, or 'double',
+common/quant/requant.py). q, k, v and gate are int8. Attention's q.k and p.v products are int64 numpy
+matmuls (exact, no BLAS).
 
-    xnorm  = rms_norm_int(x, gamma_in / s_xnorm) -> int8                     x Q(24, f_x)
+    xnorm  = rms_norm_int(x, gamma_in / s_xnorm) -> intA                     x Q(24, f_x)
     q, k   = apply_rope_int(requant(xnorm Wq^T), cos, sin) -> int8           Q1.14 tables per position
     v      = requant(xnorm Wv^T) -> int8
     scores = requant(q k^T) -> Q(32, f_s)                                    the 1/sqrt(Dh) is in M
     probs  = softmax_int(scores) -> Q0.15                                    I-BERT i-exp, causal + padding
-    ctx    = requant(probs v) -> int8
+    ctx    = requant(probs v) -> intA
     attn   = requant(ctx Wo^T) -> Q(24, f_attn)
     h      = add_int(x, attn) -> Q(24, f_h)                                  saturated
-    hnorm  = rms_norm_int(h, gamma_post / s_hnorm) -> int8
-    gate   = requant(hnorm Wg^T) -> int8;  up = requant(hnorm Wu^T) -> int8
-    act    = requant(silu_table[gate + 128] up) -> int8                      int16 x int8 -> int32
+    hnorm  = rms_norm_int(h, gamma_post / s_hnorm) -> intA
+    gate   = requant(hnorm Wg^T) -> int8;  up = requant(hnorm Wu^T) -> intA
+    act    = requant(silu_table[gate + 128] up) -> intA                      int16 x intA -> int32
     mlp    = requant(act Wd^T) -> Q(24, f_mlp)
     out    = add_int(h, mlp) -> Q(24, f_out)
   head:
-    norm   = rms_norm_int(out, gamma / s_norm) -> int8;  logits = requant(norm Wh^T) -> Q(32, f_l)
-(requant(acc) = requantize(acc, M[n], shift[n], rule): one rounding ('single') or gemmlowp's two.)
+    norm   = rms_norm_int(out, gamma / s_norm) -> intA;  logits = requant(norm Wh^T) -> Q(32, f_l)
+(requant(acc) = sat(requantize(acc, M[n], shift[n], rule)): one rounding ('single') or gemmlowp's two.)
 """
 from __future__ import annotations
 
@@ -28,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.cli import InputError
 from common.llama.attention import attention_allowed
 from common.quant import fixedpoint as fp
 from common.quant.intmm import int_matmul
-from common.cli import InputError
 from common.quant.requant import requantize, saturate
 
-INT8 = fp.FixedFormat(8, 0)  # an int8 activation: the integer itself, its scale kept by calibration
+INT8 = fp.FixedFormat(8, 0)  # q and k: the integer itself, its scale kept by calibration
 PROBS_FRAC = 15
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The integer nodes of a layer, in forward order (ctx: the heads' outputs before o_proj).
