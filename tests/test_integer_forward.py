@@ -144,7 +144,7 @@ def test_planted_mistakes_fail(tiny, monkeypatch):
 
 
 def test_integer_path_has_no_float():
-    ops = [ifw.requant, ifw.linear_int8, ifw.seen, ifw.attention_int, ifw.layer_int, ifw.next_input, ifw.head_int,
+    ops = [ifw.requant, ifw.linear_int, ifw.seen, ifw.attention_int, ifw.layer_int, ifw.next_input, ifw.head_int,
            ifw.rope_positions, zkf.matmul_zk, zkf.mul_zk, zkf.norm_zk, zkf.silu_zk, zkf.layer_zk, zkf.head_zk]
     for op in ops:
         assert _float_uses(op) == [], op.__name__

@@ -92,13 +92,13 @@ def requant(acc: np.ndarray, r: Requant, rule: str, bits: int = 8) -> np.ndarray
     return requantize(acc, r.M, r.shift, rule, bits)
 
 
-def linear_int8(x: np.ndarray, w: np.ndarray, name: str = "linear") -> np.ndarray:
+def linear_int(x: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
     """int8|int16 (M, K) x int8 (N, K) -> int32 (M, N) = x w^T, exact; InputError if a sum leaves int32."""
     small = np.int8 if x.min(initial=0) >= -128 and x.max(initial=0) <= 127 else np.int16  # x: saturated ints
     try:
         return int_matmul(x.astype(small), w)
     except OverflowError:
-        raise InputError(f"{name}: an accumulator exceeds int32: calibrate with fewer activation bits") from None
+        raise InputError(f"{name}: an accumulator exceeds int32: calibrate with a smaller ACT_BITS") from None
 
 
 def seen(ranges: dict, name: str, a: np.ndarray) -> None:
@@ -134,23 +134,25 @@ def layer_int(x: np.ndarray, L: IntLayer, cos_q: np.ndarray, sin_q: np.ndarray, 
     B, T, H, Hkv, Dh = s.B, s.T, s.H, s.Hkv, s.Dh
     seen(ranges, "rmsnorm x", x)
     A = fp.FixedFormat(L.act_bits, 0)  # a linear's input: the integer itself, its scale kept by calibration
+
+    def linear(x_in: np.ndarray, p: str, bits: int = 8) -> np.ndarray:  # intA x int8 -> int32 -> requant to `bits`
+        return requant(linear_int(x_in, L.w[p], p), L.rq[p], rule, bits)
     xnorm = fp.rms_norm_int(x, L.fmt["x"], L.gamma_in, L.fmt["gamma_in"], L.eps_x, A)
-    q = requant(linear_int8(xnorm, L.w["q_proj"]), L.rq["q_proj"], rule).reshape(B, T, H, Dh)  # (B*T, H*Dh) ->
-    k = requant(linear_int8(xnorm, L.w["k_proj"]), L.rq["k_proj"], rule).reshape(B, T, Hkv, Dh)
-    v = requant(linear_int8(xnorm, L.w["v_proj"]), L.rq["v_proj"], rule).reshape(B, T, Hkv, Dh)
+    q = linear(xnorm, "q_proj").reshape(B, T, H, Dh)  # (B*T, H*Dh) -> (B, T, H, Dh)
+    k = linear(xnorm, "k_proj").reshape(B, T, Hkv, Dh)  # (B*T, Hkv*Dh) -> (B, T, Hkv, Dh)
+    v = linear(xnorm, "v_proj").reshape(B, T, Hkv, Dh)
     seen(ranges, "rope q, k", np.concatenate([q.ravel(), k.ravel()]))
     q, k = fp.apply_rope_int(q, INT8, cos_q, sin_q), fp.apply_rope_int(k, INT8, cos_q, sin_q)  # int8, saturated
     a = attention_int(q, k, v, mask, L, s, rule, ranges)
-    attn = requant(linear_int8(a["ctx"], L.w["o_proj"]), L.rq["o_proj"], rule, L.fmt["attn"].bits)
+    attn = linear(a["ctx"], "o_proj", L.fmt["attn"].bits)
     h = fp.add_int(x, L.fmt["x"], attn, L.fmt["attn"], L.fmt["h"])
     seen(ranges, "rmsnorm h", h)
     hnorm = fp.rms_norm_int(h, L.fmt["h"], L.gamma_post, L.fmt["gamma_post"], L.eps_h, A)
-    gate = requant(linear_int8(hnorm, L.w["gate_proj"]), L.rq["gate_proj"], rule)
-    up = requant(linear_int8(hnorm, L.w["up_proj"]), L.rq["up_proj"], rule, L.act_bits)
+    gate, up = linear(hnorm, "gate_proj"), linear(hnorm, "up_proj", L.act_bits)
     seen(ranges, "silu", gate)
     silu = fp.silu_int8(gate, L.silu_table, L.fmt["silu"])  # int16 values, fmt silu
-    act = requant(silu * up, L.rq["act"], rule, L.act_bits)  # int16 x int16 -> int32 (< 2^30)
-    mlp = requant(linear_int8(act, L.w["down_proj"]), L.rq["down_proj"], rule, L.fmt["mlp"].bits)
+    act = requant(silu * up, L.rq["act"], rule, L.act_bits)  # int16 x intA -> int32 (< 2^30)
+    mlp = linear(act, "down_proj", L.fmt["mlp"].bits)
     out = fp.add_int(h, L.fmt["h"], mlp, L.fmt["mlp"], L.fmt["out"])
     return {"x": x, "xnorm": xnorm, "q": q.reshape(B * T, H * Dh), "k": k.reshape(B * T, Hkv * Dh),
             "v": v.reshape(B * T, Hkv * Dh), **a, "attn": attn, "h": h, "hnorm": hnorm, "gate": gate, "up": up,
@@ -163,13 +165,14 @@ def next_input(out: np.ndarray, fmt_out: fp.FixedFormat, fmt_x: fp.FixedFormat) 
 
 
 def head_int(x: np.ndarray, Hd: IntHead, rows: np.ndarray | None, rule: str, ranges: dict) -> dict[str, np.ndarray]:
-    """The last layer's out (B*T, d) -> norm int8 (B*T, d), logits Q(32, f_l) of `rows` (None: all)."""
+    """The last layer's out (B*T, d) -> norm intA (B*T, d), logits Q(32, f_l) of `rows` (None: all)."""
     seen(ranges, "rmsnorm final", x)
     norm = fp.rms_norm_int(x, Hd.fmt_x, Hd.gamma, Hd.fmt_gamma, Hd.eps_x, fp.FixedFormat(Hd.act_bits, 0))
     picked = norm if rows is None else norm[rows]
-    return {"norm": norm, "logits": requant(linear_int8(picked, Hd.w), Hd.rq, rule, Hd.fmt_logits.bits)}
+    return {"norm": norm, "logits": requant(linear_int(picked, Hd.w, "head"), Hd.rq, rule, Hd.fmt_logits.bits)}
 
 
-def rope_positions(cos_table: np.ndarray, sin_table: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rope_positions(cos_table: np.ndarray, sin_table: np.ndarray,
+                   position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q1.14 tables (P, Dh/2) gathered at position_ids (B, T) -> (B, T, Dh/2) each."""
     return cos_table[position_ids], sin_table[position_ids]
