@@ -159,6 +159,12 @@ def test_same_bytes_under_another_blas_core(tiny):
     assert r.returncode == 0, r.stdout + r.stderr
     ours = hashes(tiny["out"])
     assert len(ours) > 16 * 3 and hashes(out) == ours
+    # The ZK preset's int64 products and shifts (numpy's SIMD integer loops, no BLAS) alike, in chain mode.
+    zk_here, zk_there = tiny["base"] / "zk_here", tiny["base"] / "zk_haswell"
+    assert integer_run.run(tiny["x"], tiny["w"], zk_here, tiny["model"], "chain", zk=True) == 0
+    r = run_script("4_offline_forward.py", "--integer-only", "--zk", "--mode", "chain", "--model-dir", tiny["model"],
+                   "--acts-dir", tiny["x"], "--weights-dir", tiny["w"], "--out-dir", zk_there, env=env)
+    assert r.returncode == 0 and hashes(zk_there) == hashes(zk_here) != ours, r.stdout + r.stderr
 
 
 def test_zk_preset(tiny, monkeypatch):
