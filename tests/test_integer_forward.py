@@ -24,7 +24,9 @@ from common.quant import calibrate as cal
 from common.quant import fixedpoint as fp
 from common.quant import integer_forward as ifw
 from common.quant import zk_forward as zkf
-from common.quant.requant import rounding_right_shift_half_up
+from common.quant.fixedpoint import rms_norm_int_ref, softmax_int_ref
+from common.quant.requant import requantize_single_ref as rq_ref
+from common.quant.requant import rounding_right_shift_half_up, saturate_ref
 
 PROMPTS = ("The capital of France is Paris. The capital of Italy is", "Attention is all you need: queries")
 
@@ -103,6 +105,69 @@ def test_files_are_what_ran_bit_for_bit(tiny):
     layer, golden, cos, sin, mask, shape, *_ = layer_inputs(tiny)
     nodes = ifw.layer_int(golden["x"], layer, cos, sin, mask, shape, "single", {})
     assert mismatches(nodes, golden) == 0
+
+
+def layer_ref(layer: ifw.IntLayer, g: dict, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray, s: ifw.Shape,
+              b: int, t: int) -> dict[str, list]:
+    """Query token t of prompt b through the layer in plain Python ints, from the fixedpoint/requant references
+    (its keys and values: the golden k, v of the tokens before it)."""
+    ints = lambda a: [int(v) for v in a]  # noqa: E731
+    r, Dh, half = b * s.T + t, s.Dh, s.Dh // 2
+    M = {k: (ints(v.M), ints(v.shift)) for k, v in layer.rq.items()}
+
+    def rq(acc: int, key: str, n: int, bits: int) -> int:
+        Ms, shs = M[key]
+        return rq_ref(acc, Ms[n if len(Ms) > 1 else 0], shs[n if len(shs) > 1 else 0], bits)
+
+    def lin(x: list, p: str, bits: int) -> list:
+        return [rq(sum(a * w for a, w in zip(x, ints(row))), p, n, bits) for n, row in enumerate(layer.w[p])]
+
+    def rrs(v: int, k: int) -> int:  # >>r k, half up
+        return (v + (1 << (k - 1))) >> k if k else v
+
+    def add(a: list, fa, c: list, fc, fo) -> list:
+        al = lambda v, f: v << (fo.frac - f.frac) if fo.frac >= f.frac else rrs(v, f.frac - fo.frac)  # noqa: E731
+        return [saturate_ref(al(u, fa) + al(v, fc), fo.bits) for u, v in zip(a, c)]
+    x, f, A = ints(g["x"][r]), layer.fmt, layer.act_bits
+    out = {"xnorm": rms_norm_int_ref(x, f["x"].frac, ints(layer.gamma_in), f["gamma_in"].frac, layer.eps_x, 0, A)}
+    c, sn = ints(cos[b, t]), ints(sin[b, t])
+    rope = lambda y: [saturate_ref(rrs(y[j] * c[j] - y[j + half] * sn[j], 14), 8) for j in range(half)] + [  # noqa: E731
+        saturate_ref(rrs(y[j + half] * c[j] + y[j] * sn[j], 14), 8) for j in range(half)]
+    q = lin(out["xnorm"], "q_proj", 8)
+    out["q"] = [v for h in range(s.H) for v in rope(q[h * Dh:(h + 1) * Dh])]
+    out["k"] = [v for h in range(s.Hkv) for v in rope(lin(out["xnorm"], "k_proj", 8)[h * Dh:(h + 1) * Dh])]
+    out["v"] = lin(out["xnorm"], "v_proj", 8)
+    allowed = [bool(mask[b, j]) and j <= t for j in range(s.T)]
+    ctx = []
+    for h in range(s.H):
+        kv = h // (s.H // s.Hkv)
+        qh = out["q"][h * Dh:(h + 1) * Dh]
+        keys = [ints(g["k"][b * s.T + j][kv * Dh:(kv + 1) * Dh]) for j in range(s.T)]
+        vals = [ints(g["v"][b * s.T + j][kv * Dh:(kv + 1) * Dh]) for j in range(s.T)]
+        scores = [rq(sum(a * w for a, w in zip(qh, kj)), "scores", 0, 32) for kj in keys]
+        probs = softmax_int_ref(scores, allowed, layer.iexp, 15)
+        ctx += [rq(sum(p * vj[i] for p, vj in zip(probs, vals)), "ctx", 0, A) for i in range(Dh)]
+    out["ctx"] = ctx
+    out["attn"] = lin(ctx, "o_proj", f["attn"].bits)
+    out["h"] = add(x, f["x"], out["attn"], f["attn"], f["h"])
+    out["hnorm"] = rms_norm_int_ref(out["h"], f["h"].frac, ints(layer.gamma_post), f["gamma_post"].frac, layer.eps_h,
+                                    0, A)
+    gate, up = lin(out["hnorm"], "gate_proj", 8), lin(out["hnorm"], "up_proj", A)
+    out["act"] = [rq(int(layer.silu_table[gv + 128]) * u, "act", 0, A) for gv, u in zip(gate, up)]
+    out["mlp"] = lin(out["act"], "down_proj", f["mlp"].bits)
+    out["out"] = add(out["h"], f["h"], out["mlp"], f["mlp"], f["out"])
+    return out
+
+
+def test_the_layer_is_its_plain_python_reference(tiny):
+    """One token per prompt through layer 1 in plain Python ints (fixedpoint's and requant's *_ref): the
+    vectorised layer's files, integer for integer."""
+    layer, golden, cos, sin, mask, shape, *_ = layer_inputs(tiny, 1)
+    for b in range(shape.B):
+        t = shape.T - 1  # each prompt's last token (left padding): it attends to every real key
+        ref = layer_ref(layer, golden, cos, sin, mask, shape, b, t)
+        for node, values in ref.items():
+            assert golden[node][b * shape.T + t].tolist() == values, (b, node)
 
 
 def test_planted_mistakes_fail(tiny, monkeypatch):
