@@ -25,6 +25,8 @@ head, PASS only when every token is the model's
 (common/check/decode.py). Files in OUT_DIR/decode/step_S/.
 Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
 common/files/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
+--integer-only runs the integer-only forward instead (common/check/integer_run.py, docs/integer.md): from
+step 1's --quant w8a8 folder, calibrated on step 2's capture, every node an integer CSV in forward_int/.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -37,9 +39,9 @@ import argparse
 import time
 
 from common import cli, paths
-from common.check import decode, forward_check, offline, offline_run
+from common.check import decode, forward_check, integer_run, offline, offline_run
 from common.cli import InputError, print_settings, run
-from common.files import layout, manifest
+from common.files import int_layout, layout, manifest
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -54,6 +56,10 @@ CHAIN_RTOL = 1e-4  # chain mode: the logits' max_rel after every layer (README: 
 TOP_K = 5  # the top next tokens shown (and the set compared in chain mode) per prompt
 PLOTS = True  # errors.png / chain_errors.png and top_tokens.png
 VERIFY_HASHES = True  # check every input file's sha256 against the manifest.json of steps 1 and 2 first
+INTEGER_ONLY = False  # the integer-only forward (docs/integer.md): WEIGHTS_DIR from step 1 --quant w8a8
+REQUANT = "single"  # --integer-only: single | double (common/quant/requant.py)
+CALIBRATION = None  # --integer-only: a previous run's folder whose calibration.json and tables to reuse
+ZK = False  # --integer-only: the ZK preset instead (every tensor int64 at 2^16, zkLLM's convention)
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -68,11 +74,29 @@ def parse_args(argv: list[str] | None):
     p.flag("--top-k", type=int)
     p.flag("--plots", action=argparse.BooleanOptionalAction)
     p.shared("--verify-hashes")
+    p.flag("--integer-only", action="store_true")
+    p.flag("--requant", choices=("single", "double"))
+    p.flag("--calibration", type=cli.path_arg)
+    p.flag("--zk", action="store_true")
     return p.parse_args(argv)
+
+
+def integer_only(args) -> int:
+    """--integer-only: common/check/integer_run.py, with its own calibration, files and report."""
+    if args.layers is not None:
+        raise InputError("--layers: --integer-only runs every layer; drop --layers")
+    out_dir = args.out_dir or int_layout.default_out(args.model_dir, args.mode, args.zk)
+    return integer_run.run(args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS),
+                           args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS), out_dir,
+                           args.model_dir, args.mode, args.requant, args.calibration, args.zk, args.verify_hashes)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.integer_only and (args.zk or args.calibration or args.requant != REQUANT):
+        raise InputError("--zk, --calibration and --requant go with --integer-only: add it, or drop them")
+    if args.integer_only:
+        return integer_only(args)
     f = offline_run.folders(args.model_dir, args.acts_dir, args.weights_dir, args.out_dir,
                             layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN)
     settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out)

@@ -12,26 +12,22 @@ rounding, quant_head, torchao config, role q|scale).
 """
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from common.files import manifest
-from common.files.atomic import atomic_file, clean_stale_temps
+from common.files.atomic import clean_stale_temps
 from common.cli import InputError
 from common.files.csv_io import cpu_workers
+from common.files.int_csv import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
 from common.files.export import Summary, _inside, safe_file_name
 from common.quant.quantize import quantize_weight
 from common.quant.schemes import HEAD, Scheme, check_group, quantized_module
 from common.files.safetensors_io import TensorInfo, read_tensor, shard_signature
-
-Q_SUFFIX, SCALE_SUFFIX = ".q.csv", ".scale.csv"
-ROWS_PER_CHUNK = 1 << 12
 
 
 def weight_name(module: str) -> str:
@@ -58,28 +54,6 @@ def split(infos: list[TensorInfo], scheme: Scheme, quant_head: bool, tied: bool)
         except ValueError as e:
             raise InputError(f"--quant {e}") from None
     return floats, quantized
-
-
-def csv_chunks(a: np.ndarray):
-    """A 2-D integer or finite float32 array as CSV bytes, a block of rows at a time: no header, one
-    line per row. orjson writes float32 as the shortest decimal that parses back exactly, the same
-    bytes as common.files.csv_io.write_numbers."""
-    for i in range(0, a.shape[0], ROWS_PER_CHUNK):
-        text = orjson.dumps(a[i:i + ROWS_PER_CHUNK], option=orjson.OPT_SERIALIZE_NUMPY)  # b"[[1,-2],[3,4]]"
-        yield text[2:-2].replace(b"],[", b"\n") + b"\n"
-
-
-def write_csv_exact(path: Path, a: np.ndarray) -> tuple[int, str]:
-    """Write a (2-D int, or finite float32) atomically as CSV; (bytes, sha256)."""
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ValueError(f"{path}: a scale is not finite")
-    digest, size = hashlib.sha256(), 0
-    with atomic_file(path) as f:
-        for chunk in csv_chunks(a):
-            f.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _entry(model_dir: Path, name: str, info: TensorInfo, dtype: str, quant: dict) -> dict:
