@@ -23,11 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import cli, paths
-from common.cli import InputError, Interrupted, print_settings, quant_scheme, run
+from common.cli import InputError, Interrupted, print_settings, run
 from common.files import export, layout, quant_export
 from common.files.atomic import output_folder
 from common.files.safetensors_io import head_is_tied, index_weight_map, list_tensors
 from common.model import hf_cache
+from common.quant.schemes import scheme_arg
 
 MODEL_DIR = paths.MODEL_DIR  # the model folder, or a repo id in the HF cache (docs/models.md)
 REVISION = hf_cache.REVISION  # with a repo id: None (refs/main), a branch, tag or commit
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None):
            help="keep the names this regex matches anywhere (replaces NAME_FILTER)")
     p.flag("--layer")
     p.flag("--dtype")
-    p.flag("--quant", type=quant_scheme)
+    p.flag("--quant", type=scheme_arg)
     p.flag("--quant-head", action="store_true")
     p.flag("--list", action="store_true", help="print the selected tensors (all by default) and exit")
     p.flag("--force", action="store_true", help="rewrite files even where the manifest says they match")

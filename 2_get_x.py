@@ -46,14 +46,14 @@ import time
 import torch
 
 from common import cli, paths
-from common.cli import InputError, parse_layers, print_settings, quant_scheme, run
+from common.cli import InputError, parse_layers, print_settings, run
 from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.model import capture, hf_cache
 from common.model.model_config import load_config
 from common.model.prompts import check_position_offset, encode_prompts, load_tokenizer
 from common.model.weights_check import check_weights
-from common.quant.schemes import check_group
+from common.quant.schemes import check_group, scheme_arg
 
 MODEL_DIR = paths.MODEL_DIR  # the model folder (config.json, safetensors, tokenizer), or a repo id in the HF cache
 REVISION = hf_cache.REVISION  # with a repo id as MODEL_DIR: None (refs/main), a branch, tag or commit
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.flag("--padding-side", choices=("left", "right"))
     p.flag("--position-offset", type=int, metavar="K")
     p.flag("--generate", type=int, metavar="N")
-    p.flag("--quant", type=quant_scheme, metavar="SCHEME")
+    p.flag("--quant", type=scheme_arg, metavar="SCHEME")
     p.flag("--quant-head", action="store_true")
     p.flag("--warn-write-gb", type=float)
     args = p.parse_args(argv)

@@ -41,8 +41,9 @@ from tqdm import tqdm
 from common import cli, paths
 from common.check import decode, meta_check, offline, offline_run, quant_check, report
 from common.check.verify import DEFINITION, QUANTITIES
-from common.cli import InputError, print_settings, quant_scheme, run
+from common.cli import InputError, print_settings, run
 from common.files import layout, manifest, quant_weights
+from common.quant.schemes import scheme_arg
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None):
     p = cli.Parser(globals())
     p.shared("--model-dir", "--acts-dir", "--weights-dir", "--out-dir", "--layers", "--atol", "--rtol",
              "--verify-hashes")
-    p.flag("--quant", type=quant_scheme, metavar="SCHEME")
+    p.flag("--quant", type=scheme_arg, metavar="SCHEME")
     p.flag("--plot-layer", type=int)
     p.flag("--plot-head", type=int)
     p.flag("--plot-prompt", type=int)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     f = offline_run.folders(args.model_dir, args.acts_dir, args.weights_dir, args.out_dir, layout.QKV,
                             args.quant and args.quant.name)
-    settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out)
+    settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out, QUANT=args.quant and args.quant.name)
     print("3_offline_qkv.py: recompute Q/K/V/attention from CSV (float32, no model) and verify")
     print_settings(settings)
 

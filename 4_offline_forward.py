@@ -30,6 +30,8 @@ as torchao computes it, its integer tensors written beside the nodes (xq/xscale/
 as step 3) and the exact checks xscale and linear made; nodes PASS at QUANT_RTOL, the chain at
 QUANT_CHAIN_RTOL (docs/quantized.md). --quant S picks the default folders (x_all_layers-S,
 weights-S, forward-S, forward_chain-S) and must name the capture's scheme.
+--integer-only runs the integer-only forward instead (common/check/integer_run.py, docs/integer.md): from
+step 1's --quant w8a8 folder, calibrated on step 2's capture, every node an integer CSV in forward_int/.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -42,9 +44,10 @@ import argparse
 import time
 
 from common import cli, paths
-from common.check import decode, forward_check, offline, offline_run, quant_check
-from common.cli import InputError, print_settings, quant_scheme, run
-from common.files import layout, manifest, quant_weights
+from common.check import decode, forward_check, integer_run, offline, offline_run, quant_check
+from common.cli import InputError, print_settings, run
+from common.files import int_layout, layout, manifest, quant_weights
+from common.quant.schemes import scheme_arg
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the three folders below when they are None
@@ -64,6 +67,10 @@ QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the defau
 # node by up to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are exact
 QUANT_RTOL = 1e-1
 QUANT_CHAIN_RTOL = 0.25  # quantized captures, chain mode: such flips compound through the layers (demo: 0.12)
+INTEGER_ONLY = False  # the integer-only forward (docs/integer.md): WEIGHTS_DIR from step 1 --quant w8a8
+REQUANT = "single"  # --integer-only: single | double (common/quant/requant.py)
+CALIBRATION = None  # --integer-only: a previous run's folder whose calibration.json and tables to reuse
+ZK = False  # --integer-only: the ZK preset instead (every tensor int64 at 2^16, zkLLM's convention)
 # -------------------------------------------------------------------------------------------------
 
 MODES = ("layer", "chain")
@@ -75,19 +82,37 @@ def parse_args(argv: list[str] | None):
     p.flag("--mode", choices=MODES)
     p.shared("--layers", "--atol", "--rtol")
     p.flag("--chain-rtol", type=cli.tolerance)
-    p.flag("--quant", type=quant_scheme, metavar="SCHEME")
+    p.flag("--quant", type=scheme_arg, metavar="SCHEME")
     p.flag("--top-k", type=int)
     p.flag("--plots", action=argparse.BooleanOptionalAction)
     p.shared("--verify-hashes")
+    p.flag("--integer-only", action="store_true")
+    p.flag("--requant", choices=("single", "double"))
+    p.flag("--calibration", type=cli.path_arg)
+    p.flag("--zk", action="store_true")
     return p.parse_args(argv)
+
+
+def integer_only(args) -> int:
+    """--integer-only: common/check/integer_run.py, with its own calibration, files and report."""
+    if args.layers is not None:
+        raise InputError("--layers: --integer-only runs every layer; drop --layers")
+    out_dir = args.out_dir or int_layout.default_out(args.model_dir, args.mode, args.zk)
+    return integer_run.run(args.acts_dir or layout.default_dir(args.model_dir, layout.ACTS),
+                           args.weights_dir or layout.default_dir(args.model_dir, layout.WEIGHTS), out_dir,
+                           args.model_dir, args.mode, args.requant, args.calibration, args.zk, args.verify_hashes)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.integer_only and (args.zk or args.calibration or args.requant != REQUANT):
+        raise InputError("--zk, --calibration and --requant go with --integer-only: add it, or drop them")
+    if args.integer_only:
+        return integer_only(args)
     f = offline_run.folders(args.model_dir, args.acts_dir, args.weights_dir, args.out_dir,
                             layout.FORWARD if args.mode == "layer" else layout.FORWARD_CHAIN,
                             args.quant and args.quant.name)
-    settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out)
+    settings = cli.settings(args, ACTS_DIR=f.acts, WEIGHTS_DIR=f.weights, OUT_DIR=f.out, QUANT=args.quant and args.quant.name)
     print("4_offline_forward.py: recompute every node and the logits from CSV (float32, no model) and verify")
     print_settings(settings)
 

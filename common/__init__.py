@@ -8,10 +8,6 @@
     check/   checking: opening an offline run, comparisons, reports, golden vectors, grading
 
 Each floor imports only those below it (tests/test_architecture.py): llama nothing of the project
-but itself. One module per concept; nothing runs on import but one logging filter: transformers
-imports torchao whenever it is installed, and torchao's import logs GPU-only noise
-(common/model/torchao_import.py).
+but itself. One module per concept; nothing runs on import (but
+common/model/'s logging filter for torchao's import noise).
 """
-from common.model.torchao_import import silence_import_noise
-
-silence_import_noise()

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common.quant.schemes import get_scheme
 
 EXIT_OK, EXIT_USAGE = 0, 2  # 1: a script's own failure (a FAIL in step 3)
 MAX_LAYERS = 100_000  # no model has more; a --layers range past it is a typo, refused before expanding
@@ -129,14 +128,6 @@ def parse_layers(spec: str | list[int] | None, num_layers: int | None = None,
     if not all(0 <= lo and hi < limit for lo, hi in ranges):
         raise bad
     return sorted({n for lo, hi in ranges for n in range(lo, hi + 1)})
-
-
-def quant_scheme(text: str):
-    """argparse type for --quant: a scheme name (common/quant/schemes.py) -> its Scheme."""
-    try:
-        return get_scheme(text)
-    except ValueError as e:
-        raise InputError(f"--quant: {e}") from None
 # --- flags: a setting in one place ---------------------------------------------------------------
 # A script's constant (ACTS_DIR = None  # step 2's folder ...) is its flag's default (--acts-dir), and
 # the comment beside it (or the comment lines right above it) is the flag's --help. The flags that

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import paths  # noqa: E402  (first: its logging filter keeps torchao's import noise quiet)
+import common.model  # noqa: E402,F401  (first: its logging filter keeps torchao's import noise quiet)
+from common import paths  # noqa: E402
 
 import model_factory  # noqa: E402
 

@@ -53,7 +53,8 @@ def quantized_capture(model_dir: Path, float_dir: Path, out_dir: Path, scheme: s
     head = capture.capture_head(model.model.norm, model.lm_head,
                                 lambda t: written.update(capture.write_head(out_dir, t)),
                                 capture.logit_rows(mask, meta_model["logits"]))
-    with capture.capture_layers(model.config, {n: model.model.layers[n] for n in metas}, sink), head, torch.no_grad():
+    layers = {n: model.model.layers[n] for n in metas}
+    with capture.capture_layers(model.config, layers, sink, capture.Settings()), head, torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=0)
     manifest.write_step_manifest(out_dir, 2, written, manifest.input_signature(model_dir))
     return out_dir

@@ -198,7 +198,7 @@ def test_torchao_import_is_quiet():
     from conftest import ROOT
     import subprocess
     import sys
-    code = ("import common; from transformers import LlamaForCausalLM; "
+    code = ("import common.model; from transformers import LlamaForCausalLM; "
             "from common.model.torchao_import import torchao_quantization; torchao_quantization()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""

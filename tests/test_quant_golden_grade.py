@@ -19,7 +19,7 @@ from common.check import golden_int
 from common.files import layout
 from common.files.csv_io import read_csv, read_int_csv
 from common.files.quant_export import write_csv_exact
-from common.quant.rtl_vectors import read_hex_words
+from common.check.rtl_vectors import read_hex_words
 from common.quant.schemes import get_scheme
 
 FORMATS = ("bin", "hex", "mem", "npy", "npz")

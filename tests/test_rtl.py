@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from common.cli import InputError
-from common.quant import rtl_vectors
+from common.check import rtl_vectors
 from common.quant.requant import requantize_single_ref
 
 RUNNER = ROOT / "examples" / "rtl" / "run_rtl.py"

@@ -32,7 +32,7 @@ from common.files.atomic import output_folder, write_json
 from common.files.csv_io import read_csv, read_int_csv
 from common.quant.intmm import int_matmul
 from common.quant.requant import quantize_multiplier
-from common.quant.rtl_vectors import write_vectors
+from common.check.rtl_vectors import write_vectors
 
 LINEARS = layout.QUANT_LINEARS
 SCHEME = "w8a8"  # the one scheme the RTL computes: int8 x int8 per-channel weights, symmetric int8 activations

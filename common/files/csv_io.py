@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import orjson
 
 # polars' allocator (jemalloc) keeps freed pages for 10 s by default, so a process that has read a
 # large CSV stays much larger than it needs to (benchmarks/README.md). Return them at once (reading
@@ -216,30 +215,3 @@ def read_int_csv(path: str | os.PathLike) -> np.ndarray:
     if df.null_count().sum_horizontal().item():
         raise InputError(f"{path}: not a CSV of plain integers (a row has fewer than {ncols} values, or an empty one)")
     return df.to_numpy(order="c")
-
-
-# --- integers (and float32) as exact CSV, without the parallel writer: step 1 --quant, steps 3/4 ---
-
-ROWS_PER_CHUNK = 1 << 12
-
-
-def csv_chunks(a: np.ndarray):
-    """A 2-D integer or finite float32 array as CSV bytes, a block of rows at a time: no header, one
-    line per row. orjson writes float32 as the shortest decimal that parses back exactly, the same
-    bytes as common.files.csv_io.write_numbers."""
-    for i in range(0, a.shape[0], ROWS_PER_CHUNK):
-        text = orjson.dumps(a[i:i + ROWS_PER_CHUNK], option=orjson.OPT_SERIALIZE_NUMPY)  # b"[[1,-2],[3,4]]"
-        yield text[2:-2].replace(b"],[", b"\n") + b"\n"
-
-
-def write_csv_exact(path: Path, a: np.ndarray) -> tuple[int, str]:
-    """Write a (2-D int, or finite float32) atomically as CSV; (bytes, sha256)."""
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ValueError(f"{path}: a scale is not finite")
-    digest, size = hashlib.sha256(), 0
-    with atomic_file(path) as f:
-        for chunk in csv_chunks(a):
-            f.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()

@@ -17,17 +17,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 
 from common.files import manifest
 from common.files.atomic import clean_stale_temps
 from common.cli import InputError
-from common.files.csv_io import cpu_workers, write_csv_exact
+from common.files.csv_io import cpu_workers
+from common.files.int_csv import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
 from common.files.export import Summary, _inside, safe_file_name
 from common.quant.quantize import quantize_weight
 from common.quant.schemes import HEAD, Scheme, check_group, quantized_module
 from common.files.safetensors_io import TensorInfo, read_tensor, shard_signature
-
-Q_SUFFIX, SCALE_SUFFIX = ".q.csv", ".scale.csv"
 
 
 def weight_name(module: str) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 
 from common.cli import InputError
 from common.files import layout, manifest
-from common.files.csv_io import read_csv, write_csv_exact  # integers as integers, float32 exact
+from common.files.csv_io import read_csv
+from common.files.int_csv import write_csv_exact  # integers as integers, float32 exact
 from common.quant.linear import QuantWeight
 from common.quant.schemes import HEAD, Scheme, get_scheme, quantized_module
 

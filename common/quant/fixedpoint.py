@@ -312,7 +312,8 @@ ZK_PRESET = {
     "input, weights, tables": "to_fixed: round half even of x * 2^16, int64",
     "matmul, elementwise product": "int64 product at 2^32, then rounding_right_shift_half_up by 16",
     "add": "exact (same scale)",
-    "nonlinear (silu, exp, rsqrt)": "a lookup table over the observed integer input range, entries to_fixed",
+    "silu": "a lookup table over the observed integer input range, entries to_fixed",
+    "exp, rsqrt": "softmax_int's i-exp and rms_norm_int's isqrt, inputs aligned down to their formats",
 }
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from common.cli import InputError
+
 ROUNDING = "half_even"  # float -> int everywhere: torch.round, np.rint (ties to even)
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2**-23: Int8Tensor's floor on every scale
 FLOAT32_TINY = float(np.finfo(np.float32).smallest_normal)  # 2**-126: intx's floor (float32 weights)
@@ -97,6 +99,14 @@ def get_scheme(name: str) -> Scheme:
         return _intx(name, int(m[2]), "asym" if m[1] == "w4a8" else None)
     raise ValueError(f"unknown quantization scheme {name!r}: use one of {', '.join(SCHEMES)} "
                      "(or w4a8-g<N>, w4a16-g<N> for another group size)")
+
+
+def scheme_arg(text: str) -> Scheme:
+    """argparse type for --quant: a scheme name -> its Scheme; unknown: one line, exit 2."""
+    try:
+        return get_scheme(text)
+    except ValueError as e:
+        raise InputError(f"--quant: {e}") from None
 
 
 def check_group(scheme: Scheme, in_features: int, what: str) -> None:

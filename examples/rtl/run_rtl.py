@@ -31,7 +31,7 @@ from common.files.safetensors_io import list_tensors  # noqa: E402
 from common.llama.norm import rms_norm  # noqa: E402
 from common.cli import InputError, path_arg, print_settings, run  # noqa: E402
 from common.quant.requant import M_MAX, M_MIN, quantize_multiplier  # noqa: E402
-from common.quant.rtl_vectors import write_vectors  # noqa: E402
+from common.check.rtl_vectors import write_vectors  # noqa: E402
 
 # --- constants (each has a flag of the same name: OUT_DIR -> --out-dir) ---------------------------
 OUT_DIR = paths.OUTPUTS / "rtl"
