@@ -20,7 +20,6 @@ A rerun skips files whose manifest entry still matches the source (--force rewri
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from common import cli, paths
 from common.cli import InputError, Interrupted, print_settings, run

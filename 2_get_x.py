@@ -8,37 +8,13 @@
     python 2_get_x.py --generate 4                          # + 4 greedy decode steps through the KV cache
 
 Reads a model folder (config.json, safetensors, tokenizer). Writes to OUT_DIR (default
-outputs/<model folder>/x_all_layers), B prompts padded to T tokens, rows batch-major (row = b*T + t):
-    x_layerN.csv [B*T, d]      the hidden state entering layer N; xnorm_layerN.csv input_layernorm(x)
-    meta_layerN.json           sizes, RoPE (normalised; the model's own inv_freq and torch's CPU
-                               capability), eps, dtype, padding side, provenance
-    ref_q/ref_k/ref_v_layerN.csv  the model's Q, K after RoPE and V, [B*T, H*Dh] or [B*T, Hkv*Dh],
-                               columns head-major (h*Dh + d); ref_attn_layerN.csv [B*T, d] after o_proj
-    ref_probs_layerN.csv [B*H*T, T]  softmax attention probabilities, row (b*H + h)*T + t_query
-    ref_h/ref_hnorm/ref_act/ref_mlp/ref_out_layerN.csv  x + attention, post_attention_layernorm(h),
-                               what down_proj sees, the MLP output, h + mlp (= x_layer(N+1).csv exactly)
-and once per run: ref_norm.csv and ref_logits.csv (LOGITS "all" [B*T, ...] or "last" [B, ...]),
-vocab.json (for step 4's top-5 table), meta_model.json (num_layers, vocab_size, activation, norm
-class, tying, logits mode, and the layer meta), attention_mask.csv, position_ids.csv [B, T],
-tokens.json, and manifest.json: every file (path, shape, bytes, sha256) and what was read of the
-model folder, written last, so a run cut short leaves none. Steps 3 and 4 check their inputs by it.
-With --generate N (GENERATE), N greedy decode steps follow the prefill through the model's own KV cache
-(as generate() runs them); step S (1..N) feeds each prompt its last greedy token as one new row and
-writes decode/step_S/: the same files with one row per prompt (ref_probs [B*H, T+S]: over the cache
-and the new token; meta_layerN.json with seq_len 1, decode_step, cache_len; attention_mask.csv
-[B, T+S], position_ids.csv [B, 1], tokens.json with the greedy next_ids), listed in manifest.json
-as decode/step_S/<name>. Not with --streaming (one layer in memory cannot keep a cache over steps).
-With --quant SCHEME (and --quant-head) torchao quantizes the model first (float32 only); every
-reference is then what the quantized model computes, meta files record the scheme ("quant"), the
-default folder is x_all_layers-SCHEME, and for each quantized linear P with int8 activations
-ref_xscale_P_layerN.csv [B*T, 1] (asymmetric schemes also ref_xzero_P_layerN.csv) holds the per-token
-scale (zero point) torchao's own activation quantization gave its input (docs/quantized.md).
-Everything is captured by hooks on the running model (eager attention), never recomputed.
-Positions count each prompt's real tokens from POSITION_OFFSET (default 0), as generate() does, so a
-padded batch matches each prompt run alone; an offset K feeds positions K.. as position_ids, as if K
-tokens came before (checks RoPE far into the context window). The total size is printed before
-anything is written, with a warning above WARN_WRITE_GB. Files left by an earlier run with other
-settings are removed.
+outputs/<model folder>/x_all_layers), rows batch-major (row = b*T + t): each layer's input x_layerN,
+xnorm, every node the model computes (ref_q/k/v/attn/probs/h/hnorm/act/mlp/out_layerN), ref_norm and
+ref_logits, meta_layerN.json, meta_model.json, masks, positions, tokens.json, vocab.json, and last
+manifest.json (every file's sha256: steps 3 and 4 check their inputs by it). --generate N adds
+decode/step_S/ (greedy steps through the model's own KV cache); --quant SCHEME captures torchao's
+quantized model and the per-token activation scales it used (ref_xscale_P_layerN.csv). Everything is
+captured by hooks on the running model, never recomputed. Files and flags: docs/step2_capture.md.
 """
 import argparse
 import time
@@ -51,9 +27,10 @@ from common.files import layout, manifest
 from common.files.atomic import output_folder
 from common.model import capture, hf_cache
 from common.model.model_config import load_config
+from common.model.quant import check_capture
 from common.model.prompts import check_position_offset, encode_prompts, load_tokenizer
 from common.model.weights_check import check_weights
-from common.quant.schemes import check_group, scheme_arg
+from common.quant.schemes import scheme_arg
 
 MODEL_DIR = paths.MODEL_DIR  # the model folder (config.json, safetensors, tokenizer), or a repo id in the HF cache
 REVISION = hf_cache.REVISION  # with a repo id as MODEL_DIR: None (refs/main), a branch, tag or commit
@@ -109,23 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.quant_head and args.quant is None:
-        raise InputError("--quant-head needs --quant SCHEME")
-    if args.quant is not None and args.dtype != "float32":
-        raise InputError(f"--quant {args.quant.name} with --dtype {args.dtype}: torchao's quantized model is "
-                         "captured (and recomputed offline) in float32; drop --dtype")
     cfg = load_config(args.model_dir)  # InputError: missing folder/config.json, not Llama-family
     check_weights(args.model_dir, cfg)  # InputError: no weights, or files that disagree with config.json
+    check_capture(args.quant, args.quant_head, args.dtype, cfg)
     prompts = args.test_prompt or ([TEST_PROMPT] if isinstance(TEST_PROMPT, str) else list(TEST_PROMPT))
     layers = parse_layers(args.layers, cfg.num_layers) or list(range(cfg.num_layers))
     scheme_name = args.quant.name if args.quant else None
-    if args.quant is not None:  # before anything is loaded (streaming quantizes layer by layer)
-        for what, k in (("d_model", cfg.d_model), ("num_heads * head_dim", cfg.num_heads * cfg.head_dim),
-                        ("intermediate_size", cfg.intermediate_size)):
-            try:
-                check_group(args.quant, k, what)
-            except ValueError as e:
-                raise InputError(f"--quant {e}") from None
     out_dir = args.out_dir or layout.default_dir(args.model_dir, layout.quant_folder(layout.ACTS, scheme_name))
     tokenizer = load_tokenizer(args.model_dir)
     if args.chat and not tokenizer.chat_template:

@@ -1,29 +1,14 @@
 """Step 3: recompute the input norm, Q, K, V and the attention from CSV files alone, and verify them.
 
-Reads only ACTS_DIR (step 2: x_layerN.csv, meta_layerN.json, attention_mask.csv, position_ids.csv,
-tokens.json, and the model's own xnorm_layerN.csv, ref_{q,k,v,probs,attn}_layerN.csv) and
-WEIGHTS_DIR (step 1: input_layernorm and q/k/v/o_proj CSVs of the chosen layers). No transformers,
-no model: the math is common/llama/ (norm.py, rope.py, attention.py), float32 numpy, RoPE in the
-rotate-half layout of HF checkpoints. The proof starts at the layer input x: the RMSNorm is
-recomputed too (and checked), never trusted.
-
-Writes to OUT_DIR: q_layerN.csv, k_layerN.csv, v_layerN.csv (after RoPE, the ref_ files' shapes and
-head-major column order, K/V before the GQA repeat), probs_layerN.csv (softmax probabilities,
-(B*H*T, T)), attn_layerN.csv (after o_proj), report.json, report.md, errors.png and
-attention_layerL_headH.png. Prints the verification table.
-Decode steps (step 2's --generate N, ACTS_DIR/decode/step_S/): every layer's step S is recomputed
-from its captured x, its one query attending over a KV cache of this step's own recomputed K and V
-(the prefill's, then each earlier step's row), at the position generate() gives it; the files go to
-OUT_DIR/decode/step_S/ and the rows "step S: N" join the table (common/check/decode.py).
-Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
-common/files/manifest.py): an edit below RTOL (a digit of a weight, rope_theta, a padding row) is named,
-exit 2. --no-verify-hashes skips that, and the report says so.
-A quantized capture (step 2 --quant S: its meta names the scheme) is read with step 1 --quant S's
-weights: each of q/k/v/o_proj computed as torchao computes it (common/quant/linear.py), and for each
-P, xq_P_layerN.csv, xscale_P_layerN.csv (xzero_P_layerN.csv) and acc_P_layerN.csv written; the
-quantities xscale and linear are exact checks against the running model (docs/quantized.md).
---quant S only picks the default folders (x_all_layers-S, weights-S, qkv-S) and must name the
-capture's scheme.
+Reads only ACTS_DIR (step 2's x, xnorm, ref_ files, metas, masks, positions, tokens) and WEIGHTS_DIR
+(step 1's input_layernorm and q/k/v/o_proj CSVs). No transformers, no model: the math is
+common/llama/, float32 numpy, RoPE in the rotate-half layout. The proof starts at the layer input x:
+the RMSNorm is recomputed and checked too. Writes to OUT_DIR q/k/v/probs/attn_layerN.csv (the ref_
+files' shapes and column order), report.json, report.md and plots; decode steps (step 2's --generate)
+each over a KV cache of their own recomputed K and V, in OUT_DIR/decode/step_S/. Every input is first
+checked against its folder's manifest.json (--no-verify-hashes skips it). A quantized capture (step 2
+--quant S) is read with step 1 --quant S's weights, each linear computed as torchao computes it, its
+xq_/xscale_/acc_ files written and checked exactly (docs/quantized.md). Files: docs/step3_qkv.md.
 Exit code: 0 all PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 3_offline_qkv.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -39,10 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli, paths
-from common.check import decode, meta_check, offline, offline_run, quant_check, report
+from common.check import decode, meta_check, offline, offline_run, report
 from common.check.verify import DEFINITION, QUANTITIES
 from common.cli import InputError, print_settings, run
-from common.files import layout, manifest, quant_weights
+from common.files import layout, manifest
 from common.quant.schemes import scheme_arg
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
@@ -62,8 +47,6 @@ QUANT = None  # a quantized capture's scheme (w8a8, ...): only derives the defau
 # to 4.6e-2 of its range (demo, layer 14's MLP; docs/quantized.md); xscale and linear are the exact checks
 QUANT_RTOL = 1e-1
 # -------------------------------------------------------------------------------------------------
-
-
 
 
 def parse_args(argv: list[str] | None):
@@ -106,14 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                   layout.rerun_step2(layout.capture_source(f.acts, args.model_dir)))
     metas = meta_check.read_metas(f.acts, layers)
     plot_layer = check_plot_choice(args, layers, metas)
-    scheme, quant_head = quant_weights.scheme_of(metas[layers[0]], f.acts / layout.meta_file(layers[0]), args.quant)
-    paths1 = [p for n in layers for p in layout.qkv_weight_files(f.weights, n, metas[n]["attention_bias"]).values()]
-    quant_weights.check(f.weights, paths1, scheme, quant_head, metas[layers[0]]["model_dir"], f.acts)
-    if scheme is None:
-        layout.check_attention_weights(f.weights, metas)
-    step1 = [p.name for p in quant_weights.files(paths1, scheme, quant_head)]
-    quant = quant_check.QuantRun(scheme, quant_head)
-    if scheme and args.rtol == RTOL:  # the float default: a quantized capture's is QUANT_RTOL
+    step1, quant = offline_run.attention_weights(f, metas, layers, args.quant)
+    if quant.scheme and args.rtol == RTOL:  # the float default: a quantized capture's is QUANT_RTOL
         args.rtol = settings["RTOL"] = QUANT_RTOL
     batch = offline_run.open_batch(f, hashes, metas[layers[0]], step1, layers, args.rtol)
     if batch.steps:

@@ -1,37 +1,18 @@
 """Step 4: recompute every node of every layer, the final norm and the logits from CSV files alone, and verify.
 
-Reads only ACTS_DIR (step 2: meta_model.json, meta_layerN.json, x_layerN.csv, the ref_ files,
-attention_mask.csv, position_ids.csv, tokens.json, vocab.json) and WEIGHTS_DIR (step 1: every
-tensor of the layers it checks; model.norm and the head, lm_head or the tied embedding, for the
-logits). No transformers, no torch, no model: the math is common/llama/ (forward.py: norm.py,
-attention.py with rope.py, mlp.py), float32 numpy.
-
-Two modes:
-  layer  (default) each layer starts from its own captured x_layerN.csv, so an error is pinned to the
-         layer that made it; every node is checked against the model's (PASS when
-         max_abs <= ATOL + RTOL * max|ref|); after the last layer the final norm and the logits,
-         from the captured last layer output.
-  chain  starts from x_layer0.csv only and feeds its own outputs through every layer, the final
-         norm and the head: the whole forward pass offline. PASS when the top-1 token agrees at every
-         real position and the logits' max_rel <= CHAIN_RTOL. One layer's weights in memory at a time.
-
-Writes to OUT_DIR: xnorm/h/hnorm/act/mlp/out_layerN.csv (the shapes of step 2's ref_ files),
-norm.csv, logits.csv, report.json, report.md, errors.png (layer) or chain_errors.png (chain), and
-top_tokens.png: the top next tokens, model vs offline, for each prompt.
-Decode steps (step 2's --generate N): layer mode checks every node of each step over a KV cache of
-its own K and V (as step 3), and each step's head and greedy token; chain mode generates offline:
-its own greedy token, looked up in the embedding, through every layer over its own caches and the
-head, PASS only when every token is the model's
-(common/check/decode.py). Files in OUT_DIR/decode/step_S/.
-Before any of it, every file it will read is checked against its folder's manifest.json (sha256,
-common/files/manifest.py), as in step 3; --no-verify-hashes skips that, and the report says so.
-A quantized capture (step 2 --quant S) is read with step 1 --quant S's weights, every linear computed
-as torchao computes it, its integer tensors written beside the nodes (xq/xscale/xzero/acc_P_layerN.csv,
-as step 3) and the exact checks xscale and linear made; nodes PASS at QUANT_RTOL, the chain at
-QUANT_CHAIN_RTOL (docs/quantized.md). --quant S picks the default folders (x_all_layers-S,
-weights-S, forward-S, forward_chain-S) and must name the capture's scheme.
---integer-only runs the integer-only forward instead (common/check/integer_run.py, docs/integer.md): from
-step 1's --quant w8a8 folder, calibrated on step 2's capture, every node an integer CSV in forward_int/.
+Reads only ACTS_DIR (step 2's files) and WEIGHTS_DIR (step 1: every tensor of the checked layers, the
+final norm and the head). No transformers, no torch, no model: the math is common/llama/, float32
+numpy. Two modes:
+  layer  (default) each layer from its own captured x_layerN.csv, every node checked against the
+         model's (PASS when max_abs <= ATOL + RTOL * max|ref|), then the head from the captured last
+         layer output;
+  chain  x_layer0.csv only, through every layer on its own outputs, the final norm and the head: PASS
+         when the top-1 token agrees at every real position and the logits' max_rel <= CHAIN_RTOL.
+Writes to OUT_DIR xnorm/h/hnorm/act/mlp/out_layerN.csv, norm.csv, logits.csv, report.json/md and
+plots; decode steps (step 2's --generate) in OUT_DIR/decode/step_S/ (chain mode generates them
+offline). Inputs are checked against the manifests first. A quantized capture (--quant S) runs every
+linear as torchao does, with its integer files and exact checks (docs/quantized.md);
+--integer-only runs the integer-only forward (docs/integer.md). Files: docs/step4_forward.md.
 Exit code: 0 PASS, 1 any FAIL, 2 bad input (one line naming the file and what to do).
 
     python 4_offline_forward.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1
@@ -44,9 +25,9 @@ import argparse
 import time
 
 from common import cli, paths
-from common.check import decode, forward_check, integer_run, offline, offline_run, quant_check
+from common.check import decode, forward_check, integer_run, offline, offline_run
 from common.cli import InputError, print_settings, run
-from common.files import int_layout, layout, manifest, quant_weights
+from common.files import int_layout, layout, manifest
 from common.quant.schemes import scheme_arg
 
 # --- constants (each has a flag of the same name: ACTS_DIR -> --acts-dir) -----------------------
@@ -131,23 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     hashes.folder(f.acts, decode.with_steps(f.acts, offline.forward_inputs(args.mode, layers) + step_metas),
                   "step 2", rerun2)
     with_head = forward_check.check_inputs(args.mode, args.top_k, f.acts, meta, layers, args.model_dir)
-    scheme, quant_head = quant_weights.scheme_of(meta, f.acts / layout.META_MODEL, args.quant)
-    paths1 = quant_weights.head_as_read(offline.weight_files(f.weights, meta, layers, with_head), meta, quant_head)
-    quant_weights.check(f.weights, paths1, scheme, quant_head, meta["model_dir"], f.acts)
-    if scheme is None:
-        offline.check_weights(f.weights, meta, layers, with_head, args.model_dir)
-    quant = quant_check.QuantRun(scheme, quant_head,
-                                 quant_weights.head_reader(f.weights, meta, scheme) if quant_head else None)
-    if scheme and args.rtol == RTOL:  # the float defaults: a quantized capture's are QUANT_RTOL, QUANT_CHAIN_RTOL
+    step1, quant = forward_check.step4_weights(f, meta, layers, with_head, args.quant, args.model_dir)
+    if quant.scheme and args.rtol == RTOL:  # the float defaults: a quantized capture's are QUANT_RTOL, QUANT_CHAIN_RTOL
         args.rtol = settings["RTOL"] = QUANT_RTOL
-    if scheme and args.chain_rtol == CHAIN_RTOL:
+    if quant.scheme and args.chain_rtol == CHAIN_RTOL:
         args.chain_rtol = settings["CHAIN_RTOL"] = QUANT_CHAIN_RTOL
     embedding = f.weights / layout.weight_file(layout.EMBEDDING)
     if chain_decode and not embedding.is_file():
         raise InputError(f"{embedding} is missing: chain mode looks up each decode step's token in it; run "
                          f"python 1_model_weights.py --model-dir {meta['model_dir']} --out-dir {f.weights} "
                          r"--filter '^model\.embed_tokens\.'")
-    step1 = [p.name for p in quant_weights.files(paths1, scheme, quant_head)]
     # Step 2's --generate N: every decode step of the checked layers (chain mode: of those captured).
     batch = offline_run.open_batch(f, hashes, meta, step1 + ([embedding.name] if chain_decode else []),
                                    layers if args.mode == "layer" else layout.step2_layers(f.acts), args.rtol)

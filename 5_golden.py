@@ -1,17 +1,11 @@
 """Step 5: golden vectors: write references in the formats hardware testbenches and provers read.
 
-Reads the CSV files of IN_DIR (any step 1/2/3/4 output folder; meta_layerN.json there, when
-present, adds the sizes B, T, H, Dh to the layouts), those whose name SELECT matches (re.search).
-Writes to OUT_DIR one file per tensor (npz: one archive per layer) in FORMAT, its numbers in
-ENCODING, and golden_manifest.json: for every file its source CSV and sha256, tensor name, shape,
-layout (row order, head-major columns h*Dh + d), encoding, scale, rounding, how many values rounding
-and saturation changed, and the file's own sha256. Nothing is written unless everything succeeds.
+Reads the CSV files of IN_DIR (any step 1/2/3/4 folder) whose name SELECT matches, and writes to
+OUT_DIR one file per tensor in FORMAT and ENCODING, and golden_manifest.json (each file's source,
+shape, layout, encoding, rounding, saturation counts, sha256). --integer writes the quantized path's
+integer CSVs as int8/int4/int32 words, the scales beside them; --rtl writes examples/rtl's $readmemh
+vectors of one w8a8 linear. Nothing is written unless everything succeeds. Files: docs/step5_golden.md.
 Exit code: 0 done, 2 bad input (or, with --on-overflow error, a value that does not fit).
-
---integer: the quantized path's integer CSVs (xq_/xzero_ int8, acc_ int32, step 1's .q.csv int8 or int4
-packed two per byte, low nibble first) as words, the float32 scales beside them, the scheme in the
-manifest; a value outside its word is exit 2 (common/check/golden_int.py). --rtl: examples/rtl's
-$readmemh vectors of one linear of a w8a8 step 3/4 folder (common/check/golden_rtl.py).
 
     python 5_golden.py --model-dir model_paths/SmolLM2-135M-Instruct-Q4_1          # float32 .bin of step 2
     python 5_golden.py --select '_layer0\\.csv$' --format hex --encoding fixed --bits 32 --frac-bits 16
@@ -32,7 +26,7 @@ from common import cli, paths
 from common.check import golden, golden_int, golden_rtl
 from common.cli import InputError, path_arg, print_settings, run
 from common.files import layout
-from common.files.atomic import output_folder, read_json
+from common.files.atomic import output_folder
 
 # --- constants (each has a flag of the same name: IN_DIR -> --in-dir) ---------------------------
 MODEL_DIR = paths.MODEL_DIR  # only used to derive the two folders below when they are None
@@ -86,32 +80,6 @@ def select_sources(in_dir: Path, select: str | None) -> list[Path]:
     return sources
 
 
-def layer_metas(in_dir: Path) -> dict[int | None, dict]:
-    """meta_layerN.json by layer (step 2 folders have them), and None -> any one of them."""
-    metas: dict[int | None, dict] = {}
-    for path in sorted(in_dir.glob(layout.meta_file("*"))):
-        if (parsed := layout.parse_layer_file(path.name)) and parsed[0] == "meta":
-            metas[parsed[1]] = read_json(path, layout.rerun_step2())
-    if metas:
-        metas[None] = metas[min(k for k in metas if k is not None)]
-    return metas
-
-
-def write_integer(sources: list[Path], in_dir: Path, out_dir: Path, fmt: str, settings: dict, t0: float) -> int:
-    sources = [p for p in sources if golden_int.is_integer_source(p.stem)]
-    if not sources:
-        raise InputError(f"no integer CSV (xq_/acc_/xzero_/xscale_ files of a quantized step 3/4 run, step 1 "
-                         f"--quant's .q.csv/.scale.csv) in {in_dir} matches --select: check the folder")
-    manifest, nbytes = golden_int.write_integer_golden(sources, in_dir, out_dir, fmt, settings)
-    words = {}
-    for e in manifest["files"]:
-        words[e["word"]] = words.get(e["word"], 0) + 1
-    scheme = (manifest["quant"] or {}).get("scheme", "none recorded")
-    print(f"wrote {len(sources)} tensors ({', '.join(f'{n} {w}' for w, n in words.items())}; {nbytes / 1e6:.1f} MB "
-          f"of {fmt}) and {golden.MANIFEST} to {out_dir} in {time.perf_counter() - t0:.2f} s; scheme {scheme}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rtl:
@@ -133,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sources = select_sources(in_dir, args.select)
     if args.integer:
-        return write_integer(sources, in_dir, out_dir, args.format, settings, t0)
+        return golden_int.write_and_report(sources, in_dir, out_dir, args.format, settings, t0)
     bar = tqdm(total=len(sources), desc="files", unit="file", disable=len(sources) < 8, file=sys.stdout)
-    manifest, stats = golden.write_golden(sources, out_dir, args.format, enc, args.on_overflow, layer_metas(in_dir),
+    manifest, stats = golden.write_golden(sources, out_dir, args.format, enc, args.on_overflow, golden.layer_metas(in_dir),
                                           settings, on_file=bar.update)
     bar.close()
     dt = time.perf_counter() - t0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 

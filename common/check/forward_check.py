@@ -17,7 +17,7 @@ from tqdm import tqdm
 from common.check import decode, meta_check, offline, offline_run, quant_check, report
 from common.check.verify import compare
 from common.cli import InputError, parse_layers
-from common.files import layout
+from common.files import layout, quant_weights
 from common.files.csv_io import read_csv, write_csv
 from common.llama import forward, kv_cache
 from common.llama.spec import LayerSpec
@@ -95,6 +95,19 @@ def check_inputs(mode: str, top_k: int, acts_dir: Path, meta: dict, layers: list
         raise InputError(f"{acts_dir / layout.REF_LOGITS} is missing (step 2 ran with --logits none?): chain mode "
                          f"checks the logits; {layout.rerun_step2(model_dir)} --logits last")
     return has_logits and meta["num_layers"] - 1 in layers
+
+def step4_weights(f, meta: dict, layers: list[int], with_head: bool, quant, model_dir: Path) -> tuple[list[str], "quant_check.QuantRun"]:
+    """Step 4's weight files (names, for the hash check), float or of the capture's scheme (step 1
+    --quant, the head as it is read), checked against the capture; and the run's QuantRun."""
+    scheme, quant_head = quant_weights.scheme_of(meta, f.acts / layout.META_MODEL, quant)
+    paths1 = quant_weights.head_as_read(offline.weight_files(f.weights, meta, layers, with_head), meta, quant_head)
+    quant_weights.check(f.weights, paths1, scheme, quant_head, meta["model_dir"], f.acts)
+    if scheme is None:
+        offline.check_weights(f.weights, meta, layers, with_head, model_dir)
+    run = quant_check.QuantRun(scheme, quant_head,
+                               quant_weights.head_reader(f.weights, meta, scheme) if quant_head else None)
+    return [p.name for p in quant_weights.files(paths1, scheme, quant_head)], run
+
 
 
 def run_head(r: Inputs, x: np.ndarray) -> tuple[dict, np.ndarray]:

@@ -512,3 +512,14 @@ def load_manifest(folder: Path) -> tuple[dict, Encoding]:
     except (KeyError, TypeError) as err:
         raise InputError(f"{path} is not a golden manifest (missing or malformed {err}): {fix}") from None
     return manifest, enc
+
+
+def layer_metas(in_dir: Path) -> dict[int | None, dict]:
+    """meta_layerN.json by layer (step 2 folders have them), and None -> any one of them."""
+    metas: dict[int | None, dict] = {}
+    for path in sorted(in_dir.glob(layout.meta_file("*"))):
+        if (parsed := layout.parse_layer_file(path.name)) and parsed[0] == "meta":
+            metas[parsed[1]] = read_json(path, layout.rerun_step2())
+    if metas:
+        metas[None] = metas[min(k for k in metas if k is not None)]
+    return metas

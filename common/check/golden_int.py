@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -267,3 +268,19 @@ def read_entry(folder: Path, fmt: str, e: dict) -> np.ndarray:
     if w.dtype != dtype or w.size != n:
         raise InputError(f"{path}: {w.size} words of {w.dtype}, its manifest says {n} of {dtype} ({word})")
     return from_words(w, word, shape)
+
+
+def write_and_report(sources: list[Path], in_dir: Path, out_dir: Path, fmt: str, settings: dict, t0: float) -> int:
+    """Step 5 --integer: the integer CSVs among `sources` as words, and the line saying what was written."""
+    sources = [p for p in sources if is_integer_source(p.stem)]
+    if not sources:
+        raise InputError(f"no integer CSV (xq_/acc_/xzero_/xscale_ files of a quantized step 3/4 run, step 1 "
+                         f"--quant's .q.csv/.scale.csv) in {in_dir} matches --select: check the folder")
+    manifest, nbytes = write_integer_golden(sources, in_dir, out_dir, fmt, settings)
+    words = {}
+    for e in manifest["files"]:
+        words[e["word"]] = words.get(e["word"], 0) + 1
+    scheme = (manifest["quant"] or {}).get("scheme", "none recorded")
+    print(f"wrote {len(sources)} tensors ({', '.join(f'{n} {w}' for w, n in words.items())}; {nbytes / 1e6:.1f} MB "
+          f"of {fmt}) and {golden.MANIFEST} to {out_dir} in {time.perf_counter() - t0:.2f} s; scheme {scheme}")
+    return 0

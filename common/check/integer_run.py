@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from common.check import integer_report, offline
 from common.cli import InputError, print_settings

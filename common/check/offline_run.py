@@ -14,7 +14,7 @@ import numpy as np
 from common.check import decode, offline, quant_check
 from common.check.verify import QUANTITIES, low_precision_note
 from common.cli import InputError, parse_layers
-from common.files import layout, manifest
+from common.files import layout, manifest, quant_weights
 from common.files.atomic import output_folder
 from common.llama import kv_cache
 from common.llama.spec import LayerSpec
@@ -63,6 +63,18 @@ class Batch:
     def describe(self) -> str:
         B, T = self.mask.shape
         return f"{B} prompts x {T} positions, {int(self.real_rows.sum())} real tokens"
+
+
+def attention_weights(f: Folders, metas: dict[int, dict], layers: list[int], quant) -> tuple[list[str], "quant_check.QuantRun"]:
+    """Step 3's weight files (names, for the hash check) of the chosen layers, float or of the capture's
+    scheme (step 1 --quant), checked against the capture; and the run's QuantRun (no scheme: float)."""
+    first = metas[layers[0]]
+    scheme, quant_head = quant_weights.scheme_of(first, f.acts / layout.meta_file(layers[0]), quant)
+    paths1 = [p for n in layers for p in layout.qkv_weight_files(f.weights, n, metas[n]["attention_bias"]).values()]
+    quant_weights.check(f.weights, paths1, scheme, quant_head, first["model_dir"], f.acts)
+    if scheme is None:
+        layout.check_attention_weights(f.weights, metas)
+    return [p.name for p in quant_weights.files(paths1, scheme, quant_head)], quant_check.QuantRun(scheme, quant_head)
 
 
 def open_batch(f: Folders, hashes: manifest.HashCheck, meta: dict, step1_files: list[str], step_layers: list[int],

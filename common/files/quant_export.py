@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 from common.files import manifest
 from common.files.atomic import clean_stale_temps

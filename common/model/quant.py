@@ -15,6 +15,23 @@ from common.quant.schemes import HEAD, Scheme, check_group, quantized_module
 from common.model.torchao_import import torchao_quantization
 
 
+def check_capture(scheme: Scheme | None, quant_head: bool, dtype: str, cfg) -> None:
+    """Step 2's --quant at the door, before anything is loaded (streaming quantizes layer by layer)."""
+    if quant_head and scheme is None:
+        raise InputError("--quant-head needs --quant SCHEME")
+    if scheme is None:
+        return
+    if dtype != "float32":
+        raise InputError(f"--quant {scheme.name} with --dtype {dtype}: torchao's quantized model is "
+                         "captured (and recomputed offline) in float32; drop --dtype")
+    for what, k in (("d_model", cfg.d_model), ("num_heads * head_dim", cfg.num_heads * cfg.head_dim),
+                    ("intermediate_size", cfg.intermediate_size)):
+        try:
+            check_group(scheme, k, what)
+        except ValueError as e:
+            raise InputError(f"--quant {e}") from None
+
+
 def torchao_config(scheme: Scheme):
     """The torchao 0.18 config object of a scheme (what its `torchao_config` text says)."""
     tq = torchao_quantization()

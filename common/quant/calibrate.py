@@ -37,6 +37,7 @@ SILU_BITS = 16  # the SiLU table's entries
 LOGIT_BITS = 32  # the head's output
 ACT_BITS = 16  # the linears' inputs (xnorm, hnorm, ctx, act) and up: 8 keeps the top-1 in layer mode only (docs/integer.md)
 WIDE = ("xnorm", "hnorm", "ctx", "act", "up")  # at ACT_BITS; q, k, v and gate (the SiLU table's input) int8
+COARSE_BITS = 8  # calibrated ranges are rounded up to this many significant bits (coarse_up)
 PROBS_FRAC = 15  # softmax probabilities Q0.15
 MAX_SCORE_FRAC = 15  # softmax_int takes 1..15 fraction bits
 
@@ -49,8 +50,18 @@ def fmt_of(rec) -> fp.FixedFormat:
     return fp.FixedFormat(int(rec[0]), int(rec[1]))
 
 
+def coarse_up(v: float) -> float:
+    """|v| rounded away from zero to COARSE_BITS significant bits: a range computed in float (BLAS, SIMD
+    sums) differs by an ulp from machine to machine, and an ulp must not change a scale, a format or a
+    multiplier, so that the integer outputs are the same bytes everywhere."""
+    if v == 0 or not math.isfinite(v):
+        return v
+    m, e = math.frexp(abs(v))  # |v| = m 2^e, m in [0.5, 1)
+    return math.copysign(math.ldexp(math.ceil(m * 2**COARSE_BITS) / 2**COARSE_BITS, e), v)
+
+
 def amax(a: np.ndarray) -> float:
-    return float(np.max(np.abs(a))) if a.size else 0.0
+    return coarse_up(float(np.max(np.abs(a)))) if a.size else 0.0
 
 
 def act_scale(name: str, a: np.ndarray, bits: int = 8) -> float:
@@ -63,7 +74,7 @@ def act_scale(name: str, a: np.ndarray, bits: int = 8) -> float:
 
 def fmt_for(name: str, a: np.ndarray, bits: int, max_frac: int = 31) -> fp.FixedFormat:
     """The format of `bits` bits holding a's captured range, else InputError naming the tensor."""
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    lo, hi = (coarse_up(float(a.min())), coarse_up(float(a.max()))) if a.size else (0.0, 0.0)
     try:
         return fp.choose_format(lo, hi, bits, max_frac)
     except InputError as e:
@@ -204,8 +215,8 @@ def calibrate_zk_layer(n: int, c: dict, w: dict, eps: float, Dh: int, Tk: int) -
     the SiLU table over the gate range the captures show (at ZK_SILU_IN_FRAC index bits)."""
     L = f"layer {n}"
     fs = score_frac(f"scores {L}", c["scores"], 2.0**-fp.ZK_FRAC, Tk)
-    lo = math.floor(float(c["gate"].min()) * 2**ZK_SILU_IN_FRAC)
-    hi = math.ceil(float(c["gate"].max()) * 2**ZK_SILU_IN_FRAC)
+    lo = math.floor(coarse_up(float(c["gate"].min())) * 2**ZK_SILU_IN_FRAC)
+    hi = math.ceil(coarse_up(float(c["gate"].max())) * 2**ZK_SILU_IN_FRAC)
     g = np.arange(lo, hi + 1, dtype=np.float64) * 2.0**-ZK_SILU_IN_FRAC
     return {"layer": n, "preset": "zk", "input_norm": zk_norm(f"x {L}", c["x"], w["gamma_in"], eps),
             "post_norm": zk_norm(f"h {L}", c["h"], w["gamma_post"], eps),
