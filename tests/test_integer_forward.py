@@ -17,7 +17,7 @@ from test_quant_fixedpoint import _float_uses
 
 from common.check import integer_run, offline
 from common.cli import InputError
-from common.files import int_csv
+from common.files.csv_io import read_int_csv
 from common.files import int_layout as il
 from common.llama.rope import rope_inv_freq
 from common.quant import calibrate as cal
@@ -70,7 +70,7 @@ def test_int8_activations(tiny, monkeypatch):
     out = tiny["base"] / "a8"
     integer_run.run(tiny["x"], tiny["w"], out, tiny["model"], "layer")
     assert all(L["act_bits"] == 8 for L in json.loads((out / il.CALIBRATION).read_text())["layers"])
-    xnorm = int_csv.parse_ints(out / il.int_node("xnorm", 0))
+    xnorm = read_int_csv(out / il.int_node("xnorm", 0))
     assert xnorm.min() >= -128 and xnorm.max() <= 127 and xnorm.max() == 127
     assert json.loads((out / il.REPORT_JSON).read_text())["head"]["logits"]["cosine"] > 0.99
 
@@ -78,7 +78,7 @@ def test_int8_activations(tiny, monkeypatch):
 def read_layer(out, L: dict, n: int, B: int, H: int, T: int) -> dict:
     d = {}
     for node in ifw.INT_NODES:
-        a = int_csv.parse_ints(out / il.int_node(node, n))
+        a = read_int_csv(out / il.int_node(node, n))
         d[node] = a.reshape(B, H, T, T) if node in ("scores", "probs") else a
     return d
 
@@ -240,14 +240,14 @@ def test_zk_preset(tiny, monkeypatch):
     assert lm["top1_agree"] == lm["prompts"] and lm["cosine"] > 0.999, lm
     assert all(m["sqnr_db"] > 30 for nodes in rep["layers"].values() for m in nodes.values())  # measured: 35 and up
     assert json.loads((out / il.MANIFEST).read_text())["preset"] == "zk"
-    golden = int_csv.parse_ints(out / il.int_node("mlp", 0))
+    golden = read_int_csv(out / il.int_node("mlp", 0))
 
     def floor_shift(x, k):  # planted: truncation where >>r (half up) is stated
         return np.asarray(x, np.int64) >> k
     monkeypatch.setattr(zkf, "rounding_right_shift_half_up", floor_shift)
     twin = tiny["base"] / "zk_twin"
     integer_run.run(tiny["x"], tiny["w"], twin, tiny["model"], "chain", zk=True)
-    assert np.sum(int_csv.parse_ints(twin / il.int_node("mlp", 0)) != golden) > 0
+    assert np.sum(read_int_csv(twin / il.int_node("mlp", 0)) != golden) > 0
 
 
 def test_format_that_cannot_hold_the_range(tiny, tmp_path):

@@ -26,8 +26,9 @@ from common.cli import InputError, print_settings
 from common.files import int_layout as il
 from common.files import layout, manifest
 from common.files.atomic import output_folder, read_json, write_bytes, write_json
+from common.files import csv_io
 from common.files.csv_io import read_csv
-from common.files.int_csv import Q_SUFFIX, SCALE_SUFFIX, parse_ints, write_csv_exact
+from common.files.int_csv import Q_SUFFIX, SCALE_SUFFIX, write_csv_exact
 from common.llama import attention, forward
 from common.llama.rope import rope_inv_freq
 from common.quant import calibrate as cal
@@ -57,7 +58,7 @@ def read_int_csv(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A CSV of plain integers as int64 of `shape`; InputError naming the file otherwise."""
     if not path.is_file():
         raise InputError(f"{path} is missing")
-    a = parse_ints(path)
+    a = csv_io.read_int_csv(path)
     if a.size != math.prod(shape):
         raise InputError(f"{path} holds {a.size} values, expected {math.prod(shape)} {shape}: rebuild it")
     return a.reshape(shape)
@@ -234,7 +235,7 @@ def read_int_csv_row(path: Path) -> np.ndarray:
     """A table file of integers, any shape, flattened to int64 (its length is checked by the caller)."""
     if not path.is_file():
         raise InputError(f"{path} is missing: rebuild the tables (run without --calibration)")
-    return parse_ints(path).reshape(-1)
+    return csv_io.read_int_csv(path).reshape(-1)
 
 
 # --- building the integer model from the record ---------------------------------------------------

@@ -1,4 +1,5 @@
-"""CSV files of plain integers (no header, one line per row): written exactly, read back as int64.
+"""CSV files of plain integers (no header, one line per row), written exactly (read back with
+common.files.csv_io.read_int_csv).
 
 Step 1 --quant's <tensor>.q.csv (and its float32 .scale.csv, written the same way) and step 4
 --integer-only's int_*.csv and tables. No torch here: step 4 imports it.
@@ -10,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import polars as pl
 
-from common.cli import InputError
 from common.files.atomic import atomic_file
 
 Q_SUFFIX, SCALE_SUFFIX = ".q.csv", ".scale.csv"  # step 1 --quant: a quantized weight's integers and scales
@@ -39,16 +38,3 @@ def write_csv_exact(path: Path, a: np.ndarray) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-def parse_ints(path: Path) -> np.ndarray:
-    """A CSV of plain integers (no header) as int64 (rows, columns); InputError naming the file otherwise."""
-    with open(path, "rb") as f:
-        ncols = f.readline().count(b",") + 1
-    try:
-        df = pl.read_csv(path, has_header=False, schema={f"c{i}": pl.Int64 for i in range(ncols)})
-    except pl.exceptions.PolarsError as e:
-        raise InputError(f"{path}: not a CSV of integers ({str(e).splitlines()[0]})") from None
-    if df.null_count().sum_horizontal().item():
-        raise InputError(f"{path}: not a CSV of integers (a row has fewer than {ncols} values)")
-    return df.to_numpy(order="c")
