@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     if args.checkpoint is None:
-        raise InputError("no checkpoint given: python convert_to_safetensors.py CHECKPOINT --output-dir DIR")
+        raise InputError("no checkpoint given: python convert_to_safetensors.py CHECKPOINT --out-dir DIR")
     checkpoint: Path = args.checkpoint
     output_dir: Path = args.out_dir or default_output_dir(checkpoint)
     dtype = target_dtype(args.dtype)

@@ -288,13 +288,13 @@ def write_weights(folder: Path, plan: list[OutTensor], max_shard_size: int,
 
 def check_output_dir(output_dir: Path, checkpoint: Path, force: bool) -> None:
     """Refuse to touch a folder that holds files unless force; never a folder that holds the checkpoint."""
-    output_folder(output_dir, input_files=[checkpoint], flag="--output-dir", create=False)
+    output_folder(output_dir, input_files=[checkpoint], flag="--out-dir", create=False)
     if Path.cwd().is_relative_to(output_dir.resolve()):  # replacing it would leave the shell in a deleted folder
-        raise InputError(f"--output-dir {output_dir} is (or contains) the current folder, which the converter "
-                         "replaces as a whole: give the name of a new folder, e.g. --output-dir model")
+        raise InputError(f"--out-dir {output_dir} is (or contains) the current folder, which the converter "
+                         "replaces as a whole: give the name of a new folder, e.g. --out-dir model")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
-        raise InputError(f"--output-dir {output_dir} already holds files: pass --force to replace the folder, "
-                         "or choose another --output-dir")
+        raise InputError(f"--out-dir {output_dir} already holds files: pass --force to replace the folder, "
+                         "or choose another --out-dir")
 
 
 def build_folder(output_dir: Path, fill: Callable[[Path], None], force: bool) -> None:
@@ -314,7 +314,7 @@ def build_folder(output_dir: Path, fill: Callable[[Path], None], force: bool) ->
                 output_dir.rmdir()
             elif output_dir.exists():
                 if not force:  # appeared while we were writing
-                    raise InputError(f"--output-dir {output_dir} appeared while converting: pass --force or choose another")
+                    raise InputError(f"--out-dir {output_dir} appeared while converting: pass --force or choose another")
                 with temp_folder(output_dir) as old:
                     os.replace(output_dir, old)
                     os.replace(tmp, output_dir)
@@ -323,7 +323,7 @@ def build_folder(output_dir: Path, fill: Callable[[Path], None], force: bool) ->
     except OSError as e:
         if e.errno in FS_FAULTS:
             raise InputError(f"cannot write {e.filename or output_dir}: {os.strerror(e.errno)}: free some space "
-                             "or choose another --output-dir") from None
+                             "or choose another --out-dir") from None
         raise
 
 
