@@ -17,7 +17,7 @@ GENERATE  ?= 0
 # Step 5's demo: layer 0's references as Q16.16 words for Verilog's $readmemh.
 GOLDEN    := --select '_layer0\.csv$$' --format hex --encoding fixed --bits 32 --frac-bits 16
 
-.PHONY: venv demo pipeline steps quant-golden test test-avx2 rtl bench bench-full clean-outputs FORCE
+.PHONY: venv demo pipeline steps quant-golden quant-report test test-avx2 rtl bench bench-full clean-outputs FORCE
 
 venv: $(STAMP)
 
@@ -34,10 +34,14 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory steps MODEL_DIR=$(DEMO_DIR) LONG_OFFSET=8000 GENERATE=4 QUANT=w8a8
 	$(MAKE) --no-print-directory quant-golden MODEL_DIR=$(DEMO_DIR)
 
-# Llama-3.2 from the Hub (needs HF_TOKEN with access): make pipeline [MODEL_DIR=model_paths/<org>_<name>]
+# Llama-3.2 from the Hub (needs HF_TOKEN with access): make pipeline [MODEL_DIR=model_paths/<org>_<name>];
+# after the float steps, Meta's on-device scheme for it (int4 weights in groups of 32, int8 per-token
+# activations) through steps 1-4 and the quantization-error report.
+PIPELINE_QUANT ?= w4a8-g32
 pipeline: $(STAMP)
 	$(PY) 0_download_models.py
-	$(MAKE) --no-print-directory steps MODEL_DIR=$(MODEL_DIR)
+	$(MAKE) --no-print-directory steps MODEL_DIR=$(MODEL_DIR) QUANT=$(PIPELINE_QUANT)
+	$(MAKE) --no-print-directory quant-report MODEL_DIR=$(MODEL_DIR) QUANT=$(PIPELINE_QUANT)
 
 # Steps 1 (every tensor) -> 2 -> 3 -> 4, a second capture at positions LONG_OFFSET.. checked by steps 3
 # and 4 into their own folders, steps 5 and 6, and last step 4's chain mode: x_layer0 to the logits.
@@ -162,9 +166,13 @@ quant-golden: $(STAMP)
 	  $(PY) 5_golden.py --model-dir $(MODEL_DIR) --integer --in-dir $(call qdir,QKV) --select '_layer0\.csv$$' --format hex && \
 	  $(PY) 5_golden.py --model-dir $(MODEL_DIR) --rtl --in-dir $(call qdir,QKV) --weights-dir $(call qdir,WEIGHTS) && \
 	  $(PY) examples/rtl/run_rtl.py --model-dir $(MODEL_DIR) --vectors $(call qdir,GOLDEN_RTL) && \
-	  $(PY) 6_grade.py --model-dir $(MODEL_DIR) --candidate-dir $(call qdir,ACTS) \
-	    --reference-dir $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.ACTS))) --out-dir $(call qdir,GRADE); \
+	  $(MAKE) --no-print-directory quant-report MODEL_DIR=$(MODEL_DIR) QUANT=$(QUANT); \
 	fi
+
+# What quantization did: the QUANT capture graded against the float capture of the same prompts (6).
+quant-report: $(STAMP)
+	$(PY) 6_grade.py --model-dir $(MODEL_DIR) --candidate-dir $(call qdir,ACTS) \
+	  --reference-dir $(call common,os.path.relpath(layout.default_dir("$(MODEL_DIR)", layout.ACTS))) --out-dir $(call qdir,GRADE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
