@@ -131,7 +131,7 @@ def test_converter_refuses_to_replace_the_current_folder(checkpoint, tmp_path):
     here = tmp_path / "here"
     here.mkdir()
     one_line(convert(checkpoint, ".", cwd=here), "current folder")
-    one_line(convert(checkpoint, "..", "--force", cwd=here), "--output-dir ..")  # holds the checkpoint, too
+    one_line(convert(checkpoint, "..", "--force", cwd=here), "--out-dir ..")  # holds the checkpoint, too
     assert here.is_dir() and not any(here.iterdir())
     r = convert(checkpoint, "model", cwd=here)  # what the message suggests
     assert r.code == 0, r.err
