@@ -10,8 +10,10 @@ code (read from safetensors, widen, format, write, sha256, manifest), best and m
 side by side with the original scripts' approach (np.savetxt row by row, %.16e) and with
 np.savetxt(fmt='%.9g'), both given the same tensor read the same way. Every goal is a ratio to a
 baseline timed in the same run, so the verdict means the same on a slow machine and a fast one
-(issue 17; issue 3 had absolute rates): >= 20x the first, >= 5x the second, and within EXPORT_GOAL x
-of the machine's own formatting rate (csv_io.format_block on every core, the text dropped: what
+(issue 17; issue 3 had absolute rates). The savetxt baselines run on one core, so step 1 is timed
+against them on one core too (this process pinned to one CPU: step 1 then formats serially):
+>= GOAL_VS_ROWS_16E x the first, >= GOAL_VS_9G x the second, whatever the core count. On every core,
+step 1 must stay within EXPORT_GOAL x of the machine's own formatting rate (csv_io.format_block on every core, the text dropped: what
 reading, writing, hashing and the manifest add must stay small); reading the CSV back within
 READ_GOAL x of polars' own read of the same file (what read_csv adds: the checks, to numpy).
 Every timed run, ours and the baselines', writes a new file into the same directory: the previous
@@ -60,8 +62,8 @@ from memory import peak_rss_mb, sampled_peak, tree_pss_mb  # noqa: E402
 SHAPE = (8192, 2048)
 REPEATS = 5  # best of: the machine is shared, the best run is what the code can do
 EXPORT_GOAL = 1.75  # step 1's export time / formatting the same values alone on every core
-GOAL_VS_ROWS_16E = 20.0  # x np.savetxt row by row with %.16e (the original scripts)
-GOAL_VS_9G = 5.0  # x np.savetxt(fmt='%.9g')
+GOAL_VS_ROWS_16E = 10.0  # x np.savetxt row by row with %.16e (the original scripts), both on one core
+GOAL_VS_9G = 2.5  # x np.savetxt(fmt='%.9g'), both on one core
 READ_GOAL = 1.3  # read_csv's time / polars' read of the same file
 FULL_MODEL_DIR = paths.OUTPUTS / "bench_models" / "llama-3.2-1b-random"  # shared with bench_streaming.py
 FULL_MIN_FREE_GB = 25  # ~17 GB of CSV, plus headroom
@@ -92,6 +94,16 @@ def savetxt_rows_16e(model_dir: Path, path: Path) -> None:
 def savetxt_9g(model_dir: Path, path: Path) -> None:
     (info,) = list_tensors(model_dir).values()
     np.savetxt(path, read_tensor(info).float().numpy(), fmt="%.9g", delimiter=",")
+
+
+def on_one_core(fn, *args):
+    """fn run with this process pinned to one CPU (csv_io.cpu_workers() then says 1: no pool)."""
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mask)})
+    try:
+        return fn(*args)
+    finally:
+        os.sched_setaffinity(0, mask)
 
 
 def timed(fn, *args) -> float:
@@ -146,8 +158,9 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
         t_over = min(export_csv(model, out).seconds for _ in range(3))  # each replaces the previous file
         for f in ("rows16e.csv", "g9.csv"):
             (tmp / f).unlink(missing_ok=True)  # the other dtype's: truncating it would be timed
-        t_rows = timed(savetxt_rows_16e, model, tmp / "rows16e.csv")
-        t_9g = timed(savetxt_9g, model, tmp / "g9.csv")
+        t_one = min(on_one_core(export_csv, model, out).seconds for _ in range(3))
+        t_rows = on_one_core(timed, savetxt_rows_16e, model, tmp / "rows16e.csv")
+        t_9g = on_one_core(timed, savetxt_9g, model, tmp / "g9.csv")
         csv = out / "w.csv"
         back = read_csv(csv, SHAPE)
         exact = np.array_equal(back.view(np.uint32), base.to(dtype).float().numpy().view(np.uint32))
@@ -163,15 +176,16 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
               f"-> step 1 takes {best / t_format:.2f}x that (goal <= {EXPORT_GOAL:g}x; {med / t_format:.2f}x on the median)")
         print(f"  {'':<9} over the previous file (--force re-export): {t_over:.3f} s best of 3 -> "
               f"{n / t_over / 1e6:.1f} M values/s (information)")
+        print(f"  {'':<9} on one core: step 1 {t_one:.3f} s best of 3 ({n / t_one / 1e6:.1f} M values/s)")
         print(f"  {'':<9} savetxt rows %.16e: {t_rows:.2f} s ({n / t_rows / 1e6:.2f} M/s) -> step 1 is "
-              f"{t_rows / best:.1f}x faster (goal >= {GOAL_VS_ROWS_16E:.0f}x; {t_rows / med:.1f}x on the median), "
-              f"{os.path.getsize(tmp / 'rows16e.csv') / 1e6:.0f} MB")
+              f"{t_rows / t_one:.1f}x faster on one core (goal >= {GOAL_VS_ROWS_16E:g}x), "
+              f"{t_rows / best:.1f}x on {csv_io.cpu_workers()}; {os.path.getsize(tmp / 'rows16e.csv') / 1e6:.0f} MB")
         print(f"  {'':<9} savetxt %.9g:        {t_9g:.2f} s ({n / t_9g / 1e6:.2f} M/s) -> step 1 is "
-              f"{t_9g / best:.1f}x faster (goal >= {GOAL_VS_9G:.0f}x; {t_9g / med:.1f}x on the median), "
-              f"{os.path.getsize(tmp / 'g9.csv') / 1e6:.0f} MB")
+              f"{t_9g / t_one:.1f}x faster on one core (goal >= {GOAL_VS_9G:g}x), "
+              f"{t_9g / best:.1f}x on {csv_io.cpu_workers()}; {os.path.getsize(tmp / 'g9.csv') / 1e6:.0f} MB")
         print(f"  {'':<9} read back: {t_read:.3f} s ({read_rate:.1f} M values/s), polars alone {t_polars:.3f} s -> "
               f"{t_read / t_polars:.2f}x (goal <= {READ_GOAL:g}x); bit-exact: {exact}")
-        ok &= (best <= EXPORT_GOAL * t_format and t_rows / best >= GOAL_VS_ROWS_16E and t_9g / best >= GOAL_VS_9G
+        ok &= (best <= EXPORT_GOAL * t_format and t_rows / t_one >= GOAL_VS_ROWS_16E and t_9g / t_one >= GOAL_VS_9G
                and t_read <= READ_GOAL * t_polars and exact)
         shutil.rmtree(out)
     print(f"  ({load()})")

@@ -3,11 +3,13 @@
     python tests/interrupt_driver.py PLANS.json   # prints one JSON line of results, a list: one per plan
 
 A plan: {"script": "1_model_weights.py", "args": [..., "{out}", ...], "out_dir": "...", "fractions": [0.05, ...]}:
-run k writes to out_dir/k (in place of "{out}"), so every run starts from an empty folder.
+run k writes to out_dir/k.<try> (in place of "{out}"), so every run starts from an empty folder.
 The script is imported once here; each run is a fork that becomes its own process group (its CSV
 workers join it) and runs the script's main() through cli.run, as a user's process would, with
 stdout/stderr in files. A first run, uninterrupted, times the step; then run k gets SIGINT at
-fractions[k] of that time. A fork saves the imports (seconds) of a new process per run.
+fractions[k] of that time; a run that finished before it is run again with half the delay, up to
+RETRIES times (the machine's load changes between runs). A fork saves the imports (seconds) of a new
+process per run.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cli  # noqa: E402
 from conftest import load_script  # noqa: E402
+
+RETRIES = 2
 
 
 def one_run(module, script: str, args: list[str], out_dir: Path, delay: float | None) -> dict:
@@ -70,8 +74,14 @@ def main() -> None:
         module = load_script(plan["script"])
         base = Path(plan["out_dir"])
         first = one_run(module, plan["script"], plan["args"], base / "first", None)
-        runs = [one_run(module, plan["script"], plan["args"], base / str(k), f * first["seconds"])
-                for k, f in enumerate(plan["fractions"])]
+        runs = []
+        for k, f in enumerate(plan["fractions"]):
+            delay = f * first["seconds"]
+            for retry in range(RETRIES + 1):  # finished before the signal (the load fell): again, sooner
+                runs.append(one_run(module, plan["script"], plan["args"], base / f"{k}.{retry}", delay))
+                if runs[-1]["code"] != 0:
+                    break
+                delay /= 2
         results.append({"first": first, "runs": runs})
     print(json.dumps(results))
 
