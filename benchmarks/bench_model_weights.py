@@ -13,7 +13,7 @@ baseline timed in the same run, so the verdict means the same on a slow machine 
 (issue 17; issue 3 had absolute rates). The savetxt baselines run on one core, so step 1 is timed
 against them on one core too (this process pinned to one CPU: step 1 then formats serially):
 >= GOAL_VS_ROWS_16E x the first, >= GOAL_VS_9G x the second, whatever the core count. On every core,
-step 1 must stay within EXPORT_GOAL x of the machine's own formatting rate (csv_io.format_block on every core, the text dropped: what
+step 1 must stay within EXPORT_GOAL x of the machine's own formatting rate (csv_format.format_block on every core, the text dropped: what
 reading, writing, hashing and the manifest add must stay small); reading the CSV back within
 READ_GOAL x of polars' own read of the same file (what read_csv adds: the checks, to numpy).
 Every timed run, ours and the baselines', writes a new file into the same directory: the previous
@@ -113,7 +113,7 @@ def timed(fn, *args) -> float:
 
 
 def _format_chunk(args) -> int:
-    return sum(map(len, csv_io.format_block(*args)))
+    return sum(map(len, csv_format.format_block(*args)))
 
 
 def format_only(t: torch.Tensor) -> float:
@@ -125,7 +125,7 @@ def format_only(t: torch.Tensor) -> float:
     chunk_values = min(csv_io.CHUNK_VALUES, max(csv_io.MIN_CHUNK_VALUES, a.size // (4 * workers)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
         list(ex.map(abs, range(workers)))  # started before timing
-        return min(timed(lambda: sum(ex.map(_format_chunk, csv_io.chunks(a, b",", chunk_values))))
+        return min(timed(lambda: sum(ex.map(_format_chunk, csv_format.chunks(a, b",", chunk_values))))
                    for _ in range(REPEATS))
 
 
