@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import common.model  # noqa: E402,F401  (first: keeps torchao's import noise off the console)
 from common import paths  # noqa: E402
 from common.files import layout  # noqa: E402
 from steps import run  # noqa: E402
@@ -27,7 +28,7 @@ WORK_DIR = paths.OUTPUTS / "bench_long_prompt"
 T = 4096  # prompt tokens
 LAYERS = 1  # decoder layers of the random model (each one is the same work again)
 GOAL = 0.25  # step 3's peak RSS / the full score tensor's bytes
-ATTN_FILTER = r"\.self_attn\.(q|k|v|o)_proj\."
+ATTN_FILTER = r"\.(input_layernorm|self_attn\.(q|k|v|o)_proj)\."  # what step 3 reads
 
 # Step 3 in-process, then its own peak resident set (the CSV workers are children, not counted: they
 # hold chunks of text, never scores).
@@ -62,7 +63,8 @@ def long_prompt(model_dir: Path) -> str:
 
 def prepare() -> tuple[Path, Path, Path]:
     model, weights, acts = WORK_DIR / "model", WORK_DIR / layout.WEIGHTS, WORK_DIR / layout.ACTS
-    if not (WORK_DIR / ".prepared").is_file() or not (acts / layout.MANIFEST).is_file():  # older: no manifest
+    norm = weights / "model.layers.0.input_layernorm.weight.csv"  # older preparations lack it
+    if not (WORK_DIR / ".prepared").is_file() or not (acts / layout.MANIFEST).is_file() or not norm.is_file():
         import model_factory
 
         print(f"preparing a {LAYERS}-layer Llama-3.2-1B-shaped model and a {T}-token capture in {WORK_DIR} ...",
