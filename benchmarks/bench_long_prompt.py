@@ -28,7 +28,6 @@ WORK_DIR = paths.OUTPUTS / "bench_long_prompt"
 T = 4096  # prompt tokens
 LAYERS = 1  # decoder layers of the random model (each one is the same work again)
 GOAL = 0.25  # step 3's peak RSS / the full score tensor's bytes
-ATTN_FILTER = r"\.(input_layernorm|self_attn\.(q|k|v|o)_proj)\."  # what step 3 reads
 
 # Step 3 in-process, then its own peak resident set (the CSV workers are children, not counted: they
 # hold chunks of text, never scores).
@@ -63,7 +62,7 @@ def long_prompt(model_dir: Path) -> str:
 
 def prepare() -> tuple[Path, Path, Path]:
     model, weights, acts = WORK_DIR / "model", WORK_DIR / layout.WEIGHTS, WORK_DIR / layout.ACTS
-    norm = weights / "model.layers.0.input_layernorm.weight.csv"  # older preparations lack it
+    norm = weights / layout.weight_file(layout.norm_weight_name(0, "input_layernorm"))  # older preparations lack it
     if not (WORK_DIR / ".prepared").is_file() or not (acts / layout.MANIFEST).is_file() or not norm.is_file():
         import model_factory
 
@@ -72,7 +71,8 @@ def prepare() -> tuple[Path, Path, Path]:
         config = {**model_factory.LLAMA_3_2_1B, "num_hidden_layers": LAYERS, "vocab_size": model_factory.TINY[
             "vocab_size"], "bos_token_id": 0, "eos_token_id": [1, 4], "tie_word_embeddings": True}
         model_factory.build_model(model, config=config, max_shard_size="2GB")
-        run("1_model_weights.py", "--model-dir", str(model), "--out-dir", str(weights), "--filter", ATTN_FILTER)
+        run("1_model_weights.py", "--model-dir", str(model), "--out-dir", str(weights),
+            "--filter", layout.ATTENTION_FILTER)  # what step 3 reads
         run("2_get_x.py", "--model-dir", str(model), "--out-dir", str(acts), "--prompt", long_prompt(model),
             "--no-save-layer-refs", "--logits", "none")  # step 3's files only: what is benchmarked
         (WORK_DIR / ".prepared").write_text("")

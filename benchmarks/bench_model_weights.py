@@ -13,9 +13,10 @@ baseline timed in the same run, so the verdict means the same on a slow machine 
 (issue 17; issue 3 had absolute rates). The savetxt baselines run on one core, so step 1 is timed
 against them on one core too (this process pinned to one CPU: step 1 then formats serially):
 >= GOAL_VS_ROWS_16E x the first, >= GOAL_VS_9G x the second, whatever the core count. On every core,
-step 1 must stay within EXPORT_GOAL x of the machine's own formatting rate (csv_format.format_block on every core, the text dropped: what
-reading, writing, hashing and the manifest add must stay small); reading the CSV back within
-READ_GOAL x of polars' own read of the same file (what read_csv adds: the checks, to numpy).
+step 1 must stay within EXPORT_GOAL x of the machine's own formatting rate (csv_format.format_block
+on every core, the text dropped: what reading, writing, hashing and the manifest add must stay small);
+reading the CSV back within READ_GOAL x of polars' own read of the same file (what read_csv adds: the
+checks, to numpy).
 Every timed run, ours and the baselines', writes a new file into the same directory: the previous
 output is deleted first, untimed, and nothing written earlier is still waiting for writeback.
 Replacing the previous run's 211 MB file inside the timing would add ext4's cost of dropping it and
@@ -82,10 +83,11 @@ def export_csv(model_dir: Path, out_dir: Path, progress: bool | None = False) ->
     return export.export(model_dir, out_dir, "csv", None, jobs, force=True, progress=progress)
 
 
-def fresh_export(model_dir: Path, out_dir: Path) -> float:
-    """Seconds of step 1's export into a new folder (the previous run's deleted first, untimed)."""
+def fresh_export(model_dir: Path, out_dir: Path) -> export.Summary:
+    """Step 1's export into a new folder, like the baselines' (the previous run's deleted first,
+    untimed: see the docstring)."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    return export_csv(model_dir, out_dir).seconds
+    return export_csv(model_dir, out_dir)
 
 
 def savetxt_rows_16e(model_dir: Path, path: Path) -> None:
@@ -156,15 +158,14 @@ def bench_speed(tmp: Path) -> tuple[bool, dict[str, float]]:
         out = tmp / "out"
         times, gb = [], 0.0
         for _ in range(REPEATS):
-            shutil.rmtree(out, ignore_errors=True)  # a fresh export, like the baselines' (see the docstring)
-            s = export_csv(model, out)
+            s = fresh_export(model, out)
             times.append(s.seconds)
             gb = s.bytes / 1e9
         best, med = min(times), statistics.median(times)
         t_over = min(export_csv(model, out).seconds for _ in range(3))  # each replaces the previous file
         for f in ("rows16e.csv", "g9.csv"):
             (tmp / f).unlink(missing_ok=True)  # the other dtype's: truncating it would be timed
-        t_one = min(on_one_core(fresh_export, model, out) for _ in range(REPEATS))
+        t_one = min(on_one_core(fresh_export, model, out).seconds for _ in range(REPEATS))
         t_rows = on_one_core(timed, savetxt_rows_16e, model, tmp / "rows16e.csv")
         t_9g = on_one_core(timed, savetxt_9g, model, tmp / "g9.csv")
         csv = out / "w.csv"

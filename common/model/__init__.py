@@ -18,6 +18,4 @@ class _DropWhileInterrupted(logging.Filter):
 
 
 silence_import_noise()
-_loading = logging.getLogger("transformers.modeling_utils")
-if not any(isinstance(f, _DropWhileInterrupted) for f in _loading.filters):
-    _loading.addFilter(_DropWhileInterrupted())
+logging.getLogger("transformers.modeling_utils").addFilter(_DropWhileInterrupted())  # a package runs this once
